@@ -3,6 +3,8 @@ module github.com/cmlproject/cml
 go 1.26.8
 
 require (
+	github.com/google/uuid v1.6.0
+	github.com/opencontainers/runtime-spec v1.2.1
 	golang.org/x/sys v0.49.0
 	google.golang.org/grpc v1.76.0
 	google.golang.org/protobuf v1.36.12

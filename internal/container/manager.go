@@ -1,0 +1,481 @@
+// Package container is the container lifecycle: it creates, starts, stops,
+// freezes and removes containers, keeps their configs and state on disk,
+// watches their init processes, and re-adopts running containers after the
+// daemon restarts.
+//
+// It decides everything about a container and hands the result to the OCI
+// runtime driver (package oci) and the root filesystem builder (package
+// rootfs); it has no namespace code of its own. It does not authorize
+// callers (the API layer does) and does not verify signatures (the trust
+// chain plugs in before Start mounts an image).
+package container
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"google.golang.org/protobuf/encoding/prototext"
+	"google.golang.org/protobuf/proto"
+
+	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/audit"
+	"github.com/cmlproject/cml/internal/config"
+	"github.com/cmlproject/cml/internal/errdefs"
+	"github.com/cmlproject/cml/internal/guestos"
+	"github.com/cmlproject/cml/internal/oci"
+)
+
+// Options configure a Manager.
+type Options struct {
+	// StateDir holds one directory per container: config, metadata and
+	// the writable data layer. It persists across reboots.
+	StateDir string
+	// RunDir holds per-run state: bundles and mounts. It may be a tmpfs.
+	RunDir  string
+	Runtime *oci.Runtime
+	GuestOS *guestos.Store
+	Audit   audit.Recorder
+	Log     *slog.Logger
+	Now     func() time.Time
+	// IDBase and IDCount define subordinate id ranges: container slot n
+	// maps to IDBase + n*IDCount.
+	IDBase  uint32
+	IDCount uint32
+	// CgroupParent is the cgroup under which containers are placed.
+	CgroupParent string
+	// ConsoleSize bounds each container's console ring buffer.
+	ConsoleSize int
+}
+
+// Manager manages all containers of the daemon.
+type Manager struct {
+	o          Options
+	mu         sync.Mutex // guards containers, devices and every container's mutable fields
+	containers map[string]*Container
+	devices    map[string]string // assigned device "c 4:1" -> holder uuid
+	events     *broker
+	wg         sync.WaitGroup
+}
+
+// Container is one managed container. Its fields are guarded by the
+// Manager's mu; op serializes lifecycle operations on it.
+type Container struct {
+	uuid    string
+	slot    uint32
+	cfg     *cmlv1.ContainerConfig
+	op      sync.Mutex
+	state   cmlv1.ContainerState
+	reason  string
+	pid     int
+	exit    int32
+	started time.Time
+	version uint64 // guest OS version of the current run
+	console *ring
+	run     *run // non-nil while the container has runtime state
+}
+
+type meta struct {
+	UUID    string    `json:"uuid"`
+	Slot    uint32    `json:"slot"`
+	Created time.Time `json:"created"`
+}
+
+// New returns a Manager; call Recover before serving requests.
+func New(o Options) (*Manager, error) {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	if o.IDBase == 0 {
+		o.IDBase = 100000
+	}
+	if o.IDCount == 0 {
+		o.IDCount = 65536
+	}
+	if o.CgroupParent == "" {
+		o.CgroupParent = "cml"
+	}
+	if o.ConsoleSize == 0 {
+		o.ConsoleSize = 256 << 10
+	}
+	for _, d := range []string{o.StateDir, filepath.Join(o.RunDir, "containers")} {
+		if err := os.MkdirAll(d, 0o711); err != nil {
+			return nil, err
+		}
+	}
+	return &Manager{o: o, containers: map[string]*Container{}, devices: map[string]string{}, events: newBroker()}, nil
+}
+
+func (m *Manager) containerDir(id string) string { return filepath.Join(m.o.StateDir, id) }
+func (m *Manager) runDir(id string) string       { return filepath.Join(m.o.RunDir, "containers", id) }
+
+// load reads every container from the state directory.
+func (m *Manager) load() error {
+	ents, err := os.ReadDir(m.o.StateDir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !e.IsDir() {
+			continue
+		}
+		if _, err := uuid.Parse(e.Name()); err != nil {
+			// Leftover of an interrupted create or remove.
+			os.RemoveAll(filepath.Join(m.o.StateDir, e.Name()))
+			continue
+		}
+		c, err := m.loadOne(e.Name())
+		if err != nil {
+			return fmt.Errorf("container %s: %w", e.Name(), err)
+		}
+		m.containers[c.uuid] = c
+	}
+	return nil
+}
+
+func (m *Manager) loadOne(id string) (*Container, error) {
+	dir := m.containerDir(id)
+	mb, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	if err != nil {
+		return nil, err
+	}
+	var md meta
+	if err := json.Unmarshal(mb, &md); err != nil {
+		return nil, fmt.Errorf("meta.json: %w", err)
+	}
+	text, err := os.ReadFile(filepath.Join(dir, "config.conf"))
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := config.ParseContainer(filepath.Join(dir, "config.conf"), text)
+	if err != nil {
+		return nil, err
+	}
+	return &Container{uuid: id, slot: md.Slot, cfg: cfg, state: cmlv1.ContainerState_STOPPED, exit: -1, console: newRing(m.o.ConsoleSize)}, nil
+}
+
+// lookup finds a container by name or UUID.
+func (m *Manager) lookup(ref string) (*Container, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.lookupLocked(ref)
+}
+
+func (m *Manager) lookupLocked(ref string) (*Container, error) {
+	if c, ok := m.containers[ref]; ok {
+		return c, nil
+	}
+	for _, c := range m.containers {
+		if c.cfg.GetName() == ref {
+			return c, nil
+		}
+	}
+	return nil, errdefs.NotFound("container %q does not exist", ref)
+}
+
+// info returns the API view of c; m.mu must be held.
+func (m *Manager) info(c *Container) *cmlv1.Container {
+	out := &cmlv1.Container{
+		Uuid:       proto.String(c.uuid),
+		Name:       proto.String(c.cfg.GetName()),
+		State:      c.state.Enum(),
+		GuestOs:    proto.String(c.cfg.GetGuestOs()),
+		ExitStatus: proto.Int32(c.exit),
+		Autostart:  proto.Bool(c.cfg.GetAllowAutostart()),
+	}
+	if c.reason != "" {
+		out.Reason = proto.String(c.reason)
+	}
+	if c.version != 0 {
+		out.GuestosVersion = proto.Uint64(c.version)
+	} else if v := c.cfg.GetGuestosVersion(); v != 0 {
+		out.GuestosVersion = proto.Uint64(v)
+	}
+	if c.pid > 0 {
+		out.Pid = proto.Int32(int32(c.pid))
+		out.StartedUnixNano = proto.Int64(c.started.UnixNano())
+	}
+	if c.cfg.GetUserns() {
+		out.UidBase = proto.Uint32(m.uidBase(c))
+	}
+	return out
+}
+
+func (m *Manager) uidBase(c *Container) uint32 { return m.o.IDBase + c.slot*m.o.IDCount }
+
+// setState changes c's state and publishes the change; m.mu must be held.
+func (m *Manager) setState(c *Container, s cmlv1.ContainerState, reason string) {
+	c.state = s
+	c.reason = reason
+	m.events.publish(&cmlv1.Event{TimeUnixNano: proto.Int64(m.o.Now().UnixNano()), Container: m.info(c)})
+}
+
+func (m *Manager) transition(c *Container, s cmlv1.ContainerState, reason string) {
+	m.mu.Lock()
+	m.setState(c, s, reason)
+	m.mu.Unlock()
+}
+
+// List returns every container, ordered by name.
+func (m *Manager) List() []*cmlv1.Container {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]*cmlv1.Container, 0, len(m.containers))
+	for _, c := range m.containers {
+		out = append(out, m.info(c))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].GetName() < out[j].GetName() })
+	return out
+}
+
+// State returns one container.
+func (m *Manager) State(ref string) (*cmlv1.Container, error) {
+	c, err := m.lookup(ref)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.info(c), nil
+}
+
+// Config returns a container's stored config.
+func (m *Manager) Config(ref string) (*cmlv1.ContainerConfig, error) {
+	c, err := m.lookup(ref)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return proto.Clone(c.cfg).(*cmlv1.ContainerConfig), nil
+}
+
+// checkConfig validates cfg against the daemon's state: the guest OS exists
+// and the memory limit is not under its minimum.
+func (m *Manager) checkConfig(source string, cfg *cmlv1.ContainerConfig) error {
+	if err := config.ValidateContainer(source, cfg); err != nil {
+		return err
+	}
+	if cfg.GetAllowSystemTime() && cfg.GetUserns() {
+		return errdefs.InvalidArgument("%s: field allow_system_time: needs userns: false (the kernel checks CAP_SYS_TIME in the initial user namespace)", source)
+	}
+	g, err := m.o.GuestOS.Get(cfg.GetGuestOs(), cfg.GetGuestosVersion())
+	if err != nil {
+		return err
+	}
+	if min := g.Config.GetMinRamLimit(); cfg.GetRamLimit() != 0 && cfg.GetRamLimit() < min {
+		return errdefs.InvalidArgument("%s: field ram_limit: %d MiB is under guest OS %s's minimum of %d MiB", source, cfg.GetRamLimit(), g.Name(), min)
+	}
+	return nil
+}
+
+// Create stores a new container from cfg. source names where cfg came from.
+func (m *Manager) Create(ctx context.Context, cfg *cmlv1.ContainerConfig, source string) (*cmlv1.Container, error) {
+	if err := m.checkConfig(source, cfg); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, err := m.lookupLocked(cfg.GetName()); err == nil {
+		return nil, errdefs.AlreadyExists("container %q already exists", cfg.GetName())
+	}
+	used := map[uint32]bool{}
+	for _, c := range m.containers {
+		used[c.slot] = true
+	}
+	var slot uint32
+	for used[slot] {
+		slot++
+	}
+	if uint64(m.o.IDBase)+uint64(slot+1)*uint64(m.o.IDCount) > 1<<32-1 {
+		return nil, errdefs.FailedPrecondition("no subordinate id range left for another container")
+	}
+	id := uuid.NewString()
+	// Write into a temporary directory and rename: a crash leaves either
+	// nothing or a complete container (load sweeps the temporary name).
+	tmp, err := os.MkdirTemp(m.o.StateDir, ".new-")
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			os.RemoveAll(tmp)
+		}
+	}()
+	if err := writeConfig(tmp, cfg); err != nil {
+		return nil, err
+	}
+	mb, _ := json.Marshal(meta{UUID: id, Slot: slot, Created: m.o.Now().UTC()})
+	if err := writeFileSync(filepath.Join(tmp, "meta.json"), mb); err != nil {
+		return nil, err
+	}
+	if err := os.Rename(tmp, m.containerDir(id)); err != nil {
+		return nil, err
+	}
+	ok = true
+	c := &Container{uuid: id, slot: slot, cfg: proto.Clone(cfg).(*cmlv1.ContainerConfig), state: cmlv1.ContainerState_STOPPED, exit: -1, console: newRing(m.o.ConsoleSize)}
+	m.containers[id] = c
+	m.setState(c, cmlv1.ContainerState_STOPPED, "created")
+	return m.info(c), nil
+}
+
+func writeConfig(dir string, cfg *cmlv1.ContainerConfig) error {
+	text, err := prototext.MarshalOptions{Multiline: true}.Marshal(cfg)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, "config.conf.tmp")
+	if err := writeFileSync(tmp, text); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, "config.conf"))
+}
+
+func writeFileSync(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// UpdateConfig replaces a container's config; it takes effect at the next
+// start.
+func (m *Manager) UpdateConfig(ctx context.Context, ref string, cfg *cmlv1.ContainerConfig) (*cmlv1.Container, error) {
+	c, err := m.lookup(ref)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.checkConfig("config of "+ref, cfg); err != nil {
+		return nil, err
+	}
+	c.op.Lock()
+	defer c.op.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if other, err := m.lookupLocked(cfg.GetName()); err == nil && other != c {
+		return nil, errdefs.AlreadyExists("container %q already exists", cfg.GetName())
+	}
+	if err := writeConfig(m.containerDir(c.uuid), cfg); err != nil {
+		return nil, err
+	}
+	c.cfg = proto.Clone(cfg).(*cmlv1.ContainerConfig)
+	m.setState(c, c.state, c.reason)
+	return m.info(c), nil
+}
+
+// Remove deletes a stopped container and all its data.
+func (m *Manager) Remove(ctx context.Context, ref string) error {
+	c, err := m.lookup(ref)
+	if err != nil {
+		return err
+	}
+	c.op.Lock()
+	defer c.op.Unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if c.state != cmlv1.ContainerState_STOPPED && c.state != cmlv1.ContainerState_FAILED {
+		return errdefs.FailedPrecondition("container %s is %s; stop it first", c.cfg.GetName(), c.state)
+	}
+	// Rename out of the way first so a crash cannot leave half a container.
+	trash, err := os.MkdirTemp(m.o.StateDir, ".remove-")
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(m.containerDir(c.uuid), filepath.Join(trash, "c")); err != nil {
+		os.Remove(trash)
+		return err
+	}
+	delete(m.containers, c.uuid)
+	os.RemoveAll(m.runDir(c.uuid))
+	m.setState(c, cmlv1.ContainerState_STOPPED, "removed")
+	return os.RemoveAll(trash)
+}
+
+// Subscribe returns a channel of state changes; call the returned function
+// to stop. The channel is closed when the subscriber falls too far behind.
+func (m *Manager) Subscribe() (<-chan *cmlv1.Event, func()) {
+	ch := m.events.subscribe()
+	return ch, func() { m.events.unsubscribe(ch) }
+}
+
+// Logs writes the container's buffered console output to w and, with
+// follow, keeps writing new output until ctx ends.
+func (m *Manager) Logs(ctx context.Context, ref string, follow bool, w func([]byte) error) error {
+	c, err := m.lookup(ref)
+	if err != nil {
+		return err
+	}
+	var off int64
+	for {
+		b, next, wake := c.console.snapshot(off)
+		off = next
+		if len(b) > 0 {
+			if err := w(b); err != nil {
+				return err
+			}
+		}
+		if !follow {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-wake:
+		}
+	}
+}
+
+// GuestOSUsers lists containers whose config selects guest OS name at
+// version, or that run it.
+func (m *Manager) GuestOSUsers(name string, version uint64) []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var users []string
+	highest, _ := m.o.GuestOS.Get(name, 0)
+	for _, c := range m.containers {
+		if c.cfg.GetGuestOs() != name {
+			continue
+		}
+		pinned := c.cfg.GetGuestosVersion()
+		switch {
+		case c.run != nil && c.version == version,
+			pinned == version,
+			pinned == 0 && highest != nil && highest.Version() == version:
+			users = append(users, c.cfg.GetName())
+		}
+	}
+	sort.Strings(users)
+	return users
+}
+
+// record writes an audit event the daemon causes itself (no subject).
+func (m *Manager) record(ctx context.Context, op string, c *Container, err error, reason string) {
+	e := audit.Event{Type: "container", Operation: op, Object: c.cfg.GetName() + "/" + c.uuid, Outcome: audit.Success, Reason: reason}
+	if err != nil {
+		e.Outcome = audit.Failure
+		e.Reason = err.Error()
+	}
+	if rerr := m.o.Audit.Record(ctx, e); rerr != nil {
+		m.o.Log.Error("audit record failed", "operation", op, "err", rerr)
+	}
+}
