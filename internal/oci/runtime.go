@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 )
@@ -209,6 +210,9 @@ func (r *Runtime) Exec(ctx context.Context, id string, p *specs.Process, dir str
 	}
 	cmd := r.command(ctx, append(args, id)...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = sio.Stdin, sio.Stdout, sio.Stderr
+	// Background processes may hold the output open after the command
+	// exits; do not wait for them longer than this.
+	cmd.WaitDelay = time.Second
 	if sio.TTY {
 		// runc's tty code needs a controlling terminal to copy from.
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}

@@ -1,0 +1,532 @@
+// Package cli implements cmlctl's commands on top of the control API. It
+// formats output for people (tables) and programs (--output json) and
+// turns every failure into one line; it holds no daemon logic.
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/encoding/prototext"
+	"google.golang.org/protobuf/proto"
+
+	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/config"
+)
+
+// DefaultSocket is cmld's default control socket.
+const DefaultSocket = "/run/cml/control.sock"
+
+type app struct {
+	socket string
+	output string
+	stdin  io.Reader
+	stdout io.Writer
+	stderr io.Writer
+	conn   *grpc.ClientConn
+	code   int
+}
+
+func (a *app) client() (cmlv1.ControlClient, error) {
+	if a.conn == nil {
+		conn, err := grpc.NewClient("unix://"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return nil, err
+		}
+		a.conn = conn
+	}
+	return cmlv1.NewControlClient(a.conn), nil
+}
+
+// Run runs cmlctl with args and returns the exit code for the process.
+func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) {
+	a := &app{stdin: stdin, stdout: stdout, stderr: stderr}
+	root := &cobra.Command{
+		Use:           "cmlctl",
+		Short:         "Manage the CML container daemon",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	sock := os.Getenv("CML_SOCKET")
+	if sock == "" {
+		sock = DefaultSocket
+	}
+	root.PersistentFlags().StringVar(&a.socket, "socket", sock, "cmld control socket ($CML_SOCKET)")
+	root.PersistentFlags().StringVarP(&a.output, "output", "o", "text", "output format for list, state, config: text or json")
+	root.SetArgs(args)
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	root.AddCommand(a.listCmd(), a.createCmd(), a.refCmd("remove", "Remove a stopped container and its data"),
+		a.refCmd("start", "Start a container"), a.stopCmd(), a.killCmd(), a.refCmd("state", "Show a container's state"),
+		a.refCmd("config", "Show a container's config"), a.updateConfigCmd(), a.refCmd("freeze", "Freeze a container"),
+		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd())
+	err := root.Execute()
+	if a.conn != nil {
+		a.conn.Close()
+	}
+	if err != nil && strings.HasPrefix(err.Error(), "unknown ") || err != nil && strings.Contains(err.Error(), "accepts ") {
+		return 2, err
+	}
+	return a.code, err
+}
+
+func ctxTimeout() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 5*time.Minute)
+}
+
+func (a *app) json(m proto.Message) error {
+	b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseEnumNumbers: false}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(a.stdout, string(b))
+	return nil
+}
+
+func (a *app) listCmd() *cobra.Command {
+	return &cobra.Command{
+		Use: "list", Short: "List containers", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			resp, err := c.List(ctx, &cmlv1.ListRequest{})
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.json(resp)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tUUID\tSTATE\tGUEST OS\tPID\tREASON")
+			for _, ct := range resp.GetContainers() {
+				pid := "-"
+				if ct.GetPid() > 0 {
+					pid = strconv.Itoa(int(ct.GetPid()))
+				}
+				gos := ct.GetGuestOs()
+				if v := ct.GetGuestosVersion(); v > 0 {
+					gos += " " + strconv.FormatUint(v, 10)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", ct.GetName(), ct.GetUuid(), ct.GetState(), gos, pid, ct.GetReason())
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func readConfig(path string) (*cmlv1.ContainerConfig, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, config.MaxFileSize+1))
+	if err != nil {
+		return nil, err
+	}
+	return config.ParseContainer(path, b)
+}
+
+func (a *app) createCmd() *cobra.Command {
+	return &cobra.Command{
+		Use: "create <config-file>", Short: "Create a container from a config file", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := readConfig(args[0])
+			if err != nil {
+				return err
+			}
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			ct, err := c.Create(ctx, &cmlv1.CreateRequest{Config: cfg, Source: proto.String(filepath.Base(args[0]))})
+			if err != nil {
+				return err
+			}
+			return a.printContainer(ct)
+		},
+	}
+}
+
+func (a *app) printContainer(ct *cmlv1.Container) error {
+	if a.output == "json" {
+		return a.json(ct)
+	}
+	fmt.Fprintf(a.stdout, "%s %s %s", ct.GetName(), ct.GetUuid(), ct.GetState())
+	if ct.GetReason() != "" {
+		fmt.Fprintf(a.stdout, " (%s)", ct.GetReason())
+	}
+	fmt.Fprintln(a.stdout)
+	return nil
+}
+
+func (a *app) refCmd(name, short string) *cobra.Command {
+	return &cobra.Command{
+		Use: name + " <name|uuid>", Short: short, Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			ref := &cmlv1.ContainerRef{NameOrUuid: proto.String(args[0])}
+			var ct *cmlv1.Container
+			switch name {
+			case "remove":
+				_, err = c.Remove(ctx, ref)
+				return err
+			case "start":
+				ct, err = c.Start(ctx, ref)
+			case "state":
+				ct, err = c.State(ctx, ref)
+			case "freeze":
+				ct, err = c.Freeze(ctx, ref)
+			case "unfreeze":
+				ct, err = c.Unfreeze(ctx, ref)
+			case "config":
+				cfg, err := c.Config(ctx, ref)
+				if err != nil {
+					return err
+				}
+				if a.output == "json" {
+					return a.json(cfg)
+				}
+				b, _ := prototext.MarshalOptions{Multiline: true}.Marshal(cfg)
+				_, err = a.stdout.Write(b)
+				return err
+			}
+			if err != nil {
+				return err
+			}
+			return a.printContainer(ct)
+		},
+	}
+}
+
+func (a *app) stopCmd() *cobra.Command {
+	var timeout uint32
+	cmd := &cobra.Command{
+		Use: "stop <name|uuid>", Short: "Stop a container: SIGTERM, then SIGKILL after the timeout", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			ct, err := c.Stop(ctx, &cmlv1.StopRequest{NameOrUuid: proto.String(args[0]), TimeoutSeconds: proto.Uint32(timeout)})
+			if err != nil {
+				return err
+			}
+			return a.printContainer(ct)
+		},
+	}
+	cmd.Flags().Uint32Var(&timeout, "timeout", 0, "seconds to wait after SIGTERM (default: the config's stop_timeout)")
+	return cmd
+}
+
+func (a *app) killCmd() *cobra.Command {
+	var sig string
+	cmd := &cobra.Command{
+		Use: "kill <name|uuid>", Short: "Send a signal to a container's init", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			n, err := parseSignal(sig)
+			if err != nil {
+				return err
+			}
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			_, err = c.Kill(ctx, &cmlv1.KillRequest{NameOrUuid: proto.String(args[0]), Signal: proto.Int32(int32(n))})
+			return err
+		},
+	}
+	cmd.Flags().StringVarP(&sig, "signal", "s", "KILL", "signal name or number")
+	return cmd
+}
+
+func parseSignal(s string) (int, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		return n, nil
+	}
+	name := strings.TrimPrefix(strings.ToUpper(s), "SIG")
+	for i := 1; i < 65; i++ {
+		if strings.EqualFold(strings.TrimPrefix(unixSignalName(syscall.Signal(i)), "SIG"), name) {
+			return i, nil
+		}
+	}
+	return 0, fmt.Errorf("unknown signal %q", s)
+}
+
+func (a *app) updateConfigCmd() *cobra.Command {
+	return &cobra.Command{
+		Use: "update-config <name|uuid> <config-file>", Short: "Replace a container's config (applies at next start)", Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cfg, err := readConfig(args[1])
+			if err != nil {
+				return err
+			}
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			ct, err := c.UpdateConfig(ctx, &cmlv1.UpdateConfigRequest{NameOrUuid: proto.String(args[0]), Config: cfg})
+			if err != nil {
+				return err
+			}
+			return a.printContainer(ct)
+		},
+	}
+}
+
+func (a *app) logsCmd() *cobra.Command {
+	var follow bool
+	cmd := &cobra.Command{
+		Use: "logs <name|uuid>", Short: "Show a container's console output", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer cancel()
+			st, err := c.Logs(ctx, &cmlv1.LogsRequest{NameOrUuid: proto.String(args[0]), Follow: proto.Bool(follow)})
+			if err != nil {
+				return err
+			}
+			for {
+				m, err := st.Recv()
+				if err == io.EOF || ctx.Err() != nil {
+					return nil
+				}
+				if err != nil {
+					return err
+				}
+				a.stdout.Write(m.GetData())
+			}
+		},
+	}
+	cmd.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new output")
+	return cmd
+}
+
+func (a *app) eventsCmd() *cobra.Command {
+	return &cobra.Command{
+		Use: "events [name|uuid]", Short: "Stream container state changes (current state first)", Args: cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer cancel()
+			req := &cmlv1.EventsRequest{}
+			if len(args) == 1 {
+				req.NameOrUuid = proto.String(args[0])
+			}
+			st, err := c.Events(ctx, req)
+			if err != nil {
+				return err
+			}
+			for {
+				e, err := st.Recv()
+				if err == io.EOF || ctx.Err() != nil {
+					return nil
+				}
+				if err != nil {
+					return err
+				}
+				if a.output == "json" {
+					b, _ := protojson.Marshal(e)
+					fmt.Fprintln(a.stdout, string(b))
+					continue
+				}
+				ct := e.GetContainer()
+				t := time.Unix(0, e.GetTimeUnixNano()).Format(time.RFC3339Nano)
+				line := fmt.Sprintf("%s %s %s", t, ct.GetName(), ct.GetState())
+				if ct.GetReason() != "" {
+					line += " (" + ct.GetReason() + ")"
+				}
+				fmt.Fprintln(a.stdout, line)
+			}
+		},
+	}
+}
+
+func (a *app) guestOSCmd() *cobra.Command {
+	g := &cobra.Command{Use: "guestos", Short: "Manage installed guest OSes"}
+	g.AddCommand(&cobra.Command{
+		Use: "list", Short: "List installed guest OSes", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			resp, err := c.GuestOSList(ctx, &cmlv1.Empty{})
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.json(resp)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tVERSION\tSIZE\tUSED BY")
+			for _, o := range resp.GetGuestos() {
+				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", o.GetName(), o.GetVersion(), o.GetSize(), strings.Join(o.GetUsedBy(), ","))
+			}
+			return tw.Flush()
+		},
+	}, &cobra.Command{
+		Use: "install <dir>", Short: "Install a guest OS from a directory (manifest guestos.conf plus images)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			dir, err := filepath.Abs(args[0])
+			if err != nil {
+				return err
+			}
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			o, err := c.GuestOSInstall(ctx, &cmlv1.GuestOSInstallRequest{Dir: proto.String(dir)})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "installed guestos %s %d (%d bytes)\n", o.GetName(), o.GetVersion(), o.GetSize())
+			return nil
+		},
+	}, &cobra.Command{
+		Use: "remove <name> <version>", Short: "Remove an installed guest OS version no container uses", Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			v, err := strconv.ParseUint(args[1], 10, 64)
+			if err != nil {
+				return fmt.Errorf("version %q is not a number", args[1])
+			}
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctxTimeout()
+			defer cancel()
+			_, err = c.GuestOSRemove(ctx, &cmlv1.GuestOSRemoveRequest{Name: proto.String(args[0]), Version: proto.Uint64(v)})
+			return err
+		},
+	})
+	return g
+}
+
+func (a *app) execCmd() *cobra.Command {
+	var tty bool
+	var env []string
+	cmd := &cobra.Command{
+		Use: "exec [--tty] <name|uuid> -- <command> [args...]", Short: "Run a command in a running container", Args: cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			code, err := a.exec(c, args[0], args[1:], env, tty)
+			a.code = code
+			return err
+		},
+	}
+	cmd.Flags().BoolVarP(&tty, "tty", "t", false, "allocate a terminal")
+	cmd.Flags().StringArrayVarP(&env, "env", "e", nil, "extra environment KEY=value")
+	return cmd
+}
+
+func (a *app) exec(c cmlv1.ControlClient, ref string, args, env []string, tty bool) (int, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st, err := c.Exec(ctx)
+	if err != nil {
+		return 0, err
+	}
+	start := &cmlv1.ExecStart{NameOrUuid: proto.String(ref), Args: args, Env: env, Tty: proto.Bool(tty)}
+	inFile, isFile := a.stdin.(*os.File)
+	if tty && isFile && term.IsTerminal(int(inFile.Fd())) {
+		if w, h, err := term.GetSize(int(inFile.Fd())); err == nil {
+			start.Rows, start.Cols = proto.Uint32(uint32(h)), proto.Uint32(uint32(w))
+		}
+		old, err := term.MakeRaw(int(inFile.Fd()))
+		if err == nil {
+			defer term.Restore(int(inFile.Fd()), old)
+		}
+		winch := make(chan os.Signal, 1)
+		signal.Notify(winch, syscall.SIGWINCH)
+		defer signal.Stop(winch)
+		go func() {
+			for range winch {
+				if w, h, err := term.GetSize(int(inFile.Fd())); err == nil {
+					st.Send(&cmlv1.ExecRequest{Msg: &cmlv1.ExecRequest_Resize{Resize: &cmlv1.Resize{Rows: proto.Uint32(uint32(h)), Cols: proto.Uint32(uint32(w))}}})
+				}
+			}
+		}()
+	}
+	if err := st.Send(&cmlv1.ExecRequest{Msg: &cmlv1.ExecRequest_Start{Start: start}}); err != nil {
+		return 0, err
+	}
+	go func() {
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := a.stdin.Read(buf)
+			if n > 0 {
+				if st.Send(&cmlv1.ExecRequest{Msg: &cmlv1.ExecRequest_Stdin{Stdin: append([]byte(nil), buf[:n]...)}}) != nil {
+					return
+				}
+			}
+			if err != nil {
+				st.Send(&cmlv1.ExecRequest{Msg: &cmlv1.ExecRequest_StdinEof{StdinEof: true}})
+				return
+			}
+		}
+	}()
+	for {
+		m, err := st.Recv()
+		if err != nil {
+			if err == io.EOF {
+				return 1, fmt.Errorf("exec: stream ended without an exit status")
+			}
+			return 0, err
+		}
+		switch x := m.GetMsg().(type) {
+		case *cmlv1.ExecResponse_Stdout:
+			a.stdout.Write(x.Stdout)
+		case *cmlv1.ExecResponse_Stderr:
+			a.stderr.Write(x.Stderr)
+		case *cmlv1.ExecResponse_ExitStatus:
+			return int(x.ExitStatus), nil
+		}
+	}
+}
+

@@ -1,0 +1,188 @@
+// Package daemon wires cmld together, top to bottom: state directories, the
+// audit trail, the guest OS store, the OCI runtime, the container manager
+// (with crash recovery and autostart), and the control socket. It is the
+// only place that knows the order in which components start; it holds no
+// logic of its own beyond that.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+
+	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/api"
+	"github.com/cmlproject/cml/internal/audit"
+	"github.com/cmlproject/cml/internal/container"
+	"github.com/cmlproject/cml/internal/guestos"
+	"github.com/cmlproject/cml/internal/oci"
+)
+
+// Config is cmld's configuration. The zero value of each field selects the
+// embedded default, so cmld runs with no config file at all.
+type Config struct {
+	StateDir    string // default /var/lib/cml
+	RunDir      string // default /run/cml
+	Socket      string // default <RunDir>/control.sock
+	SocketGroup string // default "cml", used when the group exists
+	Runtime     string // OCI runtime binary, default "runc"
+	Log         *slog.Logger
+}
+
+// Defaults fills in the embedded defaults.
+func (c *Config) Defaults() {
+	if c.StateDir == "" {
+		c.StateDir = "/var/lib/cml"
+	}
+	if c.RunDir == "" {
+		c.RunDir = "/run/cml"
+	}
+	if c.Socket == "" {
+		c.Socket = filepath.Join(c.RunDir, "control.sock")
+	}
+	if c.SocketGroup == "" {
+		c.SocketGroup = "cml"
+	}
+	if c.Runtime == "" {
+		c.Runtime = "runc"
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+}
+
+// Run runs the daemon until ctx ends. Containers keep running when it
+// returns; the next Run re-adopts them.
+func Run(ctx context.Context, c Config) error {
+	c.Defaults()
+	if os.Geteuid() != 0 {
+		return errors.New("cmld must run as root (it mounts images and manages namespaces and cgroups)")
+	}
+	var err error
+	if c.StateDir, err = filepath.Abs(c.StateDir); err != nil {
+		return err
+	}
+	if c.RunDir, err = filepath.Abs(c.RunDir); err != nil {
+		return err
+	}
+	for _, d := range []string{c.StateDir, c.RunDir} {
+		if err := os.MkdirAll(d, 0o711); err != nil {
+			return err
+		}
+	}
+	// One daemon per state directory.
+	lock, err := os.OpenFile(filepath.Join(c.StateDir, "cmld.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return fmt.Errorf("another cmld uses state directory %s", c.StateDir)
+	}
+	// Container inits are re-parented to cmld when the runtime exits, so
+	// their exit status is ours to collect the moment they die.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return fmt.Errorf("become subreaper: %w", err)
+	}
+	runtimeBin, err := exec.LookPath(c.Runtime)
+	if err != nil {
+		return fmt.Errorf("OCI runtime %q not found (install runc or set --runtime)", c.Runtime)
+	}
+
+	sink, err := audit.OpenFile(filepath.Join(c.StateDir, "audit.log"), nil)
+	if err != nil {
+		return err
+	}
+	defer sink.Close()
+	store, err := guestos.Open(filepath.Join(c.StateDir, "guestos"))
+	if err != nil {
+		return err
+	}
+	rt := &oci.Runtime{Binary: runtimeBin, Root: filepath.Join(c.RunDir, "runtime")}
+	mgr, err := container.New(container.Options{
+		StateDir: filepath.Join(c.StateDir, "containers"),
+		RunDir:   c.RunDir,
+		Runtime:  rt,
+		GuestOS:  store,
+		Audit:    sink,
+		Log:      c.Log,
+	})
+	if err != nil {
+		return err
+	}
+	if err := mgr.Recover(ctx); err != nil {
+		return err
+	}
+
+	lis, err := listen(c.Socket, c.SocketGroup)
+	if err != nil {
+		return err
+	}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Audit: sink, Log: c.Log}
+	gs := grpc.NewServer(
+		grpc.Creds(api.PeerCredentials()),
+		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),
+		grpc.ChainStreamInterceptor(srv.StreamInterceptor),
+		grpc.MaxRecvMsgSize(1<<20),
+	)
+	cmlv1.RegisterControlServer(gs, srv)
+	sink.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.start", Outcome: audit.Success, Details: "pid " + strconv.Itoa(os.Getpid())})
+	c.Log.Info("cmld ready", "socket", c.Socket, "state", c.StateDir, "runtime", runtimeBin)
+
+	go mgr.Autostart(ctx)
+	errc := make(chan error, 1)
+	go func() { errc <- gs.Serve(lis) }()
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	stopped := make(chan struct{})
+	go func() { gs.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(2 * time.Second):
+		gs.Stop()
+	}
+	os.Remove(c.Socket)
+	sink.Record(context.Background(), audit.Event{Type: "daemon", Operation: "daemon.stop", Outcome: audit.Success})
+	return err
+}
+
+// listen opens the control socket 0660, group-owned by group when it
+// exists, replacing a stale socket a crashed daemon left.
+func listen(path, group string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	if conn, err := net.Dial("unix", path); err == nil {
+		conn.Close()
+		return nil, fmt.Errorf("control socket %s is in use by another daemon", path)
+	}
+	os.Remove(path)
+	old := unix.Umask(0o117)
+	lis, err := net.Listen("unix", path)
+	unix.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		lis.Close()
+		return nil, err
+	}
+	if g, err := user.LookupGroup(group); err == nil {
+		gid, _ := strconv.Atoi(g.Gid)
+		os.Chown(path, 0, gid)
+	}
+	return lis, nil
+}

@@ -1,0 +1,18 @@
+#!/bin/sh
+# Install everything CML needs to build, run the demo and run the tests on
+# Debian 12. Idempotent; needs root.
+set -eu
+need=""
+for pair in runc:runc busybox:busybox-static mkfs.erofs:erofs-utils mksquashfs:squashfs-tools \
+	protoc:protobuf-compiler gcc:gcc; do
+	bin=${pair%%:*}
+	pkg=${pair#*:}
+	command -v "$bin" >/dev/null 2>&1 || need="$need $pkg"
+done
+if [ -n "$need" ]; then
+	echo "installing:$need"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq $need >/dev/null
+fi
+command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ] || { echo "Go 1.26 is required (/usr/local/go)" >&2; exit 1; }
