@@ -24,6 +24,9 @@ cat >"$root/sbin/init" <<'INIT'
 # Demo init: greet on the console, then idle until asked to stop.
 echo "demo guest OS up: hostname $(hostname), pid $$"
 trap 'echo "init: SIGTERM received, shutting down"; exit 0' TERM
+# Hooks for tests and demos of the lifecycle, set through init_env.
+[ -n "${DEMO_IGNORE_TERM:-}" ] && trap 'echo "init: ignoring SIGTERM"' TERM
+[ -n "${DEMO_EXIT:-}" ] && { sleep 0.3; exit "$DEMO_EXIT"; }
 while :; do sleep 1 & wait $!; done
 INIT
 chmod 755 "$root/sbin/init"

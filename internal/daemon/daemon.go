@@ -81,6 +81,9 @@ func Run(ctx context.Context, c Config) error {
 			return err
 		}
 	}
+	if err := checkTraversable(c.RunDir); err != nil {
+		return err
+	}
 	// One daemon per state directory.
 	lock, err := os.OpenFile(filepath.Join(c.StateDir, "cmld.lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
@@ -185,4 +188,22 @@ func listen(path, group string) (net.Listener, error) {
 		os.Chown(path, 0, gid)
 	}
 	return lis, nil
+}
+
+// checkTraversable makes sure processes of user-namespaced containers
+// (unprivileged host uids) can reach their root filesystem under dir;
+// otherwise every start would fail with a cryptic runtime error.
+func checkTraversable(dir string) error {
+	for p := dir; ; p = filepath.Dir(p) {
+		st, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		if st.Mode().Perm()&0o001 == 0 {
+			return fmt.Errorf("run directory %s: %s is not searchable by others (mode %o); containers with a user namespace could not reach their root filesystem", dir, p, st.Mode().Perm())
+		}
+		if p == "/" {
+			return nil
+		}
+	}
 }

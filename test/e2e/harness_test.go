@@ -1,0 +1,241 @@
+// Package e2e tests a real cmld, driven through the real cmlctl, running
+// containers on a real runc. Every test needs root and skips without it.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cmlproject/cml/internal/rootfs"
+	"github.com/cmlproject/cml/internal/testutil"
+)
+
+var (
+	binDir     string // cmld and cmlctl built for this run
+	guestOSDir string // the busybox demo guest OS, version 1
+)
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Println("e2e: not root; every test skips")
+		os.Exit(m.Run())
+	}
+	tmp, err := os.MkdirTemp("", "cml-e2e-")
+	if err != nil {
+		panic(err)
+	}
+	binDir = filepath.Join(tmp, "bin")
+	build := exec.Command("go", "build", "-o", binDir+"/", "github.com/cmlproject/cml/cmd/...")
+	build.Stderr = os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Println("e2e: build:", err)
+		os.Exit(1)
+	}
+	guestOSDir = filepath.Join(tmp, "guestos")
+	if out, err := exec.Command("../../scripts/build-demo-guestos.sh", guestOSDir, "busybox", "1").CombinedOutput(); err != nil {
+		fmt.Printf("e2e: build guest OS: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(tmp)
+	os.Exit(code)
+}
+
+// daemon is one cmld under test with its own state and run directories.
+type daemon struct {
+	t        *testing.T
+	root     string
+	stateDir string
+	run      string
+	socket   string
+	cmd      *exec.Cmd
+	log      *bytes.Buffer
+}
+
+// startDaemon starts cmld on a fresh temporary state directory; everything
+// it leaves (containers, mounts, cgroups) is removed at cleanup, also when
+// the test fails.
+func startDaemon(t *testing.T) *daemon {
+	t.Helper()
+	testutil.RequireRoot(t)
+	testutil.RequireTool(t, "runc")
+	root, err := os.MkdirTemp("", "cml-e2e-d-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Container roots (subordinate uids) must traverse to their rootfs.
+	os.Chmod(root, 0o711)
+	d := &daemon{t: t, root: root, stateDir: filepath.Join(root, "state"), run: filepath.Join(root, "run")}
+	d.socket = filepath.Join(d.run, "control.sock")
+	t.Cleanup(d.cleanup)
+	d.start()
+	return d
+}
+
+func (d *daemon) start() {
+	d.t.Helper()
+	d.log = &bytes.Buffer{}
+	d.cmd = exec.Command(filepath.Join(binDir, "cmld"), "--state-dir", d.stateDir, "--run-dir", d.run)
+	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
+	if err := d.cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, _, code := d.ctl("list"); code == 0 {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	d.t.Fatalf("cmld did not come up:\n%s", d.log)
+}
+
+// crash kills cmld with SIGKILL, leaving its containers running.
+func (d *daemon) crash() {
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	d.cmd.Wait()
+}
+
+func (d *daemon) cleanup() {
+	if d.cmd != nil && d.cmd.ProcessState == nil {
+		d.cmd.Process.Signal(syscall.SIGKILL)
+		d.cmd.Wait()
+	}
+	if d.t.Failed() && d.log != nil {
+		d.t.Logf("cmld log:\n%s", d.log)
+	}
+	rt := filepath.Join(d.run, "runtime")
+	if out, err := exec.Command("runc", "--root", rt, "list", "-q").Output(); err == nil {
+		for _, id := range strings.Fields(string(out)) {
+			exec.Command("runc", "--root", rt, "delete", "--force", id).Run()
+		}
+	}
+	rootfs.Unmount(d.root)
+	os.RemoveAll(d.root)
+}
+
+// ctl runs cmlctl against this daemon.
+func (d *daemon) ctl(args ...string) (stdout, stderr string, code int) {
+	cmd := exec.Command(filepath.Join(binDir, "cmlctl"), append([]string{"--socket", d.socket}, args...)...)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err := cmd.Run()
+	code = 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		d.t.Fatal(err)
+	}
+	return o.String(), e.String(), code
+}
+
+// must runs cmlctl and fails the test unless it succeeds.
+func (d *daemon) must(args ...string) string {
+	d.t.Helper()
+	out, errOut, code := d.ctl(args...)
+	if code != 0 {
+		d.t.Fatalf("cmlctl %s: exit %d: %s", strings.Join(args, " "), code, errOut)
+	}
+	return out
+}
+
+// refuse runs cmlctl, expects failure with a one-line message containing
+// want, and returns the message.
+func (d *daemon) refuse(want string, args ...string) string {
+	d.t.Helper()
+	_, errOut, code := d.ctl(args...)
+	if code == 0 {
+		d.t.Fatalf("cmlctl %s succeeded, want refusal", strings.Join(args, " "))
+	}
+	msg := strings.TrimRight(errOut, "\n")
+	if strings.Count(msg, "\n") != 0 {
+		d.t.Errorf("cmlctl %s: error is not one line:\n%s", strings.Join(args, " "), msg)
+	}
+	if !strings.Contains(msg, want) {
+		d.t.Errorf("cmlctl %s: error %q does not mention %q", strings.Join(args, " "), msg, want)
+	}
+	return msg
+}
+
+// installGuestOS installs the demo guest OS.
+func (d *daemon) installGuestOS() {
+	d.t.Helper()
+	d.must("guestos", "install", guestOSDir)
+}
+
+// create writes a config with the given body and creates the container.
+func (d *daemon) create(name, body string) {
+	d.t.Helper()
+	p := filepath.Join(d.root, name+".conf")
+	if err := os.WriteFile(p, []byte(fmt.Sprintf("name: %q\nguest_os: \"busybox\"\n%s", name, body)), 0o644); err != nil {
+		d.t.Fatal(err)
+	}
+	d.must("create", p)
+}
+
+// exec runs a shell command in a container and returns stdout and the exit
+// status.
+func (d *daemon) exec(name, script string) (string, int) {
+	d.t.Helper()
+	out, errOut, code := d.ctl("exec", name, "--", "sh", "-c", script)
+	if strings.Contains(errOut, "cmlctl:") {
+		d.t.Fatalf("exec in %s: %s", name, errOut)
+	}
+	return out, code
+}
+
+// state returns a container's state name.
+func (d *daemon) state(name string) string {
+	d.t.Helper()
+	out := d.must("state", name)
+	f := strings.Fields(out)
+	if len(f) < 3 {
+		d.t.Fatalf("state output %q", out)
+	}
+	return f[2]
+}
+
+// waitState polls until name reaches want or the timeout ends.
+func (d *daemon) waitState(name, want string, timeout time.Duration) {
+	d.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if d.state(name) == want {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	d.t.Fatalf("container %s is %s, want %s after %v", name, d.state(name), want, timeout)
+}
+
+// auditLines returns the audit log's lines.
+func (d *daemon) auditLines() []string {
+	f, err := os.Open(filepath.Join(d.stateDir, "audit.log"))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	defer f.Close()
+	var lines []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	return lines
+}
+
+// mountsUnder counts mounts below dir.
+func mountsUnder(t *testing.T, dir string) []string {
+	mps, err := rootfs.MountsUnder(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mps
+}
