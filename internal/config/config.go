@@ -67,7 +67,11 @@ func parseText(source string, text []byte, m proto.Message) error {
 		return errdefs.InvalidArgument("%s: file is %d bytes, larger than the %d byte limit", source, len(text), MaxFileSize)
 	}
 	if err := (prototext.UnmarshalOptions{}).Unmarshal(text, m); err != nil {
-		msg := strings.TrimPrefix(err.Error(), "proto: ")
+		// prototext prefixes "proto:" with a non-breaking space and may end
+		// with a newline; the user gets one clean line.
+		msg := strings.TrimSpace(err.Error())
+		msg = strings.TrimSpace(strings.TrimPrefix(strings.TrimPrefix(msg, "proto:"), "\u00a0"))
+		msg = strings.ReplaceAll(msg, "\n", " ")
 		if sub := prototextPos.FindStringSubmatch(msg); sub != nil {
 			return errdefs.InvalidArgument("%s:%s:%s: %s", source, sub[1], sub[2], sub[3])
 		}
