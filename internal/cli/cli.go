@@ -529,4 +529,3 @@ func (a *app) exec(c cmlv1.ControlClient, ref string, args, env []string, tty bo
 		}
 	}
 }
-

@@ -1,0 +1,25 @@
+// Command cmlbench measures container start latency of cmld against a bare
+// `runc run` of an equivalent bundle, in the same run on the same image,
+// and prints medians and their ratio. It needs root, runc, and the binaries
+// built by `make build`.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+
+	"github.com/cmlproject/cml/internal/bench"
+)
+
+func main() {
+	var o bench.Options
+	flag.IntVar(&o.Runs, "runs", 20, "starts measured per variant")
+	flag.IntVar(&o.Parallel, "parallel", 10, "containers started at once for the concurrency figure")
+	flag.StringVar(&o.Script, "guestos-script", "scripts/build-demo-guestos.sh", "script that builds the busybox guest OS")
+	flag.Parse()
+	if err := bench.Run(o, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "cmlbench:", err)
+		os.Exit(1)
+	}
+}
