@@ -1,11 +1,13 @@
 package e2e
 
 import (
+	"bytes"
 	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -17,12 +19,20 @@ func TestLifecycle(t *testing.T) {
 
 	// events: a stream of state changes, current state first.
 	ev := exec.Command(filepath.Join(binDir, "cmlctl"), "--socket", d.socket, "events", "web")
-	evOut := &strings.Builder{}
+	evOut := &syncBuffer{}
 	ev.Stdout = evOut
 	if err := ev.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ev.Process.Kill(); ev.Wait() })
+	// The stream opens with the current state; wait for it so no change
+	// is missed.
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(evOut.String(), " web STOPPED"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("events stream did not start with the current state: %q", evOut.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 
 	d.must("start", "web")
 	if s := d.state("web"); s != "RUNNING" {
@@ -117,6 +127,24 @@ func TestLifecycle(t *testing.T) {
 		}
 		pos += i + 1
 	}
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and one reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // TestStopTimeoutKills: an init that ignores SIGTERM is killed after the
