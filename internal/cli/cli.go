@@ -85,8 +85,14 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 	return a.code, err
 }
 
-func ctxTimeout() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), 5*time.Minute)
+// call returns the client and a bounded context for one unary call.
+func (a *app) call() (cmlv1.ControlClient, context.Context, context.CancelFunc, error) {
+	c, err := a.client()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	return c, ctx, cancel, nil
 }
 
 func (a *app) json(m proto.Message) error {
@@ -102,11 +108,10 @@ func (a *app) listCmd() *cobra.Command {
 	return &cobra.Command{
 		Use: "list", Short: "List containers", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			resp, err := c.List(ctx, &cmlv1.ListRequest{})
 			if err != nil {
@@ -154,11 +159,10 @@ func (a *app) createCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			ct, err := c.Create(ctx, &cmlv1.CreateRequest{Config: cfg, Source: proto.String(filepath.Base(args[0]))})
 			if err != nil {
@@ -185,11 +189,10 @@ func (a *app) refCmd(name, short string) *cobra.Command {
 	return &cobra.Command{
 		Use: name + " <name|uuid>", Short: short, Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			ref := &cmlv1.ContainerRef{NameOrUuid: proto.String(args[0])}
 			var ct *cmlv1.Container
@@ -230,11 +233,10 @@ func (a *app) stopCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use: "stop <name|uuid>", Short: "Stop a container: SIGTERM, then SIGKILL after the timeout", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			ct, err := c.Stop(ctx, &cmlv1.StopRequest{NameOrUuid: proto.String(args[0]), TimeoutSeconds: proto.Uint32(timeout)})
 			if err != nil {
@@ -256,11 +258,10 @@ func (a *app) killCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			_, err = c.Kill(ctx, &cmlv1.KillRequest{NameOrUuid: proto.String(args[0]), Signal: proto.Int32(int32(n))})
 			return err
@@ -291,11 +292,10 @@ func (a *app) updateConfigCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			ct, err := c.UpdateConfig(ctx, &cmlv1.UpdateConfigRequest{NameOrUuid: proto.String(args[0]), Config: cfg})
 			if err != nil {
@@ -385,11 +385,10 @@ func (a *app) guestOSCmd() *cobra.Command {
 	g.AddCommand(&cobra.Command{
 		Use: "list", Short: "List installed guest OSes", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			resp, err := c.GuestOSList(ctx, &cmlv1.Empty{})
 			if err != nil {
@@ -412,11 +411,10 @@ func (a *app) guestOSCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			o, err := c.GuestOSInstall(ctx, &cmlv1.GuestOSInstallRequest{Dir: proto.String(dir)})
 			if err != nil {
@@ -432,11 +430,10 @@ func (a *app) guestOSCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("version %q is not a number", args[1])
 			}
-			c, err := a.client()
+			c, ctx, cancel, err := a.call()
 			if err != nil {
 				return err
 			}
-			ctx, cancel := ctxTimeout()
 			defer cancel()
 			_, err = c.GuestOSRemove(ctx, &cmlv1.GuestOSRemoveRequest{Name: proto.String(args[0]), Version: proto.Uint64(v)})
 			return err

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/oci"
@@ -182,7 +184,7 @@ func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerC
 	c.version = g.Version()
 	// What a restarted daemon needs to re-adopt this run.
 	rb, _ := json.Marshal(runRecord{GuestOSVersion: g.Version(), Devices: keys})
-	if err := writeFileSync(filepath.Join(rdir, "run.json"), rb); err != nil {
+	if err := atomicfile.Write(filepath.Join(rdir, "run.json"), rb, 0o600); err != nil {
 		m.o.Runtime.Kill(ctx, c.uuid, unix.SIGKILL, true)
 		reader.Close()
 		return nil, err
@@ -281,8 +283,11 @@ func (m *Manager) specOptions(c *Container, cfg *cmlv1.ContainerConfig, g *cmlv1
 }
 
 // swapLimitSupported reports whether the host can limit memory+swap; runc
-// fails a start that asks for it where swap accounting is off.
-func swapLimitSupported() bool {
+// fails a start that asks for it where swap accounting is off. The host
+// does not change under a running daemon, so it is probed once.
+var swapLimitSupported = sync.OnceValue(probeSwapLimit)
+
+func probeSwapLimit() bool {
 	for _, p := range []string{"/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes", "/sys/fs/cgroup/cgroup.subtree_control"} {
 		b, err := os.ReadFile(p)
 		if err != nil {

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
@@ -317,7 +318,7 @@ func (m *Manager) Create(ctx context.Context, cfg *cmlv1.ContainerConfig, source
 		return nil, err
 	}
 	mb, _ := json.Marshal(meta{UUID: id, Slot: slot, Created: m.o.Now().UTC()})
-	if err := writeFileSync(filepath.Join(tmp, "meta.json"), mb); err != nil {
+	if err := atomicfile.Write(filepath.Join(tmp, "meta.json"), mb, 0o600); err != nil {
 		return nil, err
 	}
 	if err := os.Rename(tmp, m.containerDir(id)); err != nil {
@@ -335,27 +336,7 @@ func writeConfig(dir string, cfg *cmlv1.ContainerConfig) error {
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, "config.conf.tmp")
-	if err := writeFileSync(tmp, text); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(dir, "config.conf"))
-}
-
-func writeFileSync(path string, b []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+	return atomicfile.Write(filepath.Join(dir, "config.conf"), text, 0o600)
 }
 
 // UpdateConfig replaces a container's config; it takes effect at the next

@@ -26,6 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
 )
@@ -155,7 +156,7 @@ func (s *Store) Install(ctx context.Context, srcDir string) (*GuestOS, error) {
 		}
 		total += m.GetImageSize()
 	}
-	if err := writeSynced(filepath.Join(stage, ManifestFile), text, 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(stage, ManifestFile), text, 0o600); err != nil {
 		return nil, fmt.Errorf("%s: %w", id, err)
 	}
 	if err := os.Chmod(stage, 0o700); err != nil {
@@ -221,22 +222,6 @@ func (c *ctxReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	return c.r.Read(p)
-}
-
-func writeSynced(path string, b []byte, mode os.FileMode) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
 }
 
 func syncDir(dir string) {

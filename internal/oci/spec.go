@@ -15,6 +15,8 @@ import (
 	"path/filepath"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/cmlproject/cml/internal/atomicfile"
 )
 
 // DefaultCapabilities is the small set every container's processes keep.
@@ -238,11 +240,7 @@ func WriteBundle(dir string, s *specs.Spec) error {
 	if err := os.MkdirAll(dir, 0o711); err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, "config.json.tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, "config.json")); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, "config.json"), b, 0o600); err != nil {
 		return fmt.Errorf("write bundle: %w", err)
 	}
 	return nil
