@@ -4,7 +4,8 @@
 set -eu
 need=""
 for pair in runc:runc busybox:busybox-static mkfs.erofs:erofs-utils mksquashfs:squashfs-tools \
-	protoc:protobuf-compiler gcc:gcc; do
+	protoc:protobuf-compiler gcc:gcc veritysetup:cryptsetup-bin \
+	openssl:openssl softhsm2-util:softhsm2 pkcs11-tool:opensc; do
 	bin=${pair%%:*}
 	pkg=${pair#*:}
 	command -v "$bin" >/dev/null 2>&1 || need="$need $pkg"
