@@ -21,6 +21,7 @@ func main() {
 	flag.StringVar(&c.Socket, "socket", "", "control socket path (default <run-dir>/control.sock)")
 	flag.StringVar(&c.SocketGroup, "socket-group", "", "group that may use the control socket (default cml, if it exists)")
 	flag.StringVar(&c.Runtime, "runtime", "", "OCI runtime binary (default runc)")
+	flag.StringVar(&c.DeviceConfig, "device-config", "", "device settings file (default <state-dir>/device.conf, if present)")
 	debug := flag.Bool("debug", false, "log debug messages")
 	flag.Parse()
 	level := slog.LevelInfo

@@ -30,6 +30,7 @@ import (
 	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/guestos"
+	"github.com/cmlproject/cml/internal/trust"
 	"github.com/cmlproject/cml/internal/oci"
 )
 
@@ -38,6 +39,9 @@ type Server struct {
 	cmlv1.UnimplementedControlServer
 	Containers *container.Manager
 	GuestOS    *guestos.Store
+	Trust      *trust.Store
+	// Downloads fetches guest OSes from https:// URLs; nil refuses URLs.
+	Downloads  *guestos.Downloader
 	Audit      audit.Recorder
 	Log        *slog.Logger
 }
@@ -47,6 +51,7 @@ type Server struct {
 var queries = map[string]bool{
 	"/cml.v1.Control/List": true, "/cml.v1.Control/State": true,
 	"/cml.v1.Control/GuestOSList": true, "/cml.v1.Control/Events": true,
+	"/cml.v1.Control/CAList": true,
 }
 
 // objectOf names what a request acts on, for the audit record.
@@ -61,11 +66,16 @@ func objectOf(req any) string {
 	case *cmlv1.UpdateConfigRequest:
 		return r.GetNameOrUuid()
 	case *cmlv1.CreateRequest:
+		if r.GetSource() != "" {
+			return r.GetSource()
+		}
 		return r.GetConfig().GetName()
 	case *cmlv1.LogsRequest:
 		return r.GetNameOrUuid()
 	case *cmlv1.GuestOSInstallRequest:
-		return r.GetDir()
+		return r.GetDir() + r.GetUrl()
+	case *cmlv1.CARemoveRequest:
+		return r.GetFingerprint()
 	case *cmlv1.GuestOSRemoveRequest:
 		return fmt.Sprintf("%s %d", r.GetName(), r.GetVersion())
 	case *cmlv1.ExecStart:
@@ -116,26 +126,45 @@ func (s *Server) List(ctx context.Context, _ *cmlv1.ListRequest) (*cmlv1.ListRes
 	return &cmlv1.ListResponse{Containers: s.Containers.List()}, nil
 }
 
+// configFile takes a config from a request: its exact bytes with signature
+// when given, else the message rendered as an unsigned file.
+func configFile(op, source string, cfg *cmlv1.ContainerConfig, text, sig, cert []byte) (container.ConfigFile, error) {
+	if source == "" {
+		source = "config"
+	}
+	if len(text) > 0 {
+		return container.ConfigFile{Source: source, Text: text, Sig: sig, Pem: cert}, nil
+	}
+	if cfg == nil {
+		return container.ConfigFile{}, errdefs.InvalidArgument("%s: no config", op)
+	}
+	if len(sig) > 0 {
+		return container.ConfigFile{}, errdefs.InvalidArgument("%s: a signature needs the config's exact bytes (config_text)", op)
+	}
+	return container.UnsignedConfigFile(cfg, source)
+}
+
 func (s *Server) Create(ctx context.Context, r *cmlv1.CreateRequest) (*cmlv1.Container, error) {
-	if r.GetConfig() == nil {
-		return nil, errdefs.InvalidArgument("create: no config")
+	f, err := configFile("create", r.GetSource(), r.GetConfig(), r.GetConfigText(), r.GetSignature(), r.GetCertificate())
+	if err != nil {
+		return nil, err
 	}
-	src := r.GetSource()
-	if src == "" {
-		src = "config"
-	}
-	return s.Containers.Create(ctx, r.GetConfig(), src)
+	return s.Containers.Create(ctx, f)
 }
 
 func (s *Server) Remove(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Empty, error) {
-	return &cmlv1.Empty{}, s.Containers.Remove(ctx, r.GetNameOrUuid())
+	if err := s.Containers.Remove(ctx, r.GetNameOrUuid()); err != nil {
+		return nil, err
+	}
+	s.collectGuestOS(ctx)
+	return &cmlv1.Empty{}, nil
 }
 
 func (s *Server) Start(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Container, error) {
 	return s.Containers.Start(ctx, r.GetNameOrUuid())
 }
 
-func (s *Server) Stop(ctx context.Context, r *cmlv1.StopRequest) (*cmlv1.Container, error) {
+func (s *Server) stop(ctx context.Context, r *cmlv1.StopRequest) (*cmlv1.Container, error) {
 	if r.GetTimeoutSeconds() > 3600 {
 		return nil, errdefs.InvalidArgument("stop timeout %d s is over 3600", r.GetTimeoutSeconds())
 	}
@@ -159,10 +188,15 @@ func (s *Server) Config(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Cont
 }
 
 func (s *Server) UpdateConfig(ctx context.Context, r *cmlv1.UpdateConfigRequest) (*cmlv1.Container, error) {
-	if r.GetConfig() == nil {
-		return nil, errdefs.InvalidArgument("update-config: no config")
+	f, err := configFile("update-config", r.GetSource(), r.GetConfig(), r.GetConfigText(), r.GetSignature(), r.GetCertificate())
+	if err != nil {
+		return nil, err
 	}
-	return s.Containers.UpdateConfig(ctx, r.GetNameOrUuid(), r.GetConfig())
+	ct, err := s.Containers.UpdateConfig(ctx, r.GetNameOrUuid(), f)
+	if err == nil {
+		s.collectGuestOS(ctx)
+	}
+	return ct, err
 }
 
 func (s *Server) Freeze(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Container, error) {
@@ -189,18 +223,117 @@ func (s *Server) guestOSInfo(g *guestos.GuestOS) *cmlv1.GuestOS {
 	return &cmlv1.GuestOS{
 		Name: proto.String(g.Name()), Version: proto.Uint64(g.Version()), Size: proto.Uint64(g.Size),
 		UsedBy: s.Containers.GuestOSUsers(g.Name(), g.Version()), Description: proto.String(g.Config.GetDescription()),
+		TrustLevel: g.Installed.Level.Enum(), Signer: proto.String(g.Installed.Signer), HighestVersion: proto.Uint64(s.GuestOS.Highest(g.Name())),
 	}
 }
 
-func (s *Server) GuestOSInstall(ctx context.Context, r *cmlv1.GuestOSInstallRequest) (*cmlv1.GuestOS, error) {
-	if r.GetDir() == "" || r.GetDir()[0] != '/' {
-		return nil, errdefs.InvalidArgument("guestos install: %q is not an absolute directory path", r.GetDir())
+// GuestOSInstall installs a guest OS from a directory on the device or an
+// https:// URL, streaming progress. It audits itself (streams pass the
+// unary interceptor by).
+func (s *Server) GuestOSInstall(r *cmlv1.GuestOSInstallRequest, stream cmlv1.Control_GuestOSInstallServer) (err error) {
+	ctx := stream.Context()
+	if sub := subject(ctx); sub != nil {
+		ctx = audit.WithSubject(ctx, *sub)
 	}
-	g, err := s.GuestOS.Install(ctx, r.GetDir())
+	var g *guestos.GuestOS
+	defer func() {
+		obj := objectOf(r)
+		if g != nil {
+			obj = fmt.Sprintf("%s %d from %s", g.Name(), g.Version(), obj)
+		}
+		s.audit(ctx, "/cml.v1.Control/GuestOSInstall", obj, toStatus(err))
+	}()
+	last := time.Time{}
+	progress := func(phase string, done, total uint64) {
+		if time.Since(last) < 200*time.Millisecond && done != total {
+			return
+		}
+		last = time.Now()
+		stream.Send(&cmlv1.GuestOSInstallProgress{Phase: proto.String(phase), DoneBytes: proto.Uint64(done), TotalBytes: proto.Uint64(total)})
+	}
+	dir := r.GetDir()
+	switch {
+	case r.GetUrl() != "" && dir != "":
+		return errdefs.InvalidArgument("guestos install: give a directory or a URL, not both")
+	case r.GetUrl() != "":
+		if s.Downloads == nil {
+			return errdefs.FailedPrecondition("guestos install: downloads are not configured")
+		}
+		if dir, err = s.Downloads.Fetch(ctx, r.GetUrl(), progress); err != nil {
+			return err
+		}
+	case dir == "" || dir[0] != '/':
+		return errdefs.InvalidArgument("guestos install: %q is not an absolute directory path", dir)
+	}
+	if g, err = s.GuestOS.Install(ctx, dir, progress); err != nil {
+		return err
+	}
+	if r.GetUrl() != "" {
+		s.Downloads.Done(r.GetUrl())
+	}
+	s.collectGuestOS(ctx)
+	return stream.Send(&cmlv1.GuestOSInstallProgress{Phase: proto.String("installed"), Guestos: s.guestOSInfo(g)})
+}
+
+// collectGuestOS removes guest OS versions below the highest installed of
+// their name that no container selects or runs: an update keeps the older
+// version exactly as long as somebody uses it.
+func (s *Server) collectGuestOS(ctx context.Context) {
+	gs, err := s.GuestOS.List()
+	if err != nil {
+		return
+	}
+	highest := map[string]uint64{}
+	for _, g := range gs {
+		highest[g.Name()] = max(highest[g.Name()], g.Version())
+	}
+	for _, g := range gs {
+		if g.Version() == highest[g.Name()] || len(s.Containers.GuestOSUsers(g.Name(), g.Version())) > 0 {
+			continue
+		}
+		err := s.GuestOS.Remove(g.Name(), g.Version())
+		e := audit.Event{Type: "guestos", Operation: "guestos.collect", Object: fmt.Sprintf("%s %d", g.Name(), g.Version()), Outcome: audit.Success, Reason: "superseded and unused"}
+		if err != nil {
+			e.Outcome, e.Reason = audit.Failure, err.Error()
+		}
+		s.Audit.Record(ctx, e)
+	}
+}
+
+func caInfo(c trust.CA) *cmlv1.CA {
+	return &cmlv1.CA{Fingerprint: proto.String(c.Fingerprint), Subject: proto.String(c.Subject), NotAfterUnix: proto.Int64(c.NotAfter.Unix()), Vendor: proto.Bool(c.Vendor)}
+}
+
+func (s *Server) CAList(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.CAListResponse, error) {
+	out := &cmlv1.CAListResponse{}
+	for _, c := range s.Trust.List() {
+		out.Cas = append(out.Cas, caInfo(c))
+	}
+	return out, nil
+}
+
+func (s *Server) CARegister(ctx context.Context, r *cmlv1.CARegisterRequest) (*cmlv1.CA, error) {
+	c, err := s.Trust.AddOwnerCA(r.GetPem())
 	if err != nil {
 		return nil, err
 	}
-	return s.guestOSInfo(g), nil
+	return caInfo(c), nil
+}
+
+func (s *Server) CARemove(ctx context.Context, r *cmlv1.CARemoveRequest) (*cmlv1.CA, error) {
+	c, err := s.Trust.RemoveOwnerCA(r.GetFingerprint())
+	if err != nil {
+		return nil, err
+	}
+	return caInfo(c), nil
+}
+
+func (s *Server) CRLLoad(ctx context.Context, r *cmlv1.CRLLoadRequest) (*cmlv1.CRLLoadResponse, error) {
+	issuer, n, err := s.Trust.AddCRL(r.GetPem())
+	if err != nil {
+		return nil, err
+	}
+	return &cmlv1.CRLLoadResponse{Issuer: proto.String(issuer), Revoked: proto.Uint32(uint32(n))}, nil
 }
 
 func (s *Server) GuestOSRemove(ctx context.Context, r *cmlv1.GuestOSRemoveRequest) (*cmlv1.Empty, error) {
@@ -208,6 +341,14 @@ func (s *Server) GuestOSRemove(ctx context.Context, r *cmlv1.GuestOSRemoveReques
 		return nil, errdefs.FailedPrecondition("guestos %s %d is used by container(s) %s", r.GetName(), r.GetVersion(), strings.Join(users, ", "))
 	}
 	return &cmlv1.Empty{}, s.GuestOS.Remove(r.GetName(), r.GetVersion())
+}
+
+func (s *Server) Stop(ctx context.Context, r *cmlv1.StopRequest) (*cmlv1.Container, error) {
+	ct, err := s.stop(ctx, r)
+	if err == nil {
+		s.collectGuestOS(ctx)
+	}
+	return ct, err
 }
 
 func (s *Server) Logs(r *cmlv1.LogsRequest, stream cmlv1.Control_LogsServer) error {

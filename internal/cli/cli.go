@@ -5,6 +5,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -26,6 +27,7 @@ import (
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/config"
+	"github.com/cmlproject/cml/internal/sign"
 )
 
 // DefaultSocket is cmld's default control socket.
@@ -74,7 +76,7 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 	root.AddCommand(a.listCmd(), a.createCmd(), a.refCmd("remove", "Remove a stopped container and its data"),
 		a.refCmd("start", "Start a container"), a.stopCmd(), a.killCmd(), a.refCmd("state", "Show a container's state"),
 		a.refCmd("config", "Show a container's config"), a.updateConfigCmd(), a.refCmd("freeze", "Freeze a container"),
-		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd())
+		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd(), a.caCmd())
 	err := root.Execute()
 	if a.conn != nil {
 		a.conn.Close()
@@ -121,7 +123,7 @@ func (a *app) listCmd() *cobra.Command {
 				return a.json(resp)
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tUUID\tSTATE\tGUEST OS\tPID\tREASON")
+			fmt.Fprintln(tw, "NAME\tUUID\tSTATE\tGUEST OS\tTRUST\tPID\tREASON")
 			for _, ct := range resp.GetContainers() {
 				pid := "-"
 				if ct.GetPid() > 0 {
@@ -131,31 +133,53 @@ func (a *app) listCmd() *cobra.Command {
 				if v := ct.GetGuestosVersion(); v > 0 {
 					gos += " " + strconv.FormatUint(v, 10)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", ct.GetName(), ct.GetUuid(), ct.GetState(), gos, pid, ct.GetReason())
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", ct.GetName(), ct.GetUuid(), ct.GetState(), gos, ct.GetTrustLevel(), pid, ct.GetReason())
 			}
 			return tw.Flush()
 		},
 	}
 }
 
-func readConfig(path string) (*cmlv1.ContainerConfig, error) {
-	f, err := os.Open(path)
+// configFile is a config file's exact bytes plus, when cmlsign signed it,
+// the signature and chain next to it (<file>.sig, <file>.cert).
+type configFile struct{ text, sig, cert []byte }
+
+func readConfig(path string) (*configFile, error) {
+	read := func(p string, max int64) ([]byte, error) {
+		f, err := os.Open(p)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		b, err := io.ReadAll(io.LimitReader(f, max+1))
+		if err == nil && int64(len(b)) > max {
+			err = fmt.Errorf("%s is larger than %d bytes", p, max)
+		}
+		return b, err
+	}
+	text, err := read(path, config.MaxFileSize)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, config.MaxFileSize+1))
-	if err != nil {
+	// Parse here too, so a typo is reported before anything is sent.
+	if _, err := config.ParseContainer(path, text); err != nil {
 		return nil, err
 	}
-	return config.ParseContainer(path, b)
+	cf := &configFile{text: text}
+	if cf.sig, err = read(path+sign.SigSuffix, sign.MaxSignatureSize); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	if cf.cert, err = read(path+sign.CertSuffix, sign.MaxChainSize); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	return cf, nil
 }
 
 func (a *app) createCmd() *cobra.Command {
 	return &cobra.Command{
 		Use: "create <config-file>", Short: "Create a container from a config file", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := readConfig(args[0])
+			cf, err := readConfig(args[0])
 			if err != nil {
 				return err
 			}
@@ -164,7 +188,7 @@ func (a *app) createCmd() *cobra.Command {
 				return err
 			}
 			defer cancel()
-			ct, err := c.Create(ctx, &cmlv1.CreateRequest{Config: cfg, Source: proto.String(filepath.Base(args[0]))})
+			ct, err := c.Create(ctx, &cmlv1.CreateRequest{ConfigText: cf.text, Signature: cf.sig, Certificate: cf.cert, Source: proto.String(filepath.Base(args[0]))})
 			if err != nil {
 				return err
 			}
@@ -177,7 +201,7 @@ func (a *app) printContainer(ct *cmlv1.Container) error {
 	if a.output == "json" {
 		return a.json(ct)
 	}
-	fmt.Fprintf(a.stdout, "%s %s %s", ct.GetName(), ct.GetUuid(), ct.GetState())
+	fmt.Fprintf(a.stdout, "%s %s %s %s", ct.GetName(), ct.GetUuid(), ct.GetState(), ct.GetTrustLevel())
 	if ct.GetReason() != "" {
 		fmt.Fprintf(a.stdout, " (%s)", ct.GetReason())
 	}
@@ -288,7 +312,7 @@ func (a *app) updateConfigCmd() *cobra.Command {
 	return &cobra.Command{
 		Use: "update-config <name|uuid> <config-file>", Short: "Replace a container's config (applies at next start)", Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cfg, err := readConfig(args[1])
+			cf, err := readConfig(args[1])
 			if err != nil {
 				return err
 			}
@@ -297,7 +321,7 @@ func (a *app) updateConfigCmd() *cobra.Command {
 				return err
 			}
 			defer cancel()
-			ct, err := c.UpdateConfig(ctx, &cmlv1.UpdateConfigRequest{NameOrUuid: proto.String(args[0]), Config: cfg})
+			ct, err := c.UpdateConfig(ctx, &cmlv1.UpdateConfigRequest{NameOrUuid: proto.String(args[0]), ConfigText: cf.text, Signature: cf.sig, Certificate: cf.cert, Source: proto.String(filepath.Base(args[1]))})
 			if err != nil {
 				return err
 			}
@@ -398,30 +422,57 @@ func (a *app) guestOSCmd() *cobra.Command {
 				return a.json(resp)
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tVERSION\tSIZE\tUSED BY")
+			fmt.Fprintln(tw, "NAME\tVERSION\tSIZE\tTRUST\tSIGNER\tUSED BY")
 			for _, o := range resp.GetGuestos() {
-				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\n", o.GetName(), o.GetVersion(), o.GetSize(), strings.Join(o.GetUsedBy(), ","))
+				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\n", o.GetName(), o.GetVersion(), o.GetSize(), o.GetTrustLevel(), o.GetSigner(), strings.Join(o.GetUsedBy(), ","))
 			}
 			return tw.Flush()
 		},
 	}, &cobra.Command{
-		Use: "install <dir>", Short: "Install a guest OS from a directory (manifest guestos.conf plus images)", Args: cobra.ExactArgs(1),
+		Use: "install <dir|https://url/>", Short: "Install a signed guest OS bundle (guestos.conf, .sig, .cert, images) from a directory or an https URL", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			dir, err := filepath.Abs(args[0])
+			req := &cmlv1.GuestOSInstallRequest{}
+			if strings.Contains(args[0], "://") {
+				req.Url = proto.String(args[0])
+			} else {
+				dir, err := filepath.Abs(args[0])
+				if err != nil {
+					return err
+				}
+				req.Dir = proto.String(dir)
+			}
+			c, err := a.client()
 			if err != nil {
 				return err
 			}
-			c, ctx, cancel, err := a.call()
-			if err != nil {
-				return err
-			}
+			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			o, err := c.GuestOSInstall(ctx, &cmlv1.GuestOSInstallRequest{Dir: proto.String(dir)})
+			st, err := c.GuestOSInstall(ctx, req)
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "installed guestos %s %d (%d bytes)\n", o.GetName(), o.GetVersion(), o.GetSize())
-			return nil
+			lastPhase := ""
+			for {
+				p, err := st.Recv()
+				if err != nil {
+					if lastPhase != "" {
+						fmt.Fprintln(a.stderr)
+					}
+					return err
+				}
+				if o := p.GetGuestos(); o != nil {
+					if lastPhase != "" {
+						fmt.Fprintln(a.stderr)
+					}
+					fmt.Fprintf(a.stdout, "installed guestos %s %d (%d bytes, %s by %q)\n", o.GetName(), o.GetVersion(), o.GetSize(), o.GetTrustLevel(), o.GetSigner())
+					return nil
+				}
+				if p.GetPhase() != lastPhase && lastPhase != "" {
+					fmt.Fprintln(a.stderr)
+				}
+				lastPhase = p.GetPhase()
+				fmt.Fprintf(a.stderr, "\r%-8s %7.1f / %.1f MiB", p.GetPhase(), float64(p.GetDoneBytes())/(1<<20), float64(p.GetTotalBytes())/(1<<20))
+			}
 		},
 	}, &cobra.Command{
 		Use: "remove <name> <version>", Short: "Remove an installed guest OS version no container uses", Args: cobra.ExactArgs(2),
@@ -525,4 +576,97 @@ func (a *app) exec(c cmlv1.ControlClient, ref string, args, env []string, tty bo
 			return int(x.ExitStatus), nil
 		}
 	}
+}
+
+func (a *app) caCmd() *cobra.Command {
+	ca := &cobra.Command{Use: "ca", Short: "Manage the trusted CAs: vendor CAs (set at provisioning) and owner CAs, and CRLs"}
+	readPEM := func(p string) ([]byte, error) {
+		f, err := os.Open(p)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		return io.ReadAll(io.LimitReader(f, 4<<20))
+	}
+	ca.AddCommand(&cobra.Command{
+		Use: "list", Short: "List trusted root CAs", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, ctx, cancel, err := a.call()
+			if err != nil {
+				return err
+			}
+			defer cancel()
+			resp, err := c.CAList(ctx, &cmlv1.Empty{})
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.json(resp)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "KIND\tFINGERPRINT\tSUBJECT\tNOT AFTER")
+			for _, x := range resp.GetCas() {
+				kind := "owner"
+				if x.GetVendor() {
+					kind = "vendor"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", kind, x.GetFingerprint()[:16], x.GetSubject(), time.Unix(x.GetNotAfterUnix(), 0).UTC().Format(time.DateOnly))
+			}
+			return tw.Flush()
+		},
+	}, &cobra.Command{
+		Use: "register <ca.pem>", Short: "Trust an owner root CA (configs and, with locally_signed_images, guest OSes signed under it)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			b, err := readPEM(args[0])
+			if err != nil {
+				return err
+			}
+			c, ctx, cancel, err := a.call()
+			if err != nil {
+				return err
+			}
+			defer cancel()
+			x, err := c.CARegister(ctx, &cmlv1.CARegisterRequest{Pem: b})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "registered owner CA %s %s\n", x.GetFingerprint()[:16], x.GetSubject())
+			return nil
+		},
+	}, &cobra.Command{
+		Use: "remove <fingerprint>", Short: "Stop trusting an owner CA (fingerprint prefix from ca list)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, ctx, cancel, err := a.call()
+			if err != nil {
+				return err
+			}
+			defer cancel()
+			x, err := c.CARemove(ctx, &cmlv1.CARemoveRequest{Fingerprint: proto.String(args[0])})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "removed owner CA %s %s\n", x.GetFingerprint()[:16], x.GetSubject())
+			return nil
+		},
+	}, &cobra.Command{
+		Use: "crl <crl.pem>", Short: "Load a certificate revocation list", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			b, err := readPEM(args[0])
+			if err != nil {
+				return err
+			}
+			c, ctx, cancel, err := a.call()
+			if err != nil {
+				return err
+			}
+			defer cancel()
+			x, err := c.CRLLoad(ctx, &cmlv1.CRLLoadRequest{Pem: b})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "loaded CRL of %s (%d revoked)\n", x.GetIssuer(), x.GetRevoked())
+			return nil
+		},
+	})
+	return ca
 }

@@ -12,7 +12,10 @@ const MaxImageSize = 16 << 30
 // MaxMounts bounds the images of one guest OS.
 const MaxMounts = 16
 
-var sha256Pattern = regexp.MustCompile(`^[0-9a-f]{64}$`)
+var (
+	sha256Pattern = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	saltPattern   = regexp.MustCompile(`^([0-9a-f]{2}){0,256}$`)
+)
 
 // ParseGuestOS parses and validates a guest OS manifest. Image file names
 // are plain names inside the guest OS directory: a name that could escape
@@ -61,6 +64,17 @@ func ParseGuestOS(source string, text []byte) (*cmlv1.GuestOSConfig, error) {
 		}
 		if !sha256Pattern.MatchString(m.GetImageSha2_256()) {
 			v.fail("image_sha2_256", "%q is not a lower-case hex SHA-256", m.GetImageSha2_256())
+		}
+		if m.VerityRootHash != nil {
+			if !sha256Pattern.MatchString(m.GetVerityRootHash()) {
+				v.fail("verity_root_hash", "%q is not a lower-case hex SHA-256", m.GetVerityRootHash())
+			}
+			if !saltPattern.MatchString(m.GetVeritySalt()) {
+				v.fail("verity_salt", "%q is not lower-case hex of at most 256 bytes", m.GetVeritySalt())
+			}
+			if m.GetImageSize()%4096 != 0 {
+				v.fail("image_size", "%d is not a multiple of the 4096-byte verity block", m.GetImageSize())
+			}
 		}
 	}
 	if len(g.GetMounts()) > 0 && roots != 1 {

@@ -114,11 +114,23 @@ func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerC
 		return nil, err
 	}
 	root := g.Root()
-	img := g.ImagePath(root)
-	// Cheap check on every start; the trust chain adds full verification.
-	if st, err := os.Stat(img); err != nil || uint64(st.Size()) != root.GetImageSize() {
-		return nil, errdefs.Integrity("guestos %s %d: image %s is missing or its size changed", g.Name(), g.Version(), root.GetImageFile())
+	// TSF-INIT: config and image are verified again before every start.
+	// The image is checked in full (verity root over every block) and the
+	// very file that was checked is mounted, through its open descriptor.
+	if err := m.recheckConfig(c); err != nil {
+		m.record(ctx, "container.verify", c, err, "")
+		return nil, err
 	}
+	imgFile, err := m.o.GuestOS.Check(ctx, g)
+	if err != nil {
+		m.record(ctx, "container.verify", c, err, "")
+		return nil, err
+	}
+	defer imgFile.Close()
+	m.mu.Lock()
+	c.gtrust = g.Installed.Level
+	m.mu.Unlock()
+	img := fmt.Sprintf("/proc/self/fd/%d", imgFile.Fd())
 	keys, err := m.reserveDevices(c, cfg)
 	if err != nil {
 		return nil, err

@@ -32,6 +32,8 @@ import (
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/oci"
+	"github.com/cmlproject/cml/internal/sign"
+	"github.com/cmlproject/cml/internal/trust"
 )
 
 // Options configure a Manager.
@@ -54,6 +56,17 @@ type Options struct {
 	CgroupParent string
 	// ConsoleSize bounds each container's console ring buffer.
 	ConsoleSize int
+	// Trust verifies config signatures; SignedConfigs refuses unsigned
+	// configs (device setting signed_configs).
+	Trust         *trust.Store
+	SignedConfigs bool
+}
+
+// ConfigFile is a container config as it arrived: its exact bytes, and its
+// detached signature and signer chain when signed.
+type ConfigFile struct {
+	Source         string
+	Text, Sig, Pem []byte
 }
 
 // Manager manages all containers of the daemon.
@@ -79,14 +92,23 @@ type Container struct {
 	exit    int32
 	started time.Time
 	version uint64 // guest OS version of the current run
-	console *ring
+	trust   cmlv1.TrustLevel // of the config
+	gtrust  cmlv1.TrustLevel // of the guest OS last checked
+	signer  string
+	// accepted is when the config's signature was checked; re-checks use
+	// this time so only revocation or a removed CA, not expiry, stop it.
+	accepted time.Time
+	console  *ring
 	run     *run // non-nil while the container has runtime state
 }
 
 type meta struct {
-	UUID    string    `json:"uuid"`
-	Slot    uint32    `json:"slot"`
-	Created time.Time `json:"created"`
+	UUID     string           `json:"uuid"`
+	Slot     uint32           `json:"slot"`
+	Created  time.Time        `json:"created"`
+	Accepted time.Time        `json:"accepted"`
+	Trust    cmlv1.TrustLevel `json:"trust"`
+	Signer   string           `json:"signer,omitempty"`
 }
 
 // New returns a Manager; call Recover before serving requests.
@@ -162,7 +184,12 @@ func (m *Manager) loadOne(id string) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Container{uuid: id, slot: md.Slot, cfg: cfg, state: cmlv1.ContainerState_STOPPED, exit: -1, console: newRing(m.o.ConsoleSize)}, nil
+	c := &Container{uuid: id, slot: md.Slot, cfg: cfg, state: cmlv1.ContainerState_STOPPED, exit: -1, console: newRing(m.o.ConsoleSize),
+		trust: md.Trust, signer: md.Signer, accepted: md.Accepted, gtrust: cmlv1.TrustLevel_SIGNED}
+	if g, err := m.o.GuestOS.Get(cfg.GetGuestOs(), cfg.GetGuestosVersion()); err == nil {
+		c.gtrust = g.Installed.Level
+	}
+	return c, nil
 }
 
 // lookup finds a container by name or UUID.
@@ -208,6 +235,10 @@ func (m *Manager) info(c *Container) *cmlv1.Container {
 	}
 	if c.cfg.GetUserns() {
 		out.UidBase = proto.Uint32(m.uidBase(c))
+	}
+	out.TrustLevel = min(c.trust, c.gtrust).Enum()
+	if c.signer != "" {
+		out.ConfigSigner = proto.String(c.signer)
 	}
 	return out
 }
@@ -263,26 +294,101 @@ func (m *Manager) Config(ref string) (*cmlv1.ContainerConfig, error) {
 
 // checkConfig validates cfg against the daemon's state: the guest OS exists
 // and the memory limit is not under its minimum.
-func (m *Manager) checkConfig(source string, cfg *cmlv1.ContainerConfig) error {
+func (m *Manager) checkConfig(source string, cfg *cmlv1.ContainerConfig) (*guestos.GuestOS, error) {
 	if err := config.ValidateContainer(source, cfg); err != nil {
-		return err
+		return nil, err
 	}
 	if cfg.GetAllowSystemTime() && cfg.GetUserns() {
-		return errdefs.InvalidArgument("%s: field allow_system_time: needs userns: false (the kernel checks CAP_SYS_TIME in the initial user namespace)", source)
+		return nil, errdefs.InvalidArgument("%s: field allow_system_time: needs userns: false (the kernel checks CAP_SYS_TIME in the initial user namespace)", source)
 	}
 	g, err := m.o.GuestOS.Get(cfg.GetGuestOs(), cfg.GetGuestosVersion())
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if min := g.Config.GetMinRamLimit(); cfg.GetRamLimit() != 0 && cfg.GetRamLimit() < min {
-		return errdefs.InvalidArgument("%s: field ram_limit: %d MiB is under guest OS %s's minimum of %d MiB", source, cfg.GetRamLimit(), g.Name(), min)
+		return nil, errdefs.InvalidArgument("%s: field ram_limit: %d MiB is under guest OS %s's minimum of %d MiB", source, cfg.GetRamLimit(), g.Name(), min)
+	}
+	return g, nil
+}
+
+// acceptConfig parses a config file and checks its signature: SIGNED or
+// LOCALLY_SIGNED by a trusted chain, or UNSIGNED where the device allows
+// unsigned configs. at is the time the signer must be valid.
+func (m *Manager) acceptConfig(f ConfigFile, at time.Time) (*cmlv1.ContainerConfig, trust.Result, error) {
+	if len(f.Text) > config.MaxFileSize {
+		return nil, trust.Result{}, errdefs.InvalidArgument("%s: larger than %d bytes", f.Source, config.MaxFileSize)
+	}
+	var res trust.Result
+	switch {
+	case len(f.Sig) == 0 && len(f.Pem) == 0:
+		if m.o.SignedConfigs {
+			return nil, res, errdefs.Integrity("%s: config is not signed and this device requires signed configs (device setting signed_configs)", f.Source)
+		}
+		res.Level = cmlv1.TrustLevel_UNSIGNED
+	case m.o.Trust == nil:
+		return nil, res, errdefs.FailedPrecondition("%s: no trust store to check the signature", f.Source)
+	default:
+		var err error
+		if res, err = m.o.Trust.Verify(f.Text, f.Sig, f.Pem, at); err != nil {
+			return nil, res, fmt.Errorf("%s: %w", f.Source, err)
+		}
+	}
+	cfg, err := config.ParseContainer(f.Source, f.Text)
+	if err != nil {
+		return nil, res, err
+	}
+	return cfg, res, nil
+}
+
+// writeConfigFiles stores the exact config bytes and their signature.
+func writeConfigFiles(dir string, f ConfigFile) error {
+	for name, b := range map[string][]byte{"config.conf": f.Text, "config.conf" + sign.SigSuffix: f.Sig, "config.conf" + sign.CertSuffix: f.Pem} {
+		p := filepath.Join(dir, name)
+		if len(b) == 0 && name != "config.conf" {
+			if err := os.Remove(p); err != nil && !os.IsNotExist(err) {
+				return err
+			}
+			continue
+		}
+		if err := atomicfile.Write(p, b, 0o600); err != nil {
+			return err
+		}
 	}
 	return nil
 }
 
-// Create stores a new container from cfg. source names where cfg came from.
-func (m *Manager) Create(ctx context.Context, cfg *cmlv1.ContainerConfig, source string) (*cmlv1.Container, error) {
-	if err := m.checkConfig(source, cfg); err != nil {
+// recheckConfig re-reads the stored config and verifies it again before a
+// start: a revoked signer, a removed CA, an edited file or an unsigned
+// config after signed_configs was turned on stop the start.
+func (m *Manager) recheckConfig(c *Container) error {
+	dir := m.containerDir(c.uuid)
+	f := ConfigFile{Source: "config of " + c.cfg.GetName()}
+	var err error
+	if f.Text, err = os.ReadFile(filepath.Join(dir, "config.conf")); err != nil {
+		return errdefs.Integrity("%s: %v", f.Source, err)
+	}
+	f.Sig, _ = os.ReadFile(filepath.Join(dir, "config.conf"+sign.SigSuffix))
+	f.Pem, _ = os.ReadFile(filepath.Join(dir, "config.conf"+sign.CertSuffix))
+	cfg, res, err := m.acceptConfig(f, c.accepted)
+	if err != nil {
+		return err
+	}
+	if !proto.Equal(cfg, c.cfg) || res.Level != c.trust {
+		return errdefs.Integrity("%s: stored config changed since it was accepted", f.Source)
+	}
+	return nil
+}
+
+// Create stores a new container from a config file.
+func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, error) {
+	now := m.o.Now()
+	cfg, res, err := m.acceptConfig(f, now)
+	if err != nil {
+		return nil, err
+	}
+	source := f.Source
+	g, err := m.checkConfig(source, cfg)
+	if err != nil {
 		return nil, err
 	}
 	m.mu.Lock()
@@ -314,10 +420,10 @@ func (m *Manager) Create(ctx context.Context, cfg *cmlv1.ContainerConfig, source
 			os.RemoveAll(tmp)
 		}
 	}()
-	if err := writeConfig(tmp, cfg); err != nil {
+	if err := writeConfigFiles(tmp, f); err != nil {
 		return nil, err
 	}
-	mb, _ := json.Marshal(meta{UUID: id, Slot: slot, Created: m.o.Now().UTC()})
+	mb, _ := json.Marshal(meta{UUID: id, Slot: slot, Created: now.UTC(), Accepted: now.UTC(), Trust: res.Level, Signer: res.Signer})
 	if err := atomicfile.Write(filepath.Join(tmp, "meta.json"), mb, 0o600); err != nil {
 		return nil, err
 	}
@@ -325,28 +431,36 @@ func (m *Manager) Create(ctx context.Context, cfg *cmlv1.ContainerConfig, source
 		return nil, err
 	}
 	ok = true
-	c := &Container{uuid: id, slot: slot, cfg: proto.Clone(cfg).(*cmlv1.ContainerConfig), state: cmlv1.ContainerState_STOPPED, exit: -1, console: newRing(m.o.ConsoleSize)}
+	c := &Container{uuid: id, slot: slot, cfg: cfg, state: cmlv1.ContainerState_STOPPED, exit: -1, console: newRing(m.o.ConsoleSize),
+		trust: res.Level, signer: res.Signer, accepted: now.UTC(), gtrust: g.Installed.Level}
 	m.containers[id] = c
 	m.setState(c, cmlv1.ContainerState_STOPPED, "created")
 	return m.info(c), nil
 }
 
-func writeConfig(dir string, cfg *cmlv1.ContainerConfig) error {
+// UnsignedConfigFile renders a config message as an unsigned config file.
+func UnsignedConfigFile(cfg *cmlv1.ContainerConfig, source string) (ConfigFile, error) {
 	text, err := prototext.MarshalOptions{Multiline: true}.Marshal(cfg)
-	if err != nil {
-		return err
-	}
-	return atomicfile.Write(filepath.Join(dir, "config.conf"), text, 0o600)
+	return ConfigFile{Source: source, Text: text}, err
 }
 
 // UpdateConfig replaces a container's config; it takes effect at the next
 // start.
-func (m *Manager) UpdateConfig(ctx context.Context, ref string, cfg *cmlv1.ContainerConfig) (*cmlv1.Container, error) {
+func (m *Manager) UpdateConfig(ctx context.Context, ref string, f ConfigFile) (*cmlv1.Container, error) {
 	c, err := m.lookup(ref)
 	if err != nil {
 		return nil, err
 	}
-	if err := m.checkConfig("config of "+ref, cfg); err != nil {
+	if f.Source == "" {
+		f.Source = "config of " + ref
+	}
+	now := m.o.Now()
+	cfg, res, err := m.acceptConfig(f, now)
+	if err != nil {
+		return nil, err
+	}
+	g, err := m.checkConfig(f.Source, cfg)
+	if err != nil {
 		return nil, err
 	}
 	c.op.Lock()
@@ -356,10 +470,28 @@ func (m *Manager) UpdateConfig(ctx context.Context, ref string, cfg *cmlv1.Conta
 	if other, err := m.lookupLocked(cfg.GetName()); err == nil && other != c {
 		return nil, errdefs.AlreadyExists("container %q already exists", cfg.GetName())
 	}
-	if err := writeConfig(m.containerDir(c.uuid), cfg); err != nil {
+	dir := m.containerDir(c.uuid)
+	mb, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	if err != nil {
 		return nil, err
 	}
-	c.cfg = proto.Clone(cfg).(*cmlv1.ContainerConfig)
+	var md meta
+	if err := json.Unmarshal(mb, &md); err != nil {
+		return nil, err
+	}
+	md.Accepted, md.Trust, md.Signer = now.UTC(), res.Level, res.Signer
+	mb, _ = json.Marshal(md)
+	// Config first: a crash between the two leaves the new config with the
+	// old acceptance record, which the pre-start re-check then refuses
+	// rather than trusts.
+	if err := writeConfigFiles(dir, f); err != nil {
+		return nil, err
+	}
+	if err := atomicfile.Write(filepath.Join(dir, "meta.json"), mb, 0o600); err != nil {
+		return nil, err
+	}
+	c.cfg = cfg
+	c.trust, c.signer, c.accepted, c.gtrust = res.Level, res.Signer, now.UTC(), g.Installed.Level
 	m.setState(c, c.state, c.reason)
 	return m.info(c), nil
 }

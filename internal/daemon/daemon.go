@@ -25,7 +25,9 @@ import (
 	"github.com/cmlproject/cml/internal/api"
 	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/container"
+	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/guestos"
+	"github.com/cmlproject/cml/internal/trust"
 	"github.com/cmlproject/cml/internal/oci"
 )
 
@@ -37,7 +39,11 @@ type Config struct {
 	Socket      string // default <RunDir>/control.sock
 	SocketGroup string // default "cml", used when the group exists
 	Runtime     string // OCI runtime binary, default "runc"
-	Log         *slog.Logger
+	// DeviceConfig is the device settings file, default
+	// <StateDir>/device.conf; absent means the defaults (signed configs,
+	// no locally signed images, no HTTPS downloads).
+	DeviceConfig string
+	Log          *slog.Logger
 }
 
 // Defaults fills in the embedded defaults.
@@ -108,9 +114,32 @@ func Run(ctx context.Context, c Config) error {
 		return err
 	}
 	defer sink.Close()
-	store, err := guestos.Open(filepath.Join(c.StateDir, "guestos"))
+	dev, err := loadDevice(c)
 	if err != nil {
 		return err
+	}
+	// The trust store's vendor CAs are provisioned into <state>/trust/vendor
+	// by the installer; no API writes there.
+	ts, err := trust.Open(filepath.Join(c.StateDir, "trust"))
+	if err != nil {
+		return err
+	}
+	store, err := guestos.Open(filepath.Join(c.StateDir, "guestos"), guestos.Options{Trust: ts, LocallySignedImages: dev.GetLocallySignedImages()})
+	if err != nil {
+		return err
+	}
+	var caPEM []byte
+	if p := dev.GetUpdateCaFile(); p != "" {
+		if caPEM, err = os.ReadFile(p); err != nil {
+			return fmt.Errorf("device setting update_ca_file: %w", err)
+		}
+	}
+	downloads, err := guestos.NewDownloader(filepath.Join(c.StateDir, "downloads"), caPEM, store)
+	if err != nil {
+		return fmt.Errorf("device setting update_ca_file: %w", err)
+	}
+	if len(ts.List()) == 0 {
+		c.Log.Warn("no trusted CA provisioned: nothing can be installed until a vendor CA is placed in the trust store", "dir", filepath.Join(c.StateDir, "trust", "vendor"))
 	}
 	rt := &oci.Runtime{Binary: runtimeBin, Root: filepath.Join(c.RunDir, "runtime")}
 	mgr, err := container.New(container.Options{
@@ -120,6 +149,9 @@ func Run(ctx context.Context, c Config) error {
 		GuestOS:  store,
 		Audit:    sink,
 		Log:      c.Log,
+		Trust:    ts,
+		// signed_configs defaults to on.
+		SignedConfigs: dev.GetSignedConfigs(),
 	})
 	if err != nil {
 		return err
@@ -132,7 +164,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	srv := &api.Server{Containers: mgr, GuestOS: store, Audit: sink, Log: c.Log}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Audit: sink, Log: c.Log}
 	gs := grpc.NewServer(
 		grpc.Creds(api.PeerCredentials()),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),
@@ -140,7 +172,8 @@ func Run(ctx context.Context, c Config) error {
 		grpc.MaxRecvMsgSize(1<<20),
 	)
 	cmlv1.RegisterControlServer(gs, srv)
-	sink.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.start", Outcome: audit.Success, Details: "pid " + strconv.Itoa(os.Getpid())})
+	sink.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.start", Outcome: audit.Success,
+		Details: fmt.Sprintf("pid %d, signed_configs %t, locally_signed_images %t, %d trusted CAs", os.Getpid(), dev.GetSignedConfigs(), dev.GetLocallySignedImages(), len(ts.List()))})
 	c.Log.Info("cmld ready", "socket", c.Socket, "state", c.StateDir, "runtime", runtimeBin)
 
 	go mgr.Autostart(ctx)
@@ -160,6 +193,23 @@ func Run(ctx context.Context, c Config) error {
 	os.Remove(c.Socket)
 	sink.Record(context.Background(), audit.Event{Type: "daemon", Operation: "daemon.stop", Outcome: audit.Success})
 	return err
+}
+
+// loadDevice reads the device settings; a missing default file means the
+// defaults, a missing file named explicitly is an error.
+func loadDevice(c Config) (*cmlv1.DeviceConfig, error) {
+	path := c.DeviceConfig
+	if path == "" {
+		path = filepath.Join(c.StateDir, "device.conf")
+	}
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) && c.DeviceConfig == "" {
+		return &cmlv1.DeviceConfig{}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("device config: %w", err)
+	}
+	return config.ParseDevice(path, b)
 }
 
 // listen opens the control socket 0660, group-owned by group when it

@@ -73,3 +73,7 @@ func Integrity(format string, args ...any) error { return newf(ErrIntegrity, for
 func Wrap(class error, cause error, format string, args ...any) error {
 	return &classed{class: class, msg: fmt.Sprintf(format, args...), cause: cause}
 }
+
+// Unavailable reports that a resource (a server, a device) cannot be
+// reached now; retrying may help.
+func Unavailable(format string, args ...any) error { return newf(ErrUnavailable, format, args...) }

@@ -1,18 +1,27 @@
 // Package guestos is the daemon's store of installed guest OSes: read-only
-// filesystem images plus their manifest, one directory per name and version.
+// filesystem images plus their signed manifest, one directory per name and
+// version.
 //
-// Install copies a guest OS into the store and checks each image's size and
-// SHA-256 against the manifest on the bytes it copied, so what was checked is
-// what later runs; the store is writable only by root. Installs are staged
-// and renamed into place, so a crash never leaves a half-installed guest OS.
-// This package does not check signatures (the trust chain does) and does not
-// know which containers use a guest OS: callers check that before Remove.
+// Install accepts a guest OS only when its manifest's signature verifies
+// against the trust store (TSF-UPDATE) and its version is not older than the
+// highest ever installed under that name (rollback protection; the highest
+// versions persist in versions.json even after removal). It copies each
+// image into the store and checks size, SHA-256 and dm-verity root hash on
+// the bytes it copied, so what was checked is what later runs; the store is
+// writable only by root. Installs are staged and renamed into place, so a
+// crash never leaves a half-installed guest OS. Check repeats signature and
+// verity verification before every start (TSF-INIT, APS-02).
+//
+// The package does not know which containers use a guest OS: callers check
+// that before Remove.
 package guestos
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -22,24 +31,55 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
+	"github.com/cmlproject/cml/internal/sign"
+	"github.com/cmlproject/cml/internal/trust"
+	"github.com/cmlproject/cml/internal/verity"
 )
 
-// ManifestFile is the manifest's file name inside a guest OS directory.
+// ManifestFile is the manifest's file name inside a guest OS directory;
+// its signature and the signer's chain are ManifestFile+".sig" and ".cert".
 const ManifestFile = "guestos.conf"
 
-const stagingPrefix = ".staging-"
+// HashFileSuffix names an image's dm-verity hash file (image + suffix).
+const HashFileSuffix = ".verity"
+
+const (
+	stagingPrefix = ".staging-"
+	versionsFile  = "versions.json"
+	installFile   = "install.json"
+)
+
+// Verifier checks a detached signature and its signer chain.
+type Verifier interface {
+	Verify(msg, sig, chainPEM []byte, at time.Time) (trust.Result, error)
+}
+
+// Options configure a Store.
+type Options struct {
+	// Trust verifies manifest signatures; required.
+	Trust Verifier
+	// LocallySignedImages accepts guest OSes signed under an owner CA.
+	LocallySignedImages bool
+	// Workers hash image blocks in parallel; 0 = one per CPU.
+	Workers int
+	Now     func() time.Time
+}
 
 // Store is the guest OS store rooted at a directory.
 type Store struct {
-	dir string
-	mu  sync.Mutex
+	dir     string
+	o       Options
+	mu      sync.Mutex
+	highest map[string]uint64
 }
 
 // GuestOS is one installed guest OS.
@@ -47,7 +87,20 @@ type GuestOS struct {
 	Config *cmlv1.GuestOSConfig
 	Dir    string
 	Size   uint64
+	// Installed records when and under whose signature it was accepted.
+	Installed InstallRecord
 }
+
+// InstallRecord is what the store remembers about an install.
+type InstallRecord struct {
+	Time   time.Time        `json:"time"`
+	Level  cmlv1.TrustLevel `json:"level"`
+	Signer string           `json:"signer"`
+	Root   string           `json:"root"`
+}
+
+// Progress reports install progress: phase, bytes done of total.
+type Progress func(phase string, done, total uint64)
 
 // Name returns the guest OS name.
 func (g *GuestOS) Name() string { return g.Config.GetName() }
@@ -72,7 +125,13 @@ func (g *GuestOS) Root() *cmlv1.GuestOSMount {
 
 // Open opens the store at dir, creating it 0700 and removing stale staging
 // directories that a crash during an install left behind.
-func Open(dir string) (*Store, error) {
+func Open(dir string, o Options) (*Store, error) {
+	if o.Trust == nil {
+		return nil, errors.New("guest OS store: no trust store")
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("guest OS store: %w", err)
 	}
@@ -87,7 +146,34 @@ func Open(dir string) (*Store, error) {
 			}
 		}
 	}
-	return &Store{dir: dir}, nil
+	s := &Store{dir: dir, o: o, highest: map[string]uint64{}}
+	if b, err := os.ReadFile(filepath.Join(dir, versionsFile)); err == nil {
+		if err := json.Unmarshal(b, &s.highest); err != nil {
+			return nil, fmt.Errorf("guest OS store: %s: %w", versionsFile, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("guest OS store: %w", err)
+	}
+	// An install that crashed after recording its version but before the
+	// rename is harmless: the same version may be installed again.
+	for _, g := range mustList(s) {
+		if g.Version() > s.highest[g.Name()] {
+			s.highest[g.Name()] = g.Version()
+		}
+	}
+	return s, nil
+}
+
+func mustList(s *Store) []*GuestOS {
+	gs, _ := s.List()
+	return gs
+}
+
+// Highest returns the highest version of name ever installed.
+func (s *Store) Highest(name string) uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.highest[name]
 }
 
 func (s *Store) versionDir(name string, version uint64) string {
@@ -119,15 +205,28 @@ func readBounded(path string, max int64) ([]byte, error) {
 	return b, nil
 }
 
-// Install installs the guest OS in srcDir. It returns the installed guest
-// OS, or an error and leaves the store unchanged.
-func (s *Store) Install(ctx context.Context, srcDir string) (*GuestOS, error) {
+// Install installs the guest OS in srcDir: manifest, its signature and
+// chain, and the images it names. It returns the installed guest OS, or an
+// error and leaves the store unchanged.
+func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (*GuestOS, error) {
+	if progress == nil {
+		progress = func(string, uint64, uint64) {}
+	}
 	mpath := filepath.Join(srcDir, ManifestFile)
 	text, err := readBounded(mpath, config.MaxFileSize)
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "guest OS manifest")
 	}
-	cfg, err := config.ParseGuestOS(mpath, text)
+	sig, err := readBounded(mpath+sign.SigSuffix, sign.MaxSignatureSize)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.ErrIntegrity, err, "guest OS manifest signature")
+	}
+	chain, err := readBounded(mpath+sign.CertSuffix, sign.MaxChainSize)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.ErrIntegrity, err, "guest OS signer certificate")
+	}
+	now := s.o.Now()
+	cfg, res, err := s.verifyManifest(mpath, text, sig, chain, now)
 	if err != nil {
 		return nil, err
 	}
@@ -139,6 +238,9 @@ func (s *Store) Install(ctx context.Context, srcDir string) (*GuestOS, error) {
 	if _, err := os.Lstat(final); err == nil {
 		return nil, errdefs.AlreadyExists("%s is already installed", id)
 	}
+	if h := s.highest[cfg.GetName()]; cfg.GetVersion() < h {
+		return nil, errdefs.FailedPrecondition("%s is older than version %d installed before (rollback protection)", id, h)
+	}
 	stage, err := os.MkdirTemp(s.dir, stagingPrefix)
 	if err != nil {
 		return nil, fmt.Errorf("%s: stage: %w", id, err)
@@ -149,15 +251,30 @@ func (s *Store) Install(ctx context.Context, srcDir string) (*GuestOS, error) {
 			os.RemoveAll(stage)
 		}
 	}()
-	var total uint64
+	var total, done uint64
 	for _, m := range cfg.GetMounts() {
-		if err := copyVerified(ctx, filepath.Join(srcDir, m.GetImageFile()), filepath.Join(stage, m.GetImageFile()), m); err != nil {
-			return nil, fmt.Errorf("%s: %w", id, err)
-		}
 		total += m.GetImageSize()
 	}
-	if err := atomicfile.Write(filepath.Join(stage, ManifestFile), text, 0o600); err != nil {
-		return nil, fmt.Errorf("%s: %w", id, err)
+	for _, m := range cfg.GetMounts() {
+		dst := filepath.Join(stage, m.GetImageFile())
+		if err := copyVerified(ctx, filepath.Join(srcDir, m.GetImageFile()), dst, m, func(n uint64) { progress("copy", done+n, total) }); err != nil {
+			return nil, fmt.Errorf("%s: %w", id, err)
+		}
+		done += m.GetImageSize()
+		progress("verify", done, total)
+		hf, err := s.buildHashFile(dst, m)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", id, err)
+		}
+		if err := atomicfile.Write(dst+HashFileSuffix, hf, 0o400); err != nil {
+			return nil, err
+		}
+	}
+	rec, _ := json.Marshal(InstallRecord{Time: now.UTC(), Level: res.Level, Signer: res.Signer, Root: res.Root})
+	for name, b := range map[string][]byte{ManifestFile: text, ManifestFile + sign.SigSuffix: sig, ManifestFile + sign.CertSuffix: chain, installFile: rec} {
+		if err := atomicfile.Write(filepath.Join(stage, name), b, 0o400); err != nil {
+			return nil, fmt.Errorf("%s: %w", id, err)
+		}
 	}
 	if err := os.Chmod(stage, 0o700); err != nil {
 		return nil, err
@@ -165,18 +282,158 @@ func (s *Store) Install(ctx context.Context, srcDir string) (*GuestOS, error) {
 	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
 		return nil, err
 	}
+	if cfg.GetVersion() > s.highest[cfg.GetName()] {
+		s.highest[cfg.GetName()] = cfg.GetVersion()
+		if err := s.saveHighest(); err != nil {
+			return nil, fmt.Errorf("%s: %w", id, err)
+		}
+	}
 	if err := os.Rename(stage, final); err != nil {
 		return nil, fmt.Errorf("%s: install: %w", id, err)
 	}
 	syncDir(filepath.Dir(final))
 	ok = true
-	return &GuestOS{Config: cfg, Dir: final, Size: total}, nil
+	return &GuestOS{Config: cfg, Dir: final, Size: total, Installed: InstallRecord{Time: now.UTC(), Level: res.Level, Signer: res.Signer, Root: res.Root}}, nil
+}
+
+// verifyManifest checks a manifest's signature and the device's policy
+// for it, then parses it and applies the rollback check.
+func (s *Store) verifyManifest(source string, text, sig, chain []byte, at time.Time) (*cmlv1.GuestOSConfig, trust.Result, error) {
+	res, err := s.o.Trust.Verify(text, sig, chain, at)
+	if err != nil {
+		return nil, res, fmt.Errorf("guest OS manifest: %w", err)
+	}
+	if err := s.allowed(res); err != nil {
+		return nil, res, err
+	}
+	cfg, err := config.ParseGuestOS(source, text)
+	if err != nil {
+		return nil, res, err
+	}
+	id := fmt.Sprintf("guestos %s %d", cfg.GetName(), cfg.GetVersion())
+	for _, m := range cfg.GetMounts() {
+		if m.GetVerityRootHash() == "" {
+			return nil, res, errdefs.InvalidArgument("%s: image %s has no verity_root_hash", id, m.GetImageFile())
+		}
+	}
+	if h := s.Highest(cfg.GetName()); cfg.GetVersion() < h {
+		return nil, res, errdefs.FailedPrecondition("%s is older than version %d installed before (rollback protection)", id, h)
+	}
+	return cfg, res, nil
+}
+
+func (s *Store) allowed(res trust.Result) error {
+	if res.Level == cmlv1.TrustLevel_LOCALLY_SIGNED && !s.o.LocallySignedImages {
+		return errdefs.Integrity("guest OS signed by %q under owner CA %q: locally signed images are off (device setting locally_signed_images)", res.Signer, res.Root)
+	}
+	return nil
+}
+
+func (s *Store) saveHighest() error {
+	b, _ := json.Marshal(s.highest)
+	return atomicfile.Write(filepath.Join(s.dir, versionsFile), b, 0o600)
+}
+
+// buildHashFile checks the image at path against m's verity root hash and
+// returns its hash file.
+func (s *Store) buildHashFile(path string, m *cmlv1.GuestOSMount) ([]byte, error) {
+	salt, root, err := verityParams(m)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	t, err := verity.Build(f, int64(m.GetImageSize()), salt, s.o.Workers)
+	if err != nil {
+		return nil, fmt.Errorf("image %s: %w", m.GetImageFile(), err)
+	}
+	if !bytes.Equal(t.Root, root) {
+		return nil, errdefs.Integrity("image %s: verity root hash %x does not match the manifest's %s", m.GetImageFile(), t.Root, m.GetVerityRootHash())
+	}
+	return t.HashFile(), nil
+}
+
+func verityParams(m *cmlv1.GuestOSMount) (salt, root []byte, err error) {
+	salt, err1 := hex.DecodeString(m.GetVeritySalt())
+	root, err2 := hex.DecodeString(m.GetVerityRootHash())
+	if err1 != nil || err2 != nil || len(root) != 32 {
+		return nil, nil, errdefs.InvalidArgument("image %s: verity_root_hash/verity_salt are not hex", m.GetImageFile())
+	}
+	return salt, root, nil
+}
+
+// Check re-verifies an installed guest OS before a start: the manifest's
+// signature against the current trust store (a removed CA or a revoked
+// signer stops it, an expired one does not), then every image against its
+// signed verity root hash, hashing on all cores. It returns the open root
+// image, whose bytes were the ones checked: mount it through
+// /proc/self/fd/<fd> and close it after.
+func (s *Store) Check(ctx context.Context, g *GuestOS) (*os.File, error) {
+	id := fmt.Sprintf("guestos %s %d", g.Name(), g.Version())
+	mpath := filepath.Join(g.Dir, ManifestFile)
+	text, err1 := readBounded(mpath, config.MaxFileSize)
+	sig, err2 := readBounded(mpath+sign.SigSuffix, sign.MaxSignatureSize)
+	chain, err3 := readBounded(mpath+sign.CertSuffix, sign.MaxChainSize)
+	if err := errors.Join(err1, err2, err3); err != nil {
+		return nil, errdefs.Wrap(errdefs.ErrIntegrity, err, "%s: manifest", id)
+	}
+	res, err := s.o.Trust.Verify(text, sig, chain, g.Installed.Time)
+	if err != nil {
+		return nil, fmt.Errorf("%s: manifest: %w", id, err)
+	}
+	if err := s.allowed(res); err != nil {
+		return nil, fmt.Errorf("%s: %w", id, err)
+	}
+	if cfg, err := config.ParseGuestOS(mpath, text); err != nil || !proto.Equal(cfg, g.Config) {
+		return nil, errdefs.Integrity("%s: manifest changed since it was loaded", id)
+	}
+	var rootImg *os.File
+	for _, m := range g.Config.GetMounts() {
+		f, err := s.checkImage(g, m)
+		if err != nil {
+			if rootImg != nil {
+				rootImg.Close()
+			}
+			return nil, fmt.Errorf("%s: %w", id, err)
+		}
+		if m.GetMountPoint() == "/" {
+			rootImg = f
+		} else {
+			f.Close()
+		}
+	}
+	return rootImg, nil
+}
+
+func (s *Store) checkImage(g *GuestOS, m *cmlv1.GuestOSMount) (*os.File, error) {
+	salt, root, err := verityParams(m)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(g.ImagePath(m), os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, errdefs.Integrity("image %s: %v", m.GetImageFile(), err)
+	}
+	st, err := f.Stat()
+	if err != nil || !st.Mode().IsRegular() || uint64(st.Size()) != m.GetImageSize() {
+		f.Close()
+		return nil, errdefs.Integrity("image %s: missing, not a regular file, or its size changed", m.GetImageFile())
+	}
+	ref, _ := readBounded(g.ImagePath(m)+HashFileSuffix, verity.HashFileSize(int64(m.GetImageSize())))
+	if err := verity.Check(f, st.Size(), salt, root, ref, s.o.Workers); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("image %s: %w", m.GetImageFile(), err)
+	}
+	return f, nil
 }
 
 // copyVerified copies src to dst, checking size and SHA-256 on the copied
 // bytes; the destination is what later runs, so nobody can swap the source
 // between check and use.
-func copyVerified(ctx context.Context, src, dst string, m *cmlv1.GuestOSMount) error {
+func copyVerified(ctx context.Context, src, dst string, m *cmlv1.GuestOSMount, progress func(uint64)) error {
 	in, err := os.OpenFile(src, os.O_RDONLY|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "image %s", m.GetImageFile())
@@ -199,7 +456,7 @@ func copyVerified(ctx context.Context, src, dst string, m *cmlv1.GuestOSMount) e
 	defer out.Close()
 	h := sha256.New()
 	// Read one byte past the size to notice a file that grew meanwhile.
-	n, err := io.Copy(io.MultiWriter(out, h), &ctxReader{ctx: ctx, r: io.LimitReader(in, int64(m.GetImageSize())+1)})
+	n, err := io.Copy(io.MultiWriter(out, h), &ctxReader{ctx: ctx, r: io.LimitReader(in, int64(m.GetImageSize())+1), progress: progress})
 	if err != nil {
 		return fmt.Errorf("image %s: copy: %w", m.GetImageFile(), err)
 	}
@@ -213,15 +470,22 @@ func copyVerified(ctx context.Context, src, dst string, m *cmlv1.GuestOSMount) e
 }
 
 type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
+	ctx      context.Context
+	r        io.Reader
+	n        uint64
+	progress func(uint64)
 }
 
 func (c *ctxReader) Read(p []byte) (int, error) {
 	if err := c.ctx.Err(); err != nil {
 		return 0, err
 	}
-	return c.r.Read(p)
+	n, err := c.r.Read(p)
+	if c.n/(16<<20) != (c.n+uint64(n))/(16<<20) && c.progress != nil {
+		c.progress(c.n + uint64(n))
+	}
+	c.n += uint64(n)
+	return n, err
 }
 
 func syncDir(dir string) {
@@ -252,7 +516,12 @@ func (s *Store) load(name string, version uint64) (*GuestOS, error) {
 	for _, m := range cfg.GetMounts() {
 		total += m.GetImageSize()
 	}
-	return &GuestOS{Config: cfg, Dir: dir, Size: total}, nil
+	g := &GuestOS{Config: cfg, Dir: dir, Size: total}
+	b, err := readBounded(filepath.Join(dir, installFile), 4096)
+	if err != nil || json.Unmarshal(b, &g.Installed) != nil {
+		return nil, errdefs.Integrity("guestos %s %d: install record is missing or damaged", name, version)
+	}
+	return g, nil
 }
 
 // Get returns guest OS name at version; version 0 selects the highest.

@@ -151,6 +151,68 @@ func (ContainerTokenType) EnumDescriptor() ([]byte, []int) {
 	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{1}
 }
 
+// TrustLevel says who vouches for a guest OS or config: a signer chaining
+// to a vendor CA (SIGNED), to an owner CA registered on the device
+// (LOCALLY_SIGNED), or nobody (UNSIGNED, only with signed_configs off).
+type TrustLevel int32
+
+const (
+	TrustLevel_UNSIGNED       TrustLevel = 0
+	TrustLevel_LOCALLY_SIGNED TrustLevel = 1
+	TrustLevel_SIGNED         TrustLevel = 2
+)
+
+// Enum value maps for TrustLevel.
+var (
+	TrustLevel_name = map[int32]string{
+		0: "UNSIGNED",
+		1: "LOCALLY_SIGNED",
+		2: "SIGNED",
+	}
+	TrustLevel_value = map[string]int32{
+		"UNSIGNED":       0,
+		"LOCALLY_SIGNED": 1,
+		"SIGNED":         2,
+	}
+)
+
+func (x TrustLevel) Enum() *TrustLevel {
+	p := new(TrustLevel)
+	*p = x
+	return p
+}
+
+func (x TrustLevel) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TrustLevel) Descriptor() protoreflect.EnumDescriptor {
+	return file_api_cml_v1_cml_proto_enumTypes[2].Descriptor()
+}
+
+func (TrustLevel) Type() protoreflect.EnumType {
+	return &file_api_cml_v1_cml_proto_enumTypes[2]
+}
+
+func (x TrustLevel) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Do not use.
+func (x *TrustLevel) UnmarshalJSON(b []byte) error {
+	num, err := protoimpl.X.UnmarshalJSONEnum(x.Descriptor(), b)
+	if err != nil {
+		return err
+	}
+	*x = TrustLevel(num)
+	return nil
+}
+
+// Deprecated: Use TrustLevel.Descriptor instead.
+func (TrustLevel) EnumDescriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{2}
+}
+
 // ContainerState is the lifecycle state of a container.
 type ContainerState int32
 
@@ -198,11 +260,11 @@ func (x ContainerState) String() string {
 }
 
 func (ContainerState) Descriptor() protoreflect.EnumDescriptor {
-	return file_api_cml_v1_cml_proto_enumTypes[2].Descriptor()
+	return file_api_cml_v1_cml_proto_enumTypes[3].Descriptor()
 }
 
 func (ContainerState) Type() protoreflect.EnumType {
-	return &file_api_cml_v1_cml_proto_enumTypes[2]
+	return &file_api_cml_v1_cml_proto_enumTypes[3]
 }
 
 func (x ContainerState) Number() protoreflect.EnumNumber {
@@ -221,7 +283,7 @@ func (x *ContainerState) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use ContainerState.Descriptor instead.
 func (ContainerState) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{2}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3}
 }
 
 // ContainerConfig is a container's configuration file (protobuf text format).
@@ -558,8 +620,13 @@ type GuestOSMount struct {
 	ImageSize *uint64 `protobuf:"varint,6,opt,name=image_size,json=imageSize" json:"image_size,omitempty"`
 	// image_sha2_256 is the lower-case hex SHA-256 of the whole image file.
 	ImageSha2_256 *string `protobuf:"bytes,8,opt,name=image_sha2_256,json=imageSha2256" json:"image_sha2_256,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// CML extension: dm-verity root hash and salt (lower-case hex) of the
+	// image (format 1, SHA-256, 4 KiB blocks); the image is checked against
+	// them before every start.
+	VerityRootHash *string `protobuf:"bytes,100,opt,name=verity_root_hash,json=verityRootHash" json:"verity_root_hash,omitempty"`
+	VeritySalt     *string `protobuf:"bytes,101,opt,name=verity_salt,json=veritySalt" json:"verity_salt,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GuestOSMount) Reset() {
@@ -623,6 +690,20 @@ func (x *GuestOSMount) GetImageSize() uint64 {
 func (x *GuestOSMount) GetImageSha2_256() string {
 	if x != nil && x.ImageSha2_256 != nil {
 		return *x.ImageSha2_256
+	}
+	return ""
+}
+
+func (x *GuestOSMount) GetVerityRootHash() string {
+	if x != nil && x.VerityRootHash != nil {
+		return *x.VerityRootHash
+	}
+	return ""
+}
+
+func (x *GuestOSMount) GetVeritySalt() string {
+	if x != nil && x.VeritySalt != nil {
+		return *x.VeritySalt
 	}
 	return ""
 }
@@ -743,6 +824,78 @@ func (x *GuestOSConfig) GetDescription() string {
 	return ""
 }
 
+// DeviceConfig holds device settings, read by cmld at start from
+// <state>/device.conf (or --device-config); absent means the defaults.
+type DeviceConfig struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// locally_signed_images allows guest OSes signed under an owner CA.
+	LocallySignedImages *bool `protobuf:"varint,1,opt,name=locally_signed_images,json=locallySignedImages,def=0" json:"locally_signed_images,omitempty"`
+	// signed_configs requires every container config to be signed.
+	SignedConfigs *bool `protobuf:"varint,2,opt,name=signed_configs,json=signedConfigs,def=1" json:"signed_configs,omitempty"`
+	// update_ca_file is a PEM file of the CAs that HTTPS guest OS servers'
+	// certificates must chain to.
+	UpdateCaFile  *string `protobuf:"bytes,3,opt,name=update_ca_file,json=updateCaFile" json:"update_ca_file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+// Default values for DeviceConfig fields.
+const (
+	Default_DeviceConfig_LocallySignedImages = bool(false)
+	Default_DeviceConfig_SignedConfigs       = bool(true)
+)
+
+func (x *DeviceConfig) Reset() {
+	*x = DeviceConfig{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceConfig) ProtoMessage() {}
+
+func (x *DeviceConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceConfig.ProtoReflect.Descriptor instead.
+func (*DeviceConfig) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *DeviceConfig) GetLocallySignedImages() bool {
+	if x != nil && x.LocallySignedImages != nil {
+		return *x.LocallySignedImages
+	}
+	return Default_DeviceConfig_LocallySignedImages
+}
+
+func (x *DeviceConfig) GetSignedConfigs() bool {
+	if x != nil && x.SignedConfigs != nil {
+		return *x.SignedConfigs
+	}
+	return Default_DeviceConfig_SignedConfigs
+}
+
+func (x *DeviceConfig) GetUpdateCaFile() string {
+	if x != nil && x.UpdateCaFile != nil {
+		return *x.UpdateCaFile
+	}
+	return ""
+}
+
 // Container is the daemon's view of one container.
 type Container struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -760,14 +913,18 @@ type Container struct {
 	StartedUnixNano *int64 `protobuf:"varint,9,opt,name=started_unix_nano,json=startedUnixNano" json:"started_unix_nano,omitempty"`
 	Autostart       *bool  `protobuf:"varint,10,opt,name=autostart" json:"autostart,omitempty"`
 	// uid_base of the container's user namespace range; 0 = no user namespace.
-	UidBase       *uint32 `protobuf:"varint,11,opt,name=uid_base,json=uidBase" json:"uid_base,omitempty"`
+	UidBase *uint32 `protobuf:"varint,11,opt,name=uid_base,json=uidBase" json:"uid_base,omitempty"`
+	// trust_level is the weaker of the config's and its guest OS's.
+	TrustLevel *TrustLevel `protobuf:"varint,12,opt,name=trust_level,json=trustLevel,enum=cml.v1.TrustLevel" json:"trust_level,omitempty"`
+	// signer of the config; empty when unsigned.
+	ConfigSigner  *string `protobuf:"bytes,13,opt,name=config_signer,json=configSigner" json:"config_signer,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[4]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -779,7 +936,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[4]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -792,7 +949,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{4}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Container) GetUuid() string {
@@ -872,6 +1029,20 @@ func (x *Container) GetUidBase() uint32 {
 	return 0
 }
 
+func (x *Container) GetTrustLevel() TrustLevel {
+	if x != nil && x.TrustLevel != nil {
+		return *x.TrustLevel
+	}
+	return TrustLevel_UNSIGNED
+}
+
+func (x *Container) GetConfigSigner() string {
+	if x != nil && x.ConfigSigner != nil {
+		return *x.ConfigSigner
+	}
+	return ""
+}
+
 type ContainerRef struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// name_or_uuid addresses a container by name or UUID.
@@ -882,7 +1053,7 @@ type ContainerRef struct {
 
 func (x *ContainerRef) Reset() {
 	*x = ContainerRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -894,7 +1065,7 @@ func (x *ContainerRef) String() string {
 func (*ContainerRef) ProtoMessage() {}
 
 func (x *ContainerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -907,7 +1078,7 @@ func (x *ContainerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRef.ProtoReflect.Descriptor instead.
 func (*ContainerRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{5}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ContainerRef) GetNameOrUuid() string {
@@ -925,7 +1096,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -937,7 +1108,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -950,7 +1121,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{6}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{7}
 }
 
 type ListResponse struct {
@@ -962,7 +1133,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -974,7 +1145,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -987,7 +1158,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{7}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListResponse) GetContainers() []*Container {
@@ -1001,14 +1172,20 @@ type CreateRequest struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Config *ContainerConfig       `protobuf:"bytes,1,opt,name=config" json:"config,omitempty"`
 	// source names where the config came from (file name), for error messages.
-	Source        *string `protobuf:"bytes,2,opt,name=source" json:"source,omitempty"`
+	Source *string `protobuf:"bytes,2,opt,name=source" json:"source,omitempty"`
+	// config_text is the config file's exact bytes; when set, config is
+	// ignored. signature and certificate are its detached signature and the
+	// signer's PEM chain (cmlsign config).
+	ConfigText    []byte `protobuf:"bytes,3,opt,name=config_text,json=configText" json:"config_text,omitempty"`
+	Signature     []byte `protobuf:"bytes,4,opt,name=signature" json:"signature,omitempty"`
+	Certificate   []byte `protobuf:"bytes,5,opt,name=certificate" json:"certificate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreateRequest) Reset() {
 	*x = CreateRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1020,7 +1197,7 @@ func (x *CreateRequest) String() string {
 func (*CreateRequest) ProtoMessage() {}
 
 func (x *CreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1033,7 +1210,7 @@ func (x *CreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRequest.ProtoReflect.Descriptor instead.
 func (*CreateRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateRequest) GetConfig() *ContainerConfig {
@@ -1050,6 +1227,27 @@ func (x *CreateRequest) GetSource() string {
 	return ""
 }
 
+func (x *CreateRequest) GetConfigText() []byte {
+	if x != nil {
+		return x.ConfigText
+	}
+	return nil
+}
+
+func (x *CreateRequest) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *CreateRequest) GetCertificate() []byte {
+	if x != nil {
+		return x.Certificate
+	}
+	return nil
+}
+
 type StopRequest struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
 	NameOrUuid *string                `protobuf:"bytes,1,opt,name=name_or_uuid,json=nameOrUuid" json:"name_or_uuid,omitempty"`
@@ -1061,7 +1259,7 @@ type StopRequest struct {
 
 func (x *StopRequest) Reset() {
 	*x = StopRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1073,7 +1271,7 @@ func (x *StopRequest) String() string {
 func (*StopRequest) ProtoMessage() {}
 
 func (x *StopRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1086,7 +1284,7 @@ func (x *StopRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopRequest.ProtoReflect.Descriptor instead.
 func (*StopRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{9}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *StopRequest) GetNameOrUuid() string {
@@ -1114,7 +1312,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1126,7 +1324,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1139,7 +1337,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{10}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *KillRequest) GetNameOrUuid() string {
@@ -1157,16 +1355,21 @@ func (x *KillRequest) GetSignal() int32 {
 }
 
 type UpdateConfigRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NameOrUuid    *string                `protobuf:"bytes,1,opt,name=name_or_uuid,json=nameOrUuid" json:"name_or_uuid,omitempty"`
-	Config        *ContainerConfig       `protobuf:"bytes,2,opt,name=config" json:"config,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	NameOrUuid *string                `protobuf:"bytes,1,opt,name=name_or_uuid,json=nameOrUuid" json:"name_or_uuid,omitempty"`
+	Config     *ContainerConfig       `protobuf:"bytes,2,opt,name=config" json:"config,omitempty"`
+	// As in CreateRequest.
+	ConfigText    []byte  `protobuf:"bytes,3,opt,name=config_text,json=configText" json:"config_text,omitempty"`
+	Signature     []byte  `protobuf:"bytes,4,opt,name=signature" json:"signature,omitempty"`
+	Certificate   []byte  `protobuf:"bytes,5,opt,name=certificate" json:"certificate,omitempty"`
+	Source        *string `protobuf:"bytes,6,opt,name=source" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UpdateConfigRequest) Reset() {
 	*x = UpdateConfigRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1178,7 +1381,7 @@ func (x *UpdateConfigRequest) String() string {
 func (*UpdateConfigRequest) ProtoMessage() {}
 
 func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1191,7 +1394,7 @@ func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConfigRequest.ProtoReflect.Descriptor instead.
 func (*UpdateConfigRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *UpdateConfigRequest) GetNameOrUuid() string {
@@ -1208,6 +1411,34 @@ func (x *UpdateConfigRequest) GetConfig() *ContainerConfig {
 	return nil
 }
 
+func (x *UpdateConfigRequest) GetConfigText() []byte {
+	if x != nil {
+		return x.ConfigText
+	}
+	return nil
+}
+
+func (x *UpdateConfigRequest) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *UpdateConfigRequest) GetCertificate() []byte {
+	if x != nil {
+		return x.Certificate
+	}
+	return nil
+}
+
+func (x *UpdateConfigRequest) GetSource() string {
+	if x != nil && x.Source != nil {
+		return *x.Source
+	}
+	return ""
+}
+
 type Empty struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1216,7 +1447,7 @@ type Empty struct {
 
 func (x *Empty) Reset() {
 	*x = Empty{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1228,7 +1459,7 @@ func (x *Empty) String() string {
 func (*Empty) ProtoMessage() {}
 
 func (x *Empty) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1241,7 +1472,7 @@ func (x *Empty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Empty.ProtoReflect.Descriptor instead.
 func (*Empty) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
 }
 
 // ExecStart is the first message of an exec stream.
@@ -1259,7 +1490,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1271,7 +1502,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1284,7 +1515,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ExecStart) GetNameOrUuid() string {
@@ -1344,7 +1575,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1356,7 +1587,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1369,7 +1600,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -1454,7 +1685,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1466,7 +1697,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1479,7 +1710,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -1510,7 +1741,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1522,7 +1753,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1535,7 +1766,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -1605,7 +1836,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1617,7 +1848,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1630,7 +1861,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *LogsRequest) GetNameOrUuid() string {
@@ -1656,7 +1887,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1668,7 +1899,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1681,7 +1912,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *LogsResponse) GetData() []byte {
@@ -1701,7 +1932,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1713,7 +1944,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1726,7 +1957,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *EventsRequest) GetNameOrUuid() string {
@@ -1746,7 +1977,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1758,7 +1989,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1771,7 +2002,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Event) GetTimeUnixNano() int64 {
@@ -1794,15 +2025,20 @@ type GuestOS struct {
 	Version *uint64                `protobuf:"varint,2,opt,name=version" json:"version,omitempty"`
 	Size    *uint64                `protobuf:"varint,3,opt,name=size" json:"size,omitempty"`
 	// used_by lists the containers whose config selects this version.
-	UsedBy        []string `protobuf:"bytes,4,rep,name=used_by,json=usedBy" json:"used_by,omitempty"`
-	Description   *string  `protobuf:"bytes,5,opt,name=description" json:"description,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	UsedBy      []string    `protobuf:"bytes,4,rep,name=used_by,json=usedBy" json:"used_by,omitempty"`
+	Description *string     `protobuf:"bytes,5,opt,name=description" json:"description,omitempty"`
+	TrustLevel  *TrustLevel `protobuf:"varint,6,opt,name=trust_level,json=trustLevel,enum=cml.v1.TrustLevel" json:"trust_level,omitempty"`
+	Signer      *string     `protobuf:"bytes,7,opt,name=signer" json:"signer,omitempty"`
+	// highest_version is the highest version of this name ever installed;
+	// older ones are refused (rollback protection).
+	HighestVersion *uint64 `protobuf:"varint,8,opt,name=highest_version,json=highestVersion" json:"highest_version,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GuestOS) Reset() {
 	*x = GuestOS{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1814,7 +2050,7 @@ func (x *GuestOS) String() string {
 func (*GuestOS) ProtoMessage() {}
 
 func (x *GuestOS) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1827,7 +2063,7 @@ func (x *GuestOS) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOS.ProtoReflect.Descriptor instead.
 func (*GuestOS) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GuestOS) GetName() string {
@@ -1865,6 +2101,27 @@ func (x *GuestOS) GetDescription() string {
 	return ""
 }
 
+func (x *GuestOS) GetTrustLevel() TrustLevel {
+	if x != nil && x.TrustLevel != nil {
+		return *x.TrustLevel
+	}
+	return TrustLevel_UNSIGNED
+}
+
+func (x *GuestOS) GetSigner() string {
+	if x != nil && x.Signer != nil {
+		return *x.Signer
+	}
+	return ""
+}
+
+func (x *GuestOS) GetHighestVersion() uint64 {
+	if x != nil && x.HighestVersion != nil {
+		return *x.HighestVersion
+	}
+	return 0
+}
+
 type GuestOSListResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Guestos       []*GuestOS             `protobuf:"bytes,1,rep,name=guestos" json:"guestos,omitempty"`
@@ -1874,7 +2131,7 @@ type GuestOSListResponse struct {
 
 func (x *GuestOSListResponse) Reset() {
 	*x = GuestOSListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1886,7 +2143,7 @@ func (x *GuestOSListResponse) String() string {
 func (*GuestOSListResponse) ProtoMessage() {}
 
 func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1899,7 +2156,7 @@ func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSListResponse.ProtoReflect.Descriptor instead.
 func (*GuestOSListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GuestOSListResponse) GetGuestos() []*GuestOS {
@@ -1912,14 +2169,16 @@ func (x *GuestOSListResponse) GetGuestos() []*GuestOS {
 type GuestOSInstallRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// dir is a directory on the daemon's host holding manifest and images.
-	Dir           *string `protobuf:"bytes,1,opt,name=dir" json:"dir,omitempty"`
+	Dir *string `protobuf:"bytes,1,opt,name=dir" json:"dir,omitempty"`
+	// url is an https:// base URL serving the same files.
+	Url           *string `protobuf:"bytes,2,opt,name=url" json:"url,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GuestOSInstallRequest) Reset() {
 	*x = GuestOSInstallRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1931,7 +2190,7 @@ func (x *GuestOSInstallRequest) String() string {
 func (*GuestOSInstallRequest) ProtoMessage() {}
 
 func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1944,7 +2203,7 @@ func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GuestOSInstallRequest) GetDir() string {
@@ -1952,6 +2211,381 @@ func (x *GuestOSInstallRequest) GetDir() string {
 		return *x.Dir
 	}
 	return ""
+}
+
+func (x *GuestOSInstallRequest) GetUrl() string {
+	if x != nil && x.Url != nil {
+		return *x.Url
+	}
+	return ""
+}
+
+// GuestOSInstallProgress reports an install; the last message carries the
+// installed guest OS.
+type GuestOSInstallProgress struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Phase         *string                `protobuf:"bytes,1,opt,name=phase" json:"phase,omitempty"`
+	DoneBytes     *uint64                `protobuf:"varint,2,opt,name=done_bytes,json=doneBytes" json:"done_bytes,omitempty"`
+	TotalBytes    *uint64                `protobuf:"varint,3,opt,name=total_bytes,json=totalBytes" json:"total_bytes,omitempty"`
+	Guestos       *GuestOS               `protobuf:"bytes,4,opt,name=guestos" json:"guestos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GuestOSInstallProgress) Reset() {
+	*x = GuestOSInstallProgress{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GuestOSInstallProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GuestOSInstallProgress) ProtoMessage() {}
+
+func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GuestOSInstallProgress.ProtoReflect.Descriptor instead.
+func (*GuestOSInstallProgress) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *GuestOSInstallProgress) GetPhase() string {
+	if x != nil && x.Phase != nil {
+		return *x.Phase
+	}
+	return ""
+}
+
+func (x *GuestOSInstallProgress) GetDoneBytes() uint64 {
+	if x != nil && x.DoneBytes != nil {
+		return *x.DoneBytes
+	}
+	return 0
+}
+
+func (x *GuestOSInstallProgress) GetTotalBytes() uint64 {
+	if x != nil && x.TotalBytes != nil {
+		return *x.TotalBytes
+	}
+	return 0
+}
+
+func (x *GuestOSInstallProgress) GetGuestos() *GuestOS {
+	if x != nil {
+		return x.Guestos
+	}
+	return nil
+}
+
+// CA is a trusted root certificate.
+type CA struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Fingerprint  *string                `protobuf:"bytes,1,opt,name=fingerprint" json:"fingerprint,omitempty"`
+	Subject      *string                `protobuf:"bytes,2,opt,name=subject" json:"subject,omitempty"`
+	NotAfterUnix *int64                 `protobuf:"varint,3,opt,name=not_after_unix,json=notAfterUnix" json:"not_after_unix,omitempty"`
+	// vendor CAs are set at provisioning and cannot be changed via the API.
+	Vendor        *bool `protobuf:"varint,4,opt,name=vendor" json:"vendor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CA) Reset() {
+	*x = CA{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CA) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CA) ProtoMessage() {}
+
+func (x *CA) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CA.ProtoReflect.Descriptor instead.
+func (*CA) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *CA) GetFingerprint() string {
+	if x != nil && x.Fingerprint != nil {
+		return *x.Fingerprint
+	}
+	return ""
+}
+
+func (x *CA) GetSubject() string {
+	if x != nil && x.Subject != nil {
+		return *x.Subject
+	}
+	return ""
+}
+
+func (x *CA) GetNotAfterUnix() int64 {
+	if x != nil && x.NotAfterUnix != nil {
+		return *x.NotAfterUnix
+	}
+	return 0
+}
+
+func (x *CA) GetVendor() bool {
+	if x != nil && x.Vendor != nil {
+		return *x.Vendor
+	}
+	return false
+}
+
+type CAListResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Cas           []*CA                  `protobuf:"bytes,1,rep,name=cas" json:"cas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CAListResponse) Reset() {
+	*x = CAListResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CAListResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CAListResponse) ProtoMessage() {}
+
+func (x *CAListResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CAListResponse.ProtoReflect.Descriptor instead.
+func (*CAListResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *CAListResponse) GetCas() []*CA {
+	if x != nil {
+		return x.Cas
+	}
+	return nil
+}
+
+type CARegisterRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pem           []byte                 `protobuf:"bytes,1,opt,name=pem" json:"pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CARegisterRequest) Reset() {
+	*x = CARegisterRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CARegisterRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CARegisterRequest) ProtoMessage() {}
+
+func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CARegisterRequest.ProtoReflect.Descriptor instead.
+func (*CARegisterRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *CARegisterRequest) GetPem() []byte {
+	if x != nil {
+		return x.Pem
+	}
+	return nil
+}
+
+type CARemoveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Fingerprint   *string                `protobuf:"bytes,1,opt,name=fingerprint" json:"fingerprint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CARemoveRequest) Reset() {
+	*x = CARemoveRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CARemoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CARemoveRequest) ProtoMessage() {}
+
+func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CARemoveRequest.ProtoReflect.Descriptor instead.
+func (*CARemoveRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *CARemoveRequest) GetFingerprint() string {
+	if x != nil && x.Fingerprint != nil {
+		return *x.Fingerprint
+	}
+	return ""
+}
+
+type CRLLoadRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pem           []byte                 `protobuf:"bytes,1,opt,name=pem" json:"pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CRLLoadRequest) Reset() {
+	*x = CRLLoadRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CRLLoadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CRLLoadRequest) ProtoMessage() {}
+
+func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CRLLoadRequest.ProtoReflect.Descriptor instead.
+func (*CRLLoadRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *CRLLoadRequest) GetPem() []byte {
+	if x != nil {
+		return x.Pem
+	}
+	return nil
+}
+
+type CRLLoadResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Issuer        *string                `protobuf:"bytes,1,opt,name=issuer" json:"issuer,omitempty"`
+	Revoked       *uint32                `protobuf:"varint,2,opt,name=revoked" json:"revoked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CRLLoadResponse) Reset() {
+	*x = CRLLoadResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CRLLoadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CRLLoadResponse) ProtoMessage() {}
+
+func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CRLLoadResponse.ProtoReflect.Descriptor instead.
+func (*CRLLoadResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *CRLLoadResponse) GetIssuer() string {
+	if x != nil && x.Issuer != nil {
+		return *x.Issuer
+	}
+	return ""
+}
+
+func (x *CRLLoadResponse) GetRevoked() uint32 {
+	if x != nil && x.Revoked != nil {
+		return *x.Revoked
+	}
+	return 0
 }
 
 type GuestOSRemoveRequest struct {
@@ -1964,7 +2598,7 @@ type GuestOSRemoveRequest struct {
 
 func (x *GuestOSRemoveRequest) Reset() {
 	*x = GuestOSRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1976,7 +2610,7 @@ func (x *GuestOSRemoveRequest) String() string {
 func (*GuestOSRemoveRequest) ProtoMessage() {}
 
 func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1989,7 +2623,7 @@ func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSRemoveRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GuestOSRemoveRequest) GetName() string {
@@ -2047,7 +2681,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
 	"\vmount_point\x18\x02 \x01(\tR\n" +
 	"mountPoint\x12!\n" +
-	"\breadonly\x18\x03 \x01(\b:\x05falseR\breadonly\"\xac\x01\n" +
+	"\breadonly\x18\x03 \x01(\b:\x05falseR\breadonly\"\xf7\x01\n" +
 	"\fGuestOSMount\x12\x1d\n" +
 	"\n" +
 	"image_file\x18\x01 \x01(\tR\timageFile\x12\x1f\n" +
@@ -2056,7 +2690,10 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\afs_type\x18\x03 \x01(\tR\x06fsType\x12\x1d\n" +
 	"\n" +
 	"image_size\x18\x06 \x01(\x04R\timageSize\x12$\n" +
-	"\x0eimage_sha2_256\x18\b \x01(\tR\fimageSha2256\"\xb0\x02\n" +
+	"\x0eimage_sha2_256\x18\b \x01(\tR\fimageSha2256\x12(\n" +
+	"\x10verity_root_hash\x18d \x01(\tR\x0everityRootHash\x12\x1f\n" +
+	"\vverity_salt\x18e \x01(\tR\n" +
+	"veritySalt\"\xb0\x02\n" +
 	"\rGuestOSConfig\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bhardware\x18\x02 \x01(\tR\bhardware\x12\x18\n" +
@@ -2068,7 +2705,11 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"init_param\x18\x15 \x03(\tR\tinitParam\x12\x19\n" +
 	"\binit_env\x18\x16 \x03(\tR\ainitEnv\x12\"\n" +
 	"\rmin_ram_limit\x18d \x01(\rR\vminRamLimit\x12 \n" +
-	"\vdescription\x18e \x01(\tR\vdescription\"\xd5\x02\n" +
+	"\vdescription\x18e \x01(\tR\vdescription\"\x9c\x01\n" +
+	"\fDeviceConfig\x129\n" +
+	"\x15locally_signed_images\x18\x01 \x01(\b:\x05falseR\x13locallySignedImages\x12+\n" +
+	"\x0esigned_configs\x18\x02 \x01(\b:\x04trueR\rsignedConfigs\x12$\n" +
+	"\x0eupdate_ca_file\x18\x03 \x01(\tR\fupdateCaFile\"\xaf\x03\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
@@ -2082,7 +2723,10 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x11started_unix_nano\x18\t \x01(\x03R\x0fstartedUnixNano\x12\x1c\n" +
 	"\tautostart\x18\n" +
 	" \x01(\bR\tautostart\x12\x19\n" +
-	"\buid_base\x18\v \x01(\rR\auidBase\"0\n" +
+	"\buid_base\x18\v \x01(\rR\auidBase\x123\n" +
+	"\vtrust_level\x18\f \x01(\x0e2\x12.cml.v1.TrustLevelR\n" +
+	"trustLevel\x12#\n" +
+	"\rconfig_signer\x18\r \x01(\tR\fconfigSigner\"0\n" +
 	"\fContainerRef\x12 \n" +
 	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
 	"nameOrUuid\"\r\n" +
@@ -2090,10 +2734,14 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\fListResponse\x121\n" +
 	"\n" +
 	"containers\x18\x01 \x03(\v2\x11.cml.v1.ContainerR\n" +
-	"containers\"X\n" +
+	"containers\"\xb9\x01\n" +
 	"\rCreateRequest\x12/\n" +
 	"\x06config\x18\x01 \x01(\v2\x17.cml.v1.ContainerConfigR\x06config\x12\x16\n" +
-	"\x06source\x18\x02 \x01(\tR\x06source\"X\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12\x1f\n" +
+	"\vconfig_text\x18\x03 \x01(\fR\n" +
+	"configText\x12\x1c\n" +
+	"\tsignature\x18\x04 \x01(\fR\tsignature\x12 \n" +
+	"\vcertificate\x18\x05 \x01(\fR\vcertificate\"X\n" +
 	"\vStopRequest\x12 \n" +
 	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
 	"nameOrUuid\x12'\n" +
@@ -2101,11 +2749,16 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\vKillRequest\x12 \n" +
 	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
 	"nameOrUuid\x12\x16\n" +
-	"\x06signal\x18\x02 \x01(\x05R\x06signal\"h\n" +
+	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\xe1\x01\n" +
 	"\x13UpdateConfigRequest\x12 \n" +
 	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
 	"nameOrUuid\x12/\n" +
-	"\x06config\x18\x02 \x01(\v2\x17.cml.v1.ContainerConfigR\x06config\"\a\n" +
+	"\x06config\x18\x02 \x01(\v2\x17.cml.v1.ContainerConfigR\x06config\x12\x1f\n" +
+	"\vconfig_text\x18\x03 \x01(\fR\n" +
+	"configText\x12\x1c\n" +
+	"\tsignature\x18\x04 \x01(\fR\tsignature\x12 \n" +
+	"\vcertificate\x18\x05 \x01(\fR\vcertificate\x12\x16\n" +
+	"\x06source\x18\x06 \x01(\tR\x06source\"\a\n" +
 	"\x05Empty\"\x8d\x01\n" +
 	"\tExecStart\x12 \n" +
 	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
@@ -2141,17 +2794,46 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"nameOrUuid\"^\n" +
 	"\x05Event\x12$\n" +
 	"\x0etime_unix_nano\x18\x01 \x01(\x03R\ftimeUnixNano\x12/\n" +
-	"\tcontainer\x18\x02 \x01(\v2\x11.cml.v1.ContainerR\tcontainer\"\x86\x01\n" +
+	"\tcontainer\x18\x02 \x01(\v2\x11.cml.v1.ContainerR\tcontainer\"\xfc\x01\n" +
 	"\aGuestOS\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12\x12\n" +
 	"\x04size\x18\x03 \x01(\x04R\x04size\x12\x17\n" +
 	"\aused_by\x18\x04 \x03(\tR\x06usedBy\x12 \n" +
-	"\vdescription\x18\x05 \x01(\tR\vdescription\"@\n" +
+	"\vdescription\x18\x05 \x01(\tR\vdescription\x123\n" +
+	"\vtrust_level\x18\x06 \x01(\x0e2\x12.cml.v1.TrustLevelR\n" +
+	"trustLevel\x12\x16\n" +
+	"\x06signer\x18\a \x01(\tR\x06signer\x12'\n" +
+	"\x0fhighest_version\x18\b \x01(\x04R\x0ehighestVersion\"@\n" +
 	"\x13GuestOSListResponse\x12)\n" +
-	"\aguestos\x18\x01 \x03(\v2\x0f.cml.v1.GuestOSR\aguestos\")\n" +
+	"\aguestos\x18\x01 \x03(\v2\x0f.cml.v1.GuestOSR\aguestos\";\n" +
 	"\x15GuestOSInstallRequest\x12\x10\n" +
-	"\x03dir\x18\x01 \x01(\tR\x03dir\"D\n" +
+	"\x03dir\x18\x01 \x01(\tR\x03dir\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\"\x99\x01\n" +
+	"\x16GuestOSInstallProgress\x12\x14\n" +
+	"\x05phase\x18\x01 \x01(\tR\x05phase\x12\x1d\n" +
+	"\n" +
+	"done_bytes\x18\x02 \x01(\x04R\tdoneBytes\x12\x1f\n" +
+	"\vtotal_bytes\x18\x03 \x01(\x04R\n" +
+	"totalBytes\x12)\n" +
+	"\aguestos\x18\x04 \x01(\v2\x0f.cml.v1.GuestOSR\aguestos\"~\n" +
+	"\x02CA\x12 \n" +
+	"\vfingerprint\x18\x01 \x01(\tR\vfingerprint\x12\x18\n" +
+	"\asubject\x18\x02 \x01(\tR\asubject\x12$\n" +
+	"\x0enot_after_unix\x18\x03 \x01(\x03R\fnotAfterUnix\x12\x16\n" +
+	"\x06vendor\x18\x04 \x01(\bR\x06vendor\".\n" +
+	"\x0eCAListResponse\x12\x1c\n" +
+	"\x03cas\x18\x01 \x03(\v2\n" +
+	".cml.v1.CAR\x03cas\"%\n" +
+	"\x11CARegisterRequest\x12\x10\n" +
+	"\x03pem\x18\x01 \x01(\fR\x03pem\"3\n" +
+	"\x0fCARemoveRequest\x12 \n" +
+	"\vfingerprint\x18\x01 \x01(\tR\vfingerprint\"\"\n" +
+	"\x0eCRLLoadRequest\x12\x10\n" +
+	"\x03pem\x18\x01 \x01(\fR\x03pem\"C\n" +
+	"\x0fCRLLoadResponse\x12\x16\n" +
+	"\x06issuer\x18\x01 \x01(\tR\x06issuer\x12\x18\n" +
+	"\arevoked\x18\x02 \x01(\rR\arevoked\"D\n" +
 	"\x14GuestOSRemoveRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion*'\n" +
@@ -2161,7 +2843,13 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x12ContainerTokenType\x12\b\n" +
 	"\x04NONE\x10\x01\x12\b\n" +
 	"\x04SOFT\x10\x02\x12\a\n" +
-	"\x03USB\x10\x03*l\n" +
+	"\x03USB\x10\x03*:\n" +
+	"\n" +
+	"TrustLevel\x12\f\n" +
+	"\bUNSIGNED\x10\x00\x12\x12\n" +
+	"\x0eLOCALLY_SIGNED\x10\x01\x12\n" +
+	"\n" +
+	"\x06SIGNED\x10\x02*l\n" +
 	"\x0eContainerState\x12\v\n" +
 	"\aSTOPPED\x10\x01\x12\f\n" +
 	"\bSTARTING\x10\x02\x12\v\n" +
@@ -2171,7 +2859,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\x99\a\n" +
+	"\x06FAILED\x10\a2\xfd\b\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -2187,9 +2875,16 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x04Exec\x12\x13.cml.v1.ExecRequest\x1a\x14.cml.v1.ExecResponse(\x010\x01\x123\n" +
 	"\x04Logs\x12\x13.cml.v1.LogsRequest\x1a\x14.cml.v1.LogsResponse0\x01\x120\n" +
 	"\x06Events\x12\x15.cml.v1.EventsRequest\x1a\r.cml.v1.Event0\x01\x129\n" +
-	"\vGuestOSList\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.GuestOSListResponse\x12@\n" +
-	"\x0eGuestOSInstall\x12\x1d.cml.v1.GuestOSInstallRequest\x1a\x0f.cml.v1.GuestOS\x12<\n" +
-	"\rGuestOSRemove\x12\x1c.cml.v1.GuestOSRemoveRequest\x1a\r.cml.v1.EmptyB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
+	"\vGuestOSList\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.GuestOSListResponse\x12Q\n" +
+	"\x0eGuestOSInstall\x12\x1d.cml.v1.GuestOSInstallRequest\x1a\x1e.cml.v1.GuestOSInstallProgress0\x01\x12<\n" +
+	"\rGuestOSRemove\x12\x1c.cml.v1.GuestOSRemoveRequest\x1a\r.cml.v1.Empty\x12/\n" +
+	"\x06CAList\x12\r.cml.v1.Empty\x1a\x16.cml.v1.CAListResponse\x123\n" +
+	"\n" +
+	"CARegister\x12\x19.cml.v1.CARegisterRequest\x1a\n" +
+	".cml.v1.CA\x12/\n" +
+	"\bCARemove\x12\x17.cml.v1.CARemoveRequest\x1a\n" +
+	".cml.v1.CA\x12:\n" +
+	"\aCRLLoad\x12\x16.cml.v1.CRLLoadRequest\x1a\x17.cml.v1.CRLLoadResponseB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
 
 var (
 	file_api_cml_v1_cml_proto_rawDescOnce sync.Once
@@ -2203,90 +2898,111 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 	return file_api_cml_v1_cml_proto_rawDescData
 }
 
-var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_api_cml_v1_cml_proto_goTypes = []any{
-	(ContainerType)(0),            // 0: cml.v1.ContainerType
-	(ContainerTokenType)(0),       // 1: cml.v1.ContainerTokenType
-	(ContainerState)(0),           // 2: cml.v1.ContainerState
-	(*ContainerConfig)(nil),       // 3: cml.v1.ContainerConfig
-	(*Volume)(nil),                // 4: cml.v1.Volume
-	(*GuestOSMount)(nil),          // 5: cml.v1.GuestOSMount
-	(*GuestOSConfig)(nil),         // 6: cml.v1.GuestOSConfig
-	(*Container)(nil),             // 7: cml.v1.Container
-	(*ContainerRef)(nil),          // 8: cml.v1.ContainerRef
-	(*ListRequest)(nil),           // 9: cml.v1.ListRequest
-	(*ListResponse)(nil),          // 10: cml.v1.ListResponse
-	(*CreateRequest)(nil),         // 11: cml.v1.CreateRequest
-	(*StopRequest)(nil),           // 12: cml.v1.StopRequest
-	(*KillRequest)(nil),           // 13: cml.v1.KillRequest
-	(*UpdateConfigRequest)(nil),   // 14: cml.v1.UpdateConfigRequest
-	(*Empty)(nil),                 // 15: cml.v1.Empty
-	(*ExecStart)(nil),             // 16: cml.v1.ExecStart
-	(*ExecRequest)(nil),           // 17: cml.v1.ExecRequest
-	(*Resize)(nil),                // 18: cml.v1.Resize
-	(*ExecResponse)(nil),          // 19: cml.v1.ExecResponse
-	(*LogsRequest)(nil),           // 20: cml.v1.LogsRequest
-	(*LogsResponse)(nil),          // 21: cml.v1.LogsResponse
-	(*EventsRequest)(nil),         // 22: cml.v1.EventsRequest
-	(*Event)(nil),                 // 23: cml.v1.Event
-	(*GuestOS)(nil),               // 24: cml.v1.GuestOS
-	(*GuestOSListResponse)(nil),   // 25: cml.v1.GuestOSListResponse
-	(*GuestOSInstallRequest)(nil), // 26: cml.v1.GuestOSInstallRequest
-	(*GuestOSRemoveRequest)(nil),  // 27: cml.v1.GuestOSRemoveRequest
+	(ContainerType)(0),             // 0: cml.v1.ContainerType
+	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
+	(TrustLevel)(0),                // 2: cml.v1.TrustLevel
+	(ContainerState)(0),            // 3: cml.v1.ContainerState
+	(*ContainerConfig)(nil),        // 4: cml.v1.ContainerConfig
+	(*Volume)(nil),                 // 5: cml.v1.Volume
+	(*GuestOSMount)(nil),           // 6: cml.v1.GuestOSMount
+	(*GuestOSConfig)(nil),          // 7: cml.v1.GuestOSConfig
+	(*DeviceConfig)(nil),           // 8: cml.v1.DeviceConfig
+	(*Container)(nil),              // 9: cml.v1.Container
+	(*ContainerRef)(nil),           // 10: cml.v1.ContainerRef
+	(*ListRequest)(nil),            // 11: cml.v1.ListRequest
+	(*ListResponse)(nil),           // 12: cml.v1.ListResponse
+	(*CreateRequest)(nil),          // 13: cml.v1.CreateRequest
+	(*StopRequest)(nil),            // 14: cml.v1.StopRequest
+	(*KillRequest)(nil),            // 15: cml.v1.KillRequest
+	(*UpdateConfigRequest)(nil),    // 16: cml.v1.UpdateConfigRequest
+	(*Empty)(nil),                  // 17: cml.v1.Empty
+	(*ExecStart)(nil),              // 18: cml.v1.ExecStart
+	(*ExecRequest)(nil),            // 19: cml.v1.ExecRequest
+	(*Resize)(nil),                 // 20: cml.v1.Resize
+	(*ExecResponse)(nil),           // 21: cml.v1.ExecResponse
+	(*LogsRequest)(nil),            // 22: cml.v1.LogsRequest
+	(*LogsResponse)(nil),           // 23: cml.v1.LogsResponse
+	(*EventsRequest)(nil),          // 24: cml.v1.EventsRequest
+	(*Event)(nil),                  // 25: cml.v1.Event
+	(*GuestOS)(nil),                // 26: cml.v1.GuestOS
+	(*GuestOSListResponse)(nil),    // 27: cml.v1.GuestOSListResponse
+	(*GuestOSInstallRequest)(nil),  // 28: cml.v1.GuestOSInstallRequest
+	(*GuestOSInstallProgress)(nil), // 29: cml.v1.GuestOSInstallProgress
+	(*CA)(nil),                     // 30: cml.v1.CA
+	(*CAListResponse)(nil),         // 31: cml.v1.CAListResponse
+	(*CARegisterRequest)(nil),      // 32: cml.v1.CARegisterRequest
+	(*CARemoveRequest)(nil),        // 33: cml.v1.CARemoveRequest
+	(*CRLLoadRequest)(nil),         // 34: cml.v1.CRLLoadRequest
+	(*CRLLoadResponse)(nil),        // 35: cml.v1.CRLLoadResponse
+	(*GuestOSRemoveRequest)(nil),   // 36: cml.v1.GuestOSRemoveRequest
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
 	1,  // 1: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
-	4,  // 2: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
-	5,  // 3: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
-	2,  // 4: cml.v1.Container.state:type_name -> cml.v1.ContainerState
-	7,  // 5: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
-	3,  // 6: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
-	3,  // 7: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
-	16, // 8: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
-	18, // 9: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
-	7,  // 10: cml.v1.Event.container:type_name -> cml.v1.Container
-	24, // 11: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
-	9,  // 12: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	11, // 13: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	8,  // 14: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	8,  // 15: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	12, // 16: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	13, // 17: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	8,  // 18: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	8,  // 19: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	14, // 20: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	8,  // 21: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	8,  // 22: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	17, // 23: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	20, // 24: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	22, // 25: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	15, // 26: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	26, // 27: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	27, // 28: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	10, // 29: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	7,  // 30: cml.v1.Control.Create:output_type -> cml.v1.Container
-	15, // 31: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	7,  // 32: cml.v1.Control.Start:output_type -> cml.v1.Container
-	7,  // 33: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	15, // 34: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	7,  // 35: cml.v1.Control.State:output_type -> cml.v1.Container
-	3,  // 36: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	7,  // 37: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	7,  // 38: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	7,  // 39: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	19, // 40: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	21, // 41: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	23, // 42: cml.v1.Control.Events:output_type -> cml.v1.Event
-	25, // 43: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	24, // 44: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOS
-	15, // 45: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	29, // [29:46] is the sub-list for method output_type
-	12, // [12:29] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	5,  // 2: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
+	6,  // 3: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
+	3,  // 4: cml.v1.Container.state:type_name -> cml.v1.ContainerState
+	2,  // 5: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
+	9,  // 6: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
+	4,  // 7: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
+	4,  // 8: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
+	18, // 9: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
+	20, // 10: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
+	9,  // 11: cml.v1.Event.container:type_name -> cml.v1.Container
+	2,  // 12: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
+	26, // 13: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
+	26, // 14: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
+	30, // 15: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
+	11, // 16: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	13, // 17: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	10, // 18: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	10, // 19: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	14, // 20: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	15, // 21: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	10, // 22: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	10, // 23: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	16, // 24: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	10, // 25: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	10, // 26: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	19, // 27: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	22, // 28: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	24, // 29: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	17, // 30: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	28, // 31: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	36, // 32: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	17, // 33: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	32, // 34: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	33, // 35: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	34, // 36: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	12, // 37: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	9,  // 38: cml.v1.Control.Create:output_type -> cml.v1.Container
+	17, // 39: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	9,  // 40: cml.v1.Control.Start:output_type -> cml.v1.Container
+	9,  // 41: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	17, // 42: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	9,  // 43: cml.v1.Control.State:output_type -> cml.v1.Container
+	4,  // 44: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	9,  // 45: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	9,  // 46: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	9,  // 47: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	21, // 48: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	23, // 49: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	25, // 50: cml.v1.Control.Events:output_type -> cml.v1.Event
+	27, // 51: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	29, // 52: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	17, // 53: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	31, // 54: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	30, // 55: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	30, // 56: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	35, // 57: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	37, // [37:58] is the sub-list for method output_type
+	16, // [16:37] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -2294,13 +3010,13 @@ func file_api_cml_v1_cml_proto_init() {
 	if File_api_cml_v1_cml_proto != nil {
 		return
 	}
-	file_api_cml_v1_cml_proto_msgTypes[14].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[15].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinEof)(nil),
 		(*ExecRequest_Resize)(nil),
 	}
-	file_api_cml_v1_cml_proto_msgTypes[16].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[17].OneofWrappers = []any{
 		(*ExecResponse_Stdout)(nil),
 		(*ExecResponse_Stderr)(nil),
 		(*ExecResponse_ExitStatus)(nil),
@@ -2310,8 +3026,8 @@ func file_api_cml_v1_cml_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   25,
+			NumEnums:      4,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

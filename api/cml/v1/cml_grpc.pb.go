@@ -47,6 +47,10 @@ const (
 	Control_GuestOSList_FullMethodName    = "/cml.v1.Control/GuestOSList"
 	Control_GuestOSInstall_FullMethodName = "/cml.v1.Control/GuestOSInstall"
 	Control_GuestOSRemove_FullMethodName  = "/cml.v1.Control/GuestOSRemove"
+	Control_CAList_FullMethodName         = "/cml.v1.Control/CAList"
+	Control_CARegister_FullMethodName     = "/cml.v1.Control/CARegister"
+	Control_CARemove_FullMethodName       = "/cml.v1.Control/CARemove"
+	Control_CRLLoad_FullMethodName        = "/cml.v1.Control/CRLLoad"
 )
 
 // ControlClient is the client API for Control service.
@@ -70,8 +74,12 @@ type ControlClient interface {
 	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogsResponse], error)
 	Events(ctx context.Context, in *EventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error)
 	GuestOSList(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*GuestOSListResponse, error)
-	GuestOSInstall(ctx context.Context, in *GuestOSInstallRequest, opts ...grpc.CallOption) (*GuestOS, error)
+	GuestOSInstall(ctx context.Context, in *GuestOSInstallRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GuestOSInstallProgress], error)
 	GuestOSRemove(ctx context.Context, in *GuestOSRemoveRequest, opts ...grpc.CallOption) (*Empty, error)
+	CAList(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*CAListResponse, error)
+	CARegister(ctx context.Context, in *CARegisterRequest, opts ...grpc.CallOption) (*CA, error)
+	CARemove(ctx context.Context, in *CARemoveRequest, opts ...grpc.CallOption) (*CA, error)
+	CRLLoad(ctx context.Context, in *CRLLoadRequest, opts ...grpc.CallOption) (*CRLLoadResponse, error)
 }
 
 type controlClient struct {
@@ -253,20 +261,69 @@ func (c *controlClient) GuestOSList(ctx context.Context, in *Empty, opts ...grpc
 	return out, nil
 }
 
-func (c *controlClient) GuestOSInstall(ctx context.Context, in *GuestOSInstallRequest, opts ...grpc.CallOption) (*GuestOS, error) {
+func (c *controlClient) GuestOSInstall(ctx context.Context, in *GuestOSInstallRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GuestOSInstallProgress], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(GuestOS)
-	err := c.cc.Invoke(ctx, Control_GuestOSInstall_FullMethodName, in, out, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[3], Control_GuestOSInstall_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[GuestOSInstallRequest, GuestOSInstallProgress]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_GuestOSInstallClient = grpc.ServerStreamingClient[GuestOSInstallProgress]
+
+func (c *controlClient) GuestOSRemove(ctx context.Context, in *GuestOSRemoveRequest, opts ...grpc.CallOption) (*Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Empty)
+	err := c.cc.Invoke(ctx, Control_GuestOSRemove_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
 }
 
-func (c *controlClient) GuestOSRemove(ctx context.Context, in *GuestOSRemoveRequest, opts ...grpc.CallOption) (*Empty, error) {
+func (c *controlClient) CAList(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*CAListResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(Empty)
-	err := c.cc.Invoke(ctx, Control_GuestOSRemove_FullMethodName, in, out, cOpts...)
+	out := new(CAListResponse)
+	err := c.cc.Invoke(ctx, Control_CAList_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) CARegister(ctx context.Context, in *CARegisterRequest, opts ...grpc.CallOption) (*CA, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CA)
+	err := c.cc.Invoke(ctx, Control_CARegister_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) CARemove(ctx context.Context, in *CARemoveRequest, opts ...grpc.CallOption) (*CA, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CA)
+	err := c.cc.Invoke(ctx, Control_CARemove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) CRLLoad(ctx context.Context, in *CRLLoadRequest, opts ...grpc.CallOption) (*CRLLoadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CRLLoadResponse)
+	err := c.cc.Invoke(ctx, Control_CRLLoad_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -294,8 +351,12 @@ type ControlServer interface {
 	Logs(*LogsRequest, grpc.ServerStreamingServer[LogsResponse]) error
 	Events(*EventsRequest, grpc.ServerStreamingServer[Event]) error
 	GuestOSList(context.Context, *Empty) (*GuestOSListResponse, error)
-	GuestOSInstall(context.Context, *GuestOSInstallRequest) (*GuestOS, error)
+	GuestOSInstall(*GuestOSInstallRequest, grpc.ServerStreamingServer[GuestOSInstallProgress]) error
 	GuestOSRemove(context.Context, *GuestOSRemoveRequest) (*Empty, error)
+	CAList(context.Context, *Empty) (*CAListResponse, error)
+	CARegister(context.Context, *CARegisterRequest) (*CA, error)
+	CARemove(context.Context, *CARemoveRequest) (*CA, error)
+	CRLLoad(context.Context, *CRLLoadRequest) (*CRLLoadResponse, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -351,11 +412,23 @@ func (UnimplementedControlServer) Events(*EventsRequest, grpc.ServerStreamingSer
 func (UnimplementedControlServer) GuestOSList(context.Context, *Empty) (*GuestOSListResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GuestOSList not implemented")
 }
-func (UnimplementedControlServer) GuestOSInstall(context.Context, *GuestOSInstallRequest) (*GuestOS, error) {
-	return nil, status.Errorf(codes.Unimplemented, "method GuestOSInstall not implemented")
+func (UnimplementedControlServer) GuestOSInstall(*GuestOSInstallRequest, grpc.ServerStreamingServer[GuestOSInstallProgress]) error {
+	return status.Errorf(codes.Unimplemented, "method GuestOSInstall not implemented")
 }
 func (UnimplementedControlServer) GuestOSRemove(context.Context, *GuestOSRemoveRequest) (*Empty, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GuestOSRemove not implemented")
+}
+func (UnimplementedControlServer) CAList(context.Context, *Empty) (*CAListResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CAList not implemented")
+}
+func (UnimplementedControlServer) CARegister(context.Context, *CARegisterRequest) (*CA, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CARegister not implemented")
+}
+func (UnimplementedControlServer) CARemove(context.Context, *CARemoveRequest) (*CA, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CARemove not implemented")
+}
+func (UnimplementedControlServer) CRLLoad(context.Context, *CRLLoadRequest) (*CRLLoadResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CRLLoad not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -623,23 +696,16 @@ func _Control_GuestOSList_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
-func _Control_GuestOSInstall_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(GuestOSInstallRequest)
-	if err := dec(in); err != nil {
-		return nil, err
+func _Control_GuestOSInstall_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(GuestOSInstallRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
 	}
-	if interceptor == nil {
-		return srv.(ControlServer).GuestOSInstall(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: Control_GuestOSInstall_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(ControlServer).GuestOSInstall(ctx, req.(*GuestOSInstallRequest))
-	}
-	return interceptor(ctx, in, info, handler)
+	return srv.(ControlServer).GuestOSInstall(m, &grpc.GenericServerStream[GuestOSInstallRequest, GuestOSInstallProgress]{ServerStream: stream})
 }
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_GuestOSInstallServer = grpc.ServerStreamingServer[GuestOSInstallProgress]
 
 func _Control_GuestOSRemove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(GuestOSRemoveRequest)
@@ -655,6 +721,78 @@ func _Control_GuestOSRemove_Handler(srv interface{}, ctx context.Context, dec fu
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(ControlServer).GuestOSRemove(ctx, req.(*GuestOSRemoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_CAList_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).CAList(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_CAList_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).CAList(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_CARegister_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CARegisterRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).CARegister(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_CARegister_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).CARegister(ctx, req.(*CARegisterRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_CARemove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CARemoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).CARemove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_CARemove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).CARemove(ctx, req.(*CARemoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_CRLLoad_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CRLLoadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).CRLLoad(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_CRLLoad_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).CRLLoad(ctx, req.(*CRLLoadRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -715,12 +853,24 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Control_GuestOSList_Handler,
 		},
 		{
-			MethodName: "GuestOSInstall",
-			Handler:    _Control_GuestOSInstall_Handler,
-		},
-		{
 			MethodName: "GuestOSRemove",
 			Handler:    _Control_GuestOSRemove_Handler,
+		},
+		{
+			MethodName: "CAList",
+			Handler:    _Control_CAList_Handler,
+		},
+		{
+			MethodName: "CARegister",
+			Handler:    _Control_CARegister_Handler,
+		},
+		{
+			MethodName: "CARemove",
+			Handler:    _Control_CARemove_Handler,
+		},
+		{
+			MethodName: "CRLLoad",
+			Handler:    _Control_CRLLoad_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
@@ -738,6 +888,11 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Events",
 			Handler:       _Control_Events_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "GuestOSInstall",
+			Handler:       _Control_GuestOSInstall_Handler,
 			ServerStreams: true,
 		},
 	},
