@@ -1,11 +1,17 @@
 #!/bin/sh
-# Build the busybox demo guest OS: an erofs root filesystem image plus its
-# manifest (guestos.conf) with the image's size and SHA-256.
-#   scripts/build-demo-guestos.sh <out-dir> [name] [version]
+# Build the busybox demo guest OS as a signed bundle: a busybox root
+# filesystem, turned by cmlsign into an erofs image, its dm-verity hash
+# file, the manifest (guestos.conf) and its signature and signer chain.
+#   scripts/build-demo-guestos.sh <out-dir> <pki-dir> [name] [version]
+# <pki-dir> holds signer.key and signer.pem (cmlsign pki init makes them).
 set -eu
-out=${1:?usage: build-demo-guestos.sh <out-dir> [name] [version]}
-name=${2:-busybox}
-version=${3:-1}
+usage="usage: build-demo-guestos.sh <out-dir> <pki-dir> [name] [version]"
+out=${1:?$usage}
+pki=${2:?$usage}
+name=${3:-busybox}
+version=${4:-1}
+here=$(cd "$(dirname "$0")/.." && pwd)
+cmlsign=${CMLSIGN:-$here/bin/cmlsign}
 bb=$(command -v busybox) || { echo "busybox not found (apt-get install busybox-static)" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -30,23 +36,6 @@ trap 'echo "init: SIGTERM received, shutting down"; exit 0' TERM
 while :; do sleep 1 & wait $!; done
 INIT
 chmod 755 "$root/sbin/init"
-mkdir -p "$out"
-rm -f "$out/root.img"
-mkfs.erofs --quiet --all-root -T0 "$out/root.img" "$root"
-size=$(stat -c %s "$out/root.img")
-sha=$(sha256sum "$out/root.img" | cut -d' ' -f1)
-cat >"$out/guestos.conf" <<CONF
-name: "$name"
-version: $version
-description: "busybox demo guest OS"
-mounts {
-  image_file: "root.img"
-  mount_point: "/"
-  fs_type: "erofs"
-  image_size: $size
-  image_sha2_256: "$sha"
-}
-init_path: "/sbin/init"
-min_ram_limit: 16
-CONF
-echo "built guest OS $name $version in $out ($size bytes)"
+"$cmlsign" guestos build --rootfs "$root" --all-root --name "$name" --version "$version" \
+	--init /sbin/init --min-ram 16 --description "busybox demo guest OS" \
+	--key "$pki/signer.key" --cert "$pki/signer.pem" --out "$out"

@@ -27,6 +27,7 @@ import (
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/audit"
+	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/guestos"
@@ -66,10 +67,13 @@ func objectOf(req any) string {
 	case *cmlv1.UpdateConfigRequest:
 		return r.GetNameOrUuid()
 	case *cmlv1.CreateRequest:
-		if r.GetSource() != "" {
-			return r.GetSource()
+		if cfg, err := config.ParseContainer("", r.GetConfigText()); err == nil && len(r.GetConfigText()) > 0 {
+			return cfg.GetName()
 		}
-		return r.GetConfig().GetName()
+		if r.GetConfig() != nil {
+			return r.GetConfig().GetName()
+		}
+		return r.GetSource()
 	case *cmlv1.LogsRequest:
 		return r.GetNameOrUuid()
 	case *cmlv1.GuestOSInstallRequest:

@@ -406,6 +406,7 @@ func (a *app) eventsCmd() *cobra.Command {
 
 func (a *app) guestOSCmd() *cobra.Command {
 	g := &cobra.Command{Use: "guestos", Short: "Manage installed guest OSes"}
+	var progress bool
 	g.AddCommand(&cobra.Command{
 		Use: "list", Short: "List installed guest OSes", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -451,6 +452,10 @@ func (a *app) guestOSCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			show := progress
+			if f, ok := a.stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+				show = true
+			}
 			lastPhase := ""
 			for {
 				p, err := st.Recv()
@@ -466,6 +471,9 @@ func (a *app) guestOSCmd() *cobra.Command {
 					}
 					fmt.Fprintf(a.stdout, "installed guestos %s %d (%d bytes, %s by %q)\n", o.GetName(), o.GetVersion(), o.GetSize(), o.GetTrustLevel(), o.GetSigner())
 					return nil
+				}
+				if !show {
+					continue
 				}
 				if p.GetPhase() != lastPhase && lastPhase != "" {
 					fmt.Fprintln(a.stderr)
@@ -490,6 +498,9 @@ func (a *app) guestOSCmd() *cobra.Command {
 			return err
 		},
 	})
+	if install, _, err := g.Find([]string{"install"}); err == nil {
+		install.Flags().BoolVar(&progress, "progress", false, "show progress on stderr even when it is not a terminal")
+	}
 	return g
 }
 

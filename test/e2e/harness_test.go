@@ -19,8 +19,9 @@ import (
 )
 
 var (
-	binDir     string // cmld and cmlctl built for this run
-	guestOSDir string // the busybox demo guest OS, version 1
+	binDir     string // cmld, cmlctl and cmlsign built for this run
+	guestOSDir string // the busybox demo guest OS, version 1, signed
+	pkiDir     string // the vendor PKI: root-ca.pem, signer.pem, signer.key
 )
 
 func TestMain(m *testing.M) {
@@ -39,14 +40,31 @@ func TestMain(m *testing.M) {
 		fmt.Println("e2e: build:", err)
 		os.Exit(1)
 	}
+	pkiDir = filepath.Join(tmp, "pki")
 	guestOSDir = filepath.Join(tmp, "guestos")
-	if out, err := exec.Command("../../scripts/build-demo-guestos.sh", guestOSDir, "busybox", "1").CombinedOutput(); err != nil {
-		fmt.Printf("e2e: build guest OS: %v\n%s", err, out)
+	if err := buildGuestOS(guestOSDir, "busybox", 1); err != nil {
+		fmt.Println("e2e:", err)
 		os.Exit(1)
 	}
 	code := m.Run()
 	os.RemoveAll(tmp)
 	os.Exit(code)
+}
+
+// buildGuestOS builds and signs a busybox guest OS with the test PKI,
+// making the PKI on first use, as a build pipeline would.
+func buildGuestOS(out, name string, version int) error {
+	if _, err := os.Stat(filepath.Join(pkiDir, "signer.key")); err != nil {
+		if out, err := exec.Command(filepath.Join(binDir, "cmlsign"), "pki", "init", "--dir", pkiDir).CombinedOutput(); err != nil {
+			return fmt.Errorf("cmlsign pki init: %v\n%s", err, out)
+		}
+	}
+	cmd := exec.Command("../../scripts/build-demo-guestos.sh", out, pkiDir, name, fmt.Sprint(version))
+	cmd.Env = append(os.Environ(), "CMLSIGN="+filepath.Join(binDir, "cmlsign"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("build guest OS: %v\n%s", err, out)
+	}
+	return nil
 }
 
 // daemon is one cmld under test with its own state and run directories.
@@ -76,8 +94,26 @@ func startDaemon(t *testing.T) *daemon {
 	d := &daemon{t: t, root: root, stateDir: filepath.Join(root, "state"), run: filepath.Join(root, "run")}
 	d.socket = filepath.Join(d.run, "control.sock")
 	t.Cleanup(d.cleanup)
+	d.provision()
 	d.start()
 	return d
+}
+
+// provision installs the test PKI's root as the device's vendor CA, as the
+// device installer does.
+func (d *daemon) provision() {
+	d.t.Helper()
+	dir := filepath.Join(d.stateDir, "trust", "vendor")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		d.t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(pkiDir, "root-ca.pem"))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "vendor.pem"), b, 0o600); err != nil {
+		d.t.Fatal(err)
+	}
 }
 
 func (d *daemon) start() {
@@ -171,14 +207,24 @@ func (d *daemon) installGuestOS() {
 	d.must("guestos", "install", guestOSDir)
 }
 
-// create writes a config with the given body and creates the container.
+// create writes a config with the given body, signs it and creates the
+// container.
 func (d *daemon) create(name, body string) {
 	d.t.Helper()
-	p := filepath.Join(d.root, name+".conf")
-	if err := os.WriteFile(p, []byte(fmt.Sprintf("name: %q\nguest_os: \"busybox\"\n%s", name, body)), 0o644); err != nil {
+	d.must("create", d.signedConfig(name, fmt.Sprintf("name: %q\nguest_os: \"busybox\"\n%s", name, body)))
+}
+
+// signedConfig writes text to <root>/<file>.conf and signs it with cmlsign.
+func (d *daemon) signedConfig(file, text string) string {
+	d.t.Helper()
+	p := filepath.Join(d.root, file+".conf")
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
 		d.t.Fatal(err)
 	}
-	d.must("create", p)
+	if out, err := exec.Command(filepath.Join(binDir, "cmlsign"), "config", "--key", filepath.Join(pkiDir, "signer.key"), "--cert", filepath.Join(pkiDir, "signer.pem"), p).CombinedOutput(); err != nil {
+		d.t.Fatalf("cmlsign config: %v\n%s", err, out)
+	}
+	return p
 }
 
 // exec runs a shell command in a container and returns stdout and the exit

@@ -101,8 +101,7 @@ func TestLifecycle(t *testing.T) {
 		if out := d.must("config", "web"); !strings.Contains(out, `GREETING=hi`) {
 			t.Errorf("config = %q", out)
 		}
-		p := filepath.Join(d.root, "web2.conf")
-		os.WriteFile(p, []byte("name: \"web\"\nguest_os: \"busybox\"\ninit_env: \"GREETING=bye\"\n"), 0o644)
+		p := d.signedConfig("web2", "name: \"web\"\nguest_os: \"busybox\"\ninit_env: \"GREETING=bye\"\n")
 		d.must("update-config", "web", p)
 		d.must("start", "web")
 		if out, _ := d.exec("web", "echo $GREETING"); strings.TrimSpace(out) != "bye" {
