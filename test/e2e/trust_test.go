@@ -219,7 +219,7 @@ func TestUpdateKeepsOldVersionWhileUsedAndRefusesRollback(t *testing.T) {
 // visible, nothing staged is left, and the install succeeds.
 func TestKillDuringInstall(t *testing.T) {
 	testutil.RequireRoot(t)
-	big := filepath.Join(os.TempDir(), "cml-e2e-big-guestos")
+	big := filepath.Join(filepath.Dir(binDir), "big-guestos") // signed by this run's PKI
 	if _, err := os.Stat(filepath.Join(big, "guestos.conf")); err != nil {
 		if err := buildBigGuestOS(big, 256); err != nil {
 			t.Fatal(err)
