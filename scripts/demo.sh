@@ -13,8 +13,20 @@ pkill -f "cmld --state-dir $DEMO" 2>/dev/null || true
 rm -rf "$DEMO/guestos-src"
 mkdir -p "$DEMO"
 
-step "Build the busybox demo guest OS (erofs image + manifest with its SHA-256)"
-scripts/build-demo-guestos.sh "$DEMO/guestos-src" busybox 1
+step "Build pipeline: make a development PKI (root CA + code-signing certificate)"
+[ -f "$DEMO/pki/signer.key" ] || run bin/cmlsign pki init --dir "$DEMO/pki"
+
+step "Build pipeline: build and sign the busybox guest OS (erofs image, dm-verity hash tree, signed manifest)"
+scripts/build-demo-guestos.sh "$DEMO/guestos-src" "$DEMO/pki" busybox 1
+cp examples/demo.conf "$DEMO/demo.conf"
+run bin/cmlsign config --key "$DEMO/pki/signer.key" --cert "$DEMO/pki/signer.pem" "$DEMO/demo.conf"
+
+step "Anyone can check the signatures with stock openssl"
+run openssl dgst -sha256 -verify "$DEMO/pki/signer.pub" -signature "$DEMO/guestos-src/guestos.conf.sig" "$DEMO/guestos-src/guestos.conf"
+
+step "Provision the device: the PKI's root becomes the vendor CA (not changeable through the API)"
+mkdir -p "$DEMO/state/trust/vendor"
+run cp "$DEMO/pki/root-ca.pem" "$DEMO/state/trust/vendor/vendor.pem"
 
 step "Start cmld (state in $DEMO, control socket $CML_SOCKET)"
 bin/cmld --state-dir "$DEMO/state" --run-dir "$DEMO/run" 2>"$DEMO/cmld.log" &
@@ -27,15 +39,22 @@ bin/cmlctl stop demo >/dev/null 2>&1 || true
 bin/cmlctl remove demo >/dev/null 2>&1 || true
 bin/cmlctl guestos remove busybox 1 >/dev/null 2>&1 || true
 
-step "Install the guest OS (size and SHA-256 checked on the copied bytes)"
+step "A tampered copy of the guest OS is refused (one flipped byte in the image)"
+rm -rf "$DEMO/tampered" && cp -r "$DEMO/guestos-src" "$DEMO/tampered"
+printf '\377' | dd of="$DEMO/tampered/root.img" bs=1 seek=8192 conv=notrunc status=none
+printf '$ bin/cmlctl guestos install %s\n' "$DEMO/tampered"
+bin/cmlctl guestos install "$DEMO/tampered" || echo "(refused, exit status $?)"
+
+step "Install the genuine guest OS (signature, size, SHA-256 and verity root checked on the copied bytes)"
 run bin/cmlctl guestos install "$DEMO/guestos-src"
 run bin/cmlctl guestos list
+run bin/cmlctl ca list
 
-step "Create a container from a GyroidOS-style config"
-cat examples/demo.conf
-run bin/cmlctl create examples/demo.conf
+step "Create a container from a signed GyroidOS-style config"
+cat "$DEMO/demo.conf"
+run bin/cmlctl create "$DEMO/demo.conf"
 
-step "Start it"
+step "Start it (config signature and every image block verified again first)"
 run bin/cmlctl start demo
 run bin/cmlctl list
 
