@@ -13,7 +13,6 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"golang.org/x/sys/unix"
 )
@@ -39,10 +38,14 @@ func UnpackOCI(src, ref, dst string) (*OCIImage, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: image config: %w", src, err)
 	}
-	rc := mutate.Extract(img)
-	defer rc.Close()
-	if err := extractTar(tar.NewReader(rc), dst); err != nil {
+	layers, err := img.Layers()
+	if err != nil {
 		return nil, fmt.Errorf("%s: %w", src, err)
+	}
+	for i, l := range layers {
+		if err := applyLayer(l, dst); err != nil {
+			return nil, fmt.Errorf("%s: layer %d: %w", src, i+1, err)
+		}
 	}
 	out := &OCIImage{Env: cf.Config.Env}
 	argv := append(append([]string{}, cf.Config.Entrypoint...), cf.Config.Cmd...)
@@ -107,8 +110,41 @@ func pickImage(idx v1.ImageIndex, ref string) (v1.Image, error) {
 	return idx.Image(d.Digest)
 }
 
-// extractTar writes a flattened (whiteouts applied) tar stream into root.
-func extractTar(tr *tar.Reader, root string) error {
+const (
+	whiteoutPrefix = ".wh."
+	opaqueMarker   = ".wh..wh..opq"
+)
+
+// applyLayer applies one layer on top of root: first its whiteouts, which
+// delete from the layers below (a ".wh.name" entry removes name, an opaque
+// marker empties its directory), then its files.
+func applyLayer(l v1.Layer, root string) error {
+	for pass := 0; pass < 2; pass++ {
+		rc, err := l.Uncompressed()
+		if err != nil {
+			return err
+		}
+		err = extractTar(tar.NewReader(rc), root, pass == 0)
+		rc.Close()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// removeBelow deletes rel under root if it exists, never following a
+// symlink on the way.
+func removeBelow(root, rel string) error {
+	if err := ensureParents(root, rel); err != nil {
+		return err
+	}
+	return os.RemoveAll(filepath.Join(root, rel))
+}
+
+// extractTar writes one layer's tar stream into root: with whiteouts only
+// its deletions, else its files.
+func extractTar(tr *tar.Reader, root string, whiteouts bool) error {
 	for {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -122,6 +158,30 @@ func extractTar(tr *tar.Reader, root string) error {
 			return err
 		}
 		if rel == "." {
+			continue
+		}
+		base := path.Base(rel)
+		if whiteouts {
+			switch {
+			case base == opaqueMarker:
+				dir := path.Dir(rel)
+				if err := ensureParents(root, path.Join(dir, "x")); err != nil {
+					return err
+				}
+				ents, _ := os.ReadDir(filepath.Join(root, dir))
+				for _, e := range ents {
+					if err := os.RemoveAll(filepath.Join(root, dir, e.Name())); err != nil {
+						return err
+					}
+				}
+			case strings.HasPrefix(base, whiteoutPrefix):
+				if err := removeBelow(root, path.Join(path.Dir(rel), strings.TrimPrefix(base, whiteoutPrefix))); err != nil {
+					return err
+				}
+			}
+			continue
+		}
+		if strings.HasPrefix(base, whiteoutPrefix) {
 			continue
 		}
 		if err := ensureParents(root, rel); err != nil {

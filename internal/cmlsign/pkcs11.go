@@ -84,11 +84,9 @@ func (s *p11Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]
 	case *ecdsa.PublicKey:
 		mech = pkcs11.NewMechanism(pkcs11.CKM_ECDSA, nil)
 	case *rsa.PublicKey:
-		pss, ok := opts.(*rsa.PSSOptions)
-		if !ok || opts.HashFunc() != crypto.SHA256 {
+		if _, ok := opts.(*rsa.PSSOptions); !ok || opts.HashFunc() != crypto.SHA256 {
 			return nil, fmt.Errorf("PKCS#11: RSA keys sign with PSS and SHA-256 only")
 		}
-		_ = pss
 		mech = pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_PSS, pkcs11.NewPSSParams(pkcs11.CKM_SHA256, pkcs11.CKG_MGF1_SHA256, 32))
 	default:
 		return nil, fmt.Errorf("PKCS#11: key type %T is not supported in tokens (use ECDSA or RSA)", s.pub)
