@@ -20,6 +20,7 @@ import (
 	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
+	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/oci"
 	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/seccomp"
@@ -34,6 +35,9 @@ type run struct {
 	done     chan struct{} // closed when everything is released
 	stopping bool
 }
+
+// verityName names a container's dm-verity mapping (/dev/mapper/<name>).
+func verityName(id string) string { return "cml-" + id }
 
 // defaultPath is the PATH of container processes unless the config sets one.
 const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -121,16 +125,30 @@ func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerC
 		m.record(ctx, "container.verify", c, err, "")
 		return nil, err
 	}
-	imgFile, err := m.o.GuestOS.Check(ctx, g)
-	if err != nil {
-		m.record(ctx, "container.verify", c, err, "")
-		return nil, err
+	var img string
+	if m.o.GuestOS.UsesDMVerity() {
+		// Blocks are checked by the kernel as they are read.
+		if img, err = m.o.GuestOS.OpenVerity(ctx, g, verityName(c.uuid)); err != nil {
+			m.record(ctx, "container.verify", c, err, "")
+			return nil, err
+		}
+		defer func() {
+			if err != nil {
+				guestos.CloseVerity(verityName(c.uuid))
+			}
+		}()
+	} else {
+		imgFile, err := m.o.GuestOS.Check(ctx, g)
+		if err != nil {
+			m.record(ctx, "container.verify", c, err, "")
+			return nil, err
+		}
+		defer imgFile.Close()
+		img = fmt.Sprintf("/proc/self/fd/%d", imgFile.Fd())
 	}
-	defer imgFile.Close()
 	m.mu.Lock()
 	c.gtrust = g.Installed.Level
 	m.mu.Unlock()
-	img := fmt.Sprintf("/proc/self/fd/%d", imgFile.Fd())
 	keys, err := m.reserveDevices(c, cfg)
 	if err != nil {
 		return nil, err
@@ -449,6 +467,7 @@ func (m *Manager) release(ctx context.Context, c *Container, r *run) error {
 	} else {
 		os.RemoveAll(rdir)
 	}
+	guestos.CloseVerity(verityName(c.uuid))
 	if r != nil {
 		m.releaseDevices(r.devices)
 	}

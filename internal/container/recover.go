@@ -13,6 +13,7 @@ import (
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/audit"
+	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/rootfs"
 )
 
@@ -64,6 +65,7 @@ func (m *Manager) Recover(ctx context.Context) error {
 			return fmt.Errorf("recover: %w", err)
 		}
 		os.RemoveAll(dir)
+		guestos.CloseVerity(verityName(e.Name()))
 	}
 	m.sweepCgroups(alive)
 	m.o.Audit.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.recover", Outcome: audit.Success,

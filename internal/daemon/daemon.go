@@ -124,7 +124,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	store, err := guestos.Open(filepath.Join(c.StateDir, "guestos"), guestos.Options{Trust: ts, LocallySignedImages: dev.GetLocallySignedImages()})
+	store, err := guestos.Open(filepath.Join(c.StateDir, "guestos"), guestos.Options{Trust: ts, LocallySignedImages: dev.GetLocallySignedImages(), DMVerity: guestos.DMVerityAvailable()})
 	if err != nil {
 		return err
 	}
@@ -174,7 +174,7 @@ func Run(ctx context.Context, c Config) error {
 	cmlv1.RegisterControlServer(gs, srv)
 	sink.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.start", Outcome: audit.Success,
 		Details: fmt.Sprintf("pid %d, signed_configs %t, locally_signed_images %t, %d trusted CAs", os.Getpid(), dev.GetSignedConfigs(), dev.GetLocallySignedImages(), len(ts.List()))})
-	c.Log.Info("cmld ready", "socket", c.Socket, "state", c.StateDir, "runtime", runtimeBin)
+	c.Log.Info("cmld ready", "socket", c.Socket, "state", c.StateDir, "runtime", runtimeBin, "dm-verity", store.UsesDMVerity())
 
 	go mgr.Autostart(ctx)
 	errc := make(chan error, 1)

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -69,6 +70,9 @@ type Options struct {
 	Trust Verifier
 	// LocallySignedImages accepts guest OSes signed under an owner CA.
 	LocallySignedImages bool
+	// DMVerity maps images through dm-verity at start instead of checking
+	// them in full (hosts with device-mapper).
+	DMVerity bool
 	// Workers hash image blocks in parallel; 0 = one per CPU.
 	Workers int
 	Now     func() time.Time
@@ -373,22 +377,8 @@ func verityParams(m *cmlv1.GuestOSMount) (salt, root []byte, err error) {
 // /proc/self/fd/<fd> and close it after.
 func (s *Store) Check(ctx context.Context, g *GuestOS) (*os.File, error) {
 	id := fmt.Sprintf("guestos %s %d", g.Name(), g.Version())
-	mpath := filepath.Join(g.Dir, ManifestFile)
-	text, err1 := readBounded(mpath, config.MaxFileSize)
-	sig, err2 := readBounded(mpath+sign.SigSuffix, sign.MaxSignatureSize)
-	chain, err3 := readBounded(mpath+sign.CertSuffix, sign.MaxChainSize)
-	if err := errors.Join(err1, err2, err3); err != nil {
-		return nil, errdefs.Wrap(errdefs.ErrIntegrity, err, "%s: manifest", id)
-	}
-	res, err := s.o.Trust.Verify(text, sig, chain, g.Installed.Time)
-	if err != nil {
-		return nil, fmt.Errorf("%s: manifest: %w", id, err)
-	}
-	if err := s.allowed(res); err != nil {
-		return nil, fmt.Errorf("%s: %w", id, err)
-	}
-	if cfg, err := config.ParseGuestOS(mpath, text); err != nil || !proto.Equal(cfg, g.Config) {
-		return nil, errdefs.Integrity("%s: manifest changed since it was loaded", id)
+	if err := s.checkManifest(g); err != nil {
+		return nil, err
 	}
 	var rootImg *os.File
 	for _, m := range g.Config.GetMounts() {
@@ -406,6 +396,75 @@ func (s *Store) Check(ctx context.Context, g *GuestOS) (*os.File, error) {
 		}
 	}
 	return rootImg, nil
+}
+
+// checkManifest re-verifies the installed manifest's signature at its
+// install time against the current trust store and policy.
+func (s *Store) checkManifest(g *GuestOS) error {
+	id := fmt.Sprintf("guestos %s %d", g.Name(), g.Version())
+	mpath := filepath.Join(g.Dir, ManifestFile)
+	text, err1 := readBounded(mpath, config.MaxFileSize)
+	sig, err2 := readBounded(mpath+sign.SigSuffix, sign.MaxSignatureSize)
+	chain, err3 := readBounded(mpath+sign.CertSuffix, sign.MaxChainSize)
+	if err := errors.Join(err1, err2, err3); err != nil {
+		return errdefs.Wrap(errdefs.ErrIntegrity, err, "%s: manifest", id)
+	}
+	res, err := s.o.Trust.Verify(text, sig, chain, g.Installed.Time)
+	if err != nil {
+		return fmt.Errorf("%s: manifest: %w", id, err)
+	}
+	if err := s.allowed(res); err != nil {
+		return fmt.Errorf("%s: %w", id, err)
+	}
+	if cfg, err := config.ParseGuestOS(mpath, text); err != nil || !proto.Equal(cfg, g.Config) {
+		return errdefs.Integrity("%s: manifest changed since it was loaded", id)
+	}
+	return nil
+}
+
+// DMVerityAvailable reports whether this host can mount images through
+// dm-verity: a device-mapper control node and veritysetup.
+func DMVerityAvailable() bool {
+	if _, err := os.Stat("/dev/mapper/control"); err != nil {
+		return false
+	}
+	_, err := exec.LookPath("veritysetup")
+	return err == nil
+}
+
+// UsesDMVerity reports whether starts map images through dm-verity.
+func (s *Store) UsesDMVerity() bool { return s.o.DMVerity }
+
+// OpenVerity re-verifies the manifest and maps the root image through
+// dm-verity as /dev/mapper/<name>: the kernel then checks every block
+// against the signed root hash as it is read, so a start does not read the
+// whole image, and a block changed later fails with EIO instead of being
+// served. Close it with CloseVerity.
+func (s *Store) OpenVerity(ctx context.Context, g *GuestOS, name string) (string, error) {
+	if err := s.checkManifest(g); err != nil {
+		return "", err
+	}
+	m := g.Root()
+	if _, _, err := verityParams(m); err != nil {
+		return "", err
+	}
+	CloseVerity(name)
+	img := g.ImagePath(m)
+	if st, err := os.Stat(img); err != nil || uint64(st.Size()) != m.GetImageSize() {
+		return "", errdefs.Integrity("guestos %s %d: image %s is missing or its size changed", g.Name(), g.Version(), m.GetImageFile())
+	}
+	out, err := exec.CommandContext(ctx, "veritysetup", "open", img, name, img+HashFileSuffix, m.GetVerityRootHash()).CombinedOutput()
+	if err != nil {
+		return "", errdefs.Integrity("guestos %s %d: image %s: dm-verity refused it: %s", g.Name(), g.Version(), m.GetImageFile(), strings.TrimSpace(string(out)))
+	}
+	return "/dev/mapper/" + name, nil
+}
+
+// CloseVerity removes the dm-verity mapping name once nothing uses it.
+func CloseVerity(name string) {
+	if _, err := os.Stat("/dev/mapper/" + name); err == nil {
+		exec.Command("veritysetup", "close", "--deferred", name).Run()
+	}
 }
 
 func (s *Store) checkImage(g *GuestOS, m *cmlv1.GuestOSMount) (*os.File, error) {
