@@ -31,8 +31,8 @@ import (
 	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/guestos"
-	"github.com/cmlproject/cml/internal/trust"
 	"github.com/cmlproject/cml/internal/oci"
+	"github.com/cmlproject/cml/internal/trust"
 )
 
 // Server implements cmlv1.ControlServer.
@@ -42,9 +42,9 @@ type Server struct {
 	GuestOS    *guestos.Store
 	Trust      *trust.Store
 	// Downloads fetches guest OSes from https:// URLs; nil refuses URLs.
-	Downloads  *guestos.Downloader
-	Audit      audit.Recorder
-	Log        *slog.Logger
+	Downloads *guestos.Downloader
+	Audit     audit.Recorder
+	Log       *slog.Logger
 }
 
 // queries are read-only status calls, not audited (they would flood the

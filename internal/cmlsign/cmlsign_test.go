@@ -29,7 +29,7 @@ func run(t *testing.T, args ...string) (string, error) {
 
 type entry struct {
 	name, body, link string
-	typ               byte
+	typ              byte
 }
 
 func layer(t *testing.T, entries ...entry) v1.Layer {
@@ -111,8 +111,8 @@ func TestOCILayoutWhiteouts(t *testing.T) {
 func TestOCILayoutEscapesRefused(t *testing.T) {
 	outside := t.TempDir()
 	for name, l := range map[string]v1.Layer{
-		"dotdot":  layer(t, entry{name: "../../escaped", body: "x"}),
-		"symlink": layer(t, entry{name: "evil", typ: tar.TypeSymlink, link: outside}, entry{name: "evil/escaped", body: "x"}),
+		"dotdot":   layer(t, entry{name: "../../escaped", body: "x"}),
+		"symlink":  layer(t, entry{name: "evil", typ: tar.TypeSymlink, link: outside}, entry{name: "evil/escaped", body: "x"}),
 		"hardlink": layer(t, entry{name: "h", typ: tar.TypeLink, link: "../../etc/passwd"}),
 	} {
 		root := t.TempDir()

@@ -91,7 +91,7 @@ type Container struct {
 	pid     int
 	exit    int32
 	started time.Time
-	version uint64 // guest OS version of the current run
+	version uint64           // guest OS version of the current run
 	trust   cmlv1.TrustLevel // of the config
 	gtrust  cmlv1.TrustLevel // of the guest OS last checked
 	signer  string
@@ -99,7 +99,7 @@ type Container struct {
 	// this time so only revocation or a removed CA, not expiry, stop it.
 	accepted time.Time
 	console  *ring
-	run     *run // non-nil while the container has runtime state
+	run      *run // non-nil while the container has runtime state
 }
 
 type meta struct {

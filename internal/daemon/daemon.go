@@ -24,11 +24,11 @@ import (
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/api"
 	"github.com/cmlproject/cml/internal/audit"
-	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/config"
+	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/guestos"
-	"github.com/cmlproject/cml/internal/trust"
 	"github.com/cmlproject/cml/internal/oci"
+	"github.com/cmlproject/cml/internal/trust"
 )
 
 // Config is cmld's configuration. The zero value of each field selects the

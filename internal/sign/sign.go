@@ -241,7 +241,7 @@ type CertOptions struct {
 	ExtKeyUsage      []x509.ExtKeyUsage
 	DigitalSignature bool
 	NotBefore        time.Time
-	NotAfter    time.Time
+	NotAfter         time.Time
 }
 
 // Issue issues a certificate for pub, signed by parentKey under parent, or
