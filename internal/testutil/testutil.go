@@ -6,7 +6,6 @@ package testutil
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -80,22 +79,4 @@ func FileDigest(t testing.TB, path string) (int64, string) {
 		t.Fatal(err)
 	}
 	return n, hex.EncodeToString(h.Sum(nil))
-}
-
-// Manifest returns a guest OS manifest for one root image.
-func Manifest(name string, version uint64, image string, size int64, digest string, minRAM uint32) string {
-	return fmt.Sprintf(`name: %q
-version: %d
-mounts {
-  image_file: %q
-  mount_point: "/"
-  fs_type: "erofs"
-  image_size: %d
-  image_sha2_256: %q
-}
-init_path: "/bin/sh"
-init_param: "-c"
-init_param: "echo hello from $(hostname); trap 'exit 0' TERM; while :; do sleep 1; done"
-min_ram_limit: %d
-`, name, version, image, size, digest, minRAM)
 }
