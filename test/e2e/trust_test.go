@@ -135,10 +135,14 @@ func TestRevocationAndOwnerCAs(t *testing.T) {
 	}
 	// A guest OS signed under the owner CA needs locally_signed_images.
 	g := copyGuestOS(t, d)
-	owner.SignFile(t, filepath.Join(g, "guestos.conf"))
-	editManifest(t, g, `version: 1`, `version: 5`)
+	editManifest(t, g, `name: "busybox"`, `name: "ownerbox"`)
 	owner.SignFile(t, filepath.Join(g, "guestos.conf"))
 	d.refuse("locally signed images are off", "guestos", "install", g)
+	d.restartWithDevice("locally_signed_images: true\n")
+	if out := d.must("guestos", "install", g); !strings.Contains(out, "LOCALLY_SIGNED") {
+		t.Errorf("owner-signed guest OS: %q", out)
+	}
+	d.restartWithDevice("locally_signed_images: false\n")
 	// Vendor CAs are not changeable through the API.
 	vendorFP := sign.Fingerprint(mustCert(t, filepath.Join(pkiDir, "root-ca.pem")))
 	d.refuse("vendor CA", "ca", "remove", vendorFP[:16])
