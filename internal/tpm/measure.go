@@ -1,0 +1,169 @@
+// Package tpm is CML's access to a TPM 2.0: the kernel's resource manager
+// (/dev/tpmrm0), a software TPM, or the reference simulator in tests. This
+// part measures container starts into a PCR and keeps the matching event
+// log in the TCG Canonical Event Log format, so a verifier can replay it.
+package tpm
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+
+	"github.com/google/go-tpm-tools/cel"
+	"github.com/google/go-tpm/legacy/tpm2"
+)
+
+// DefaultPCR is the PCR container starts are measured into (as GyroidOS).
+const DefaultPCR = 11
+
+// EventType is the CEL content type of a CML container-start event, in
+// the range the CEL specification leaves to vendors.
+const EventType uint8 = 0xC0
+
+// Event is one measured container start: enough for a verifier to map it
+// to a signed guest OS version and a signed config.
+type Event struct {
+	Container    string `json:"container"` // UUID
+	Name         string `json:"name"`
+	GuestOS      string `json:"guestos"`
+	Version      uint64 `json:"version"`
+	VerityRoot   string `json:"verity_root"`   // hex, from the signed manifest
+	ConfigSHA256 string `json:"config_sha256"` // hex, of the exact config bytes
+}
+
+// GetTLV encodes the event as CEL content.
+func (e Event) GetTLV() (cel.TLV, error) {
+	b, err := json.Marshal(e)
+	return cel.TLV{Type: EventType, Value: b}, err
+}
+
+// GenerateDigest is the digest extended into the PCR: the hash of the
+// event's TLV encoding, so the log entry and the extend cannot disagree.
+func (e Event) GenerateDigest(h crypto.Hash) ([]byte, error) {
+	tlv, err := e.GetTLV()
+	if err != nil {
+		return nil, err
+	}
+	b, err := tlv.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	d := h.New()
+	d.Write(b)
+	return d.Sum(nil), nil
+}
+
+// ParseEvent decodes a record's content.
+func ParseEvent(t cel.TLV) (Event, error) {
+	var e Event
+	if t.Type != EventType {
+		return e, fmt.Errorf("CEL content type %#x is not a CML container start", t.Type)
+	}
+	err := json.Unmarshal(t.Value, &e)
+	return e, err
+}
+
+// Measurer extends container-start events into one PCR and appends them
+// to a persistent event log.
+type Measurer struct {
+	rw      io.ReadWriteCloser
+	pcr     int
+	logPath string
+	mu      sync.Mutex
+	log     cel.CEL
+}
+
+// NewMeasurer opens the measurement log at logPath against the TPM rw.
+// A log whose replay does not give the PCR's current value is refused,
+// unless the PCR is still zero (the TPM was reset, e.g. by a reboot): then
+// the old log is kept as logPath.old and a new one starts.
+func NewMeasurer(rw io.ReadWriteCloser, pcr int, logPath string) (*Measurer, error) {
+	m := &Measurer{rw: rw, pcr: pcr, logPath: logPath}
+	b, err := os.ReadFile(logPath)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	if len(b) > 0 {
+		if m.log, err = cel.DecodeToCEL(bytes.NewBuffer(b)); err != nil {
+			return nil, fmt.Errorf("measurement log %s: %w", logPath, err)
+		}
+	}
+	cur, err := m.PCRValue()
+	if err != nil {
+		return nil, err
+	}
+	if len(m.log.Records) > 0 && !bytes.Equal(Replay(m.log, pcr), cur) {
+		if !bytes.Equal(cur, make([]byte, sha256.Size)) {
+			return nil, fmt.Errorf("measurement log %s does not replay to PCR %d: log and TPM disagree", logPath, pcr)
+		}
+		if err := os.Rename(logPath, logPath+".old"); err != nil {
+			return nil, err
+		}
+		m.log = cel.CEL{}
+	}
+	return m, nil
+}
+
+// PCRValue reads the measurement PCR's SHA-256 value.
+func (m *Measurer) PCRValue() ([]byte, error) {
+	v, err := tpm2.ReadPCRs(m.rw, tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: []int{m.pcr}})
+	if err != nil {
+		return nil, fmt.Errorf("read PCR %d: %w", m.pcr, err)
+	}
+	return v[m.pcr], nil
+}
+
+// Measure extends e into the PCR and appends it to the log (synced before
+// returning, so a start is never running unlogged).
+func (m *Measurer) Measure(e Event) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if err := m.log.AppendEventPCR(m.rw, m.pcr, []crypto.Hash{crypto.SHA256}, e); err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	if err := m.log.Records[len(m.log.Records)-1].EncodeCELR(&buf); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(m.logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := f.Write(buf.Bytes()); err != nil {
+		return err
+	}
+	return f.Sync()
+}
+
+// Log returns the measurement log, CEL-encoded.
+func (m *Measurer) Log() ([]byte, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var buf bytes.Buffer
+	err := m.log.EncodeCEL(&buf)
+	return buf.Bytes(), err
+}
+
+// Replay returns the SHA-256 PCR value the log's records for pcr give,
+// extending from zero.
+func Replay(l cel.CEL, pcr int) []byte {
+	v := make([]byte, sha256.Size)
+	for _, r := range l.Records {
+		if int(r.Index) != pcr || r.IndexType != cel.PCRTypeValue {
+			continue
+		}
+		h := sha256.New()
+		h.Write(v)
+		h.Write(r.Digests[crypto.SHA256])
+		v = h.Sum(nil)
+	}
+	return v
+}
+
