@@ -39,13 +39,9 @@ func (f *signerFlags) add(cmd *cobra.Command) {
 }
 
 func (f *signerFlags) load() (crypto.Signer, []*x509.Certificate, func(), error) {
-	cb, err := os.ReadFile(f.cert)
+	chain, err := readCerts(f.cert)
 	if err != nil {
 		return nil, nil, nil, err
-	}
-	chain, err := sign.ParseCertificates(cb)
-	if err != nil {
-		return nil, nil, nil, fmt.Errorf("%s: %w", f.cert, err)
 	}
 	switch {
 	case f.module != "" && f.key != "":
@@ -65,13 +61,9 @@ func (f *signerFlags) load() (crypto.Signer, []*x509.Certificate, func(), error)
 		s, closeFn, err := OpenPKCS11Signer(f.module, f.label, pin, chain[0].PublicKey)
 		return s, chain, closeFn, err
 	case f.key != "":
-		kb, err := os.ReadFile(f.key)
+		k, err := readKey(f.key)
 		if err != nil {
 			return nil, nil, nil, err
-		}
-		k, err := sign.ParsePrivateKey(kb)
-		if err != nil {
-			return nil, nil, nil, fmt.Errorf("%s: %w", f.key, err)
 		}
 		return k, chain, func() {}, nil
 	}
@@ -187,13 +179,9 @@ func pkiCommand(out io.Writer) *cobra.Command {
 			}
 			var certs []*x509.Certificate
 			for _, p := range revoke {
-				b, err := os.ReadFile(p)
+				cs, err := readCerts(p)
 				if err != nil {
 					return err
-				}
-				cs, err := sign.ParseCertificates(b)
-				if err != nil {
-					return fmt.Errorf("%s: %w", p, err)
 				}
 				certs = append(certs, cs[0])
 			}
@@ -215,23 +203,41 @@ func pkiCommand(out io.Writer) *cobra.Command {
 }
 
 func loadCA(certPath, keyPath string) (*x509.Certificate, crypto.Signer, error) {
-	cb, err := os.ReadFile(certPath)
+	certs, err := readCerts(certPath)
 	if err != nil {
 		return nil, nil, err
 	}
-	certs, err := sign.ParseCertificates(cb)
-	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", certPath, err)
-	}
-	kb, err := os.ReadFile(keyPath)
+	key, err := readKey(keyPath)
 	if err != nil {
 		return nil, nil, err
-	}
-	key, err := sign.ParsePrivateKey(kb)
-	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w", keyPath, err)
 	}
 	return certs[0], key, nil
+}
+
+// readCerts reads a PEM certificate file; errors name the file.
+func readCerts(path string) ([]*x509.Certificate, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	certs, err := sign.ParseCertificates(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return certs, nil
+}
+
+// readKey reads a PEM private key file; errors name the file.
+func readKey(path string) (crypto.Signer, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	k, err := sign.ParsePrivateKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return k, nil
 }
 
 func readPublicKey(path string) (crypto.PublicKey, error) {
@@ -355,13 +361,9 @@ func verifyCommand(out io.Writer) *cobra.Command {
 		RunE: func(_ *cobra.Command, args []string) error {
 			var roots []*x509.Certificate
 			for _, p := range cas {
-				b, err := os.ReadFile(p)
+				cs, err := readCerts(p)
 				if err != nil {
 					return err
-				}
-				cs, err := sign.ParseCertificates(b)
-				if err != nil {
-					return fmt.Errorf("%s: %w", p, err)
 				}
 				roots = append(roots, cs...)
 			}

@@ -35,7 +35,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/atomicfile"
@@ -93,6 +92,7 @@ type GuestOS struct {
 	Size   uint64
 	// Installed records when and under whose signature it was accepted.
 	Installed InstallRecord
+	manifest  []byte // the exact bytes Config was parsed from
 }
 
 // InstallRecord is what the store remembers about an install.
@@ -158,19 +158,17 @@ func Open(dir string, o Options) (*Store, error) {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("guest OS store: %w", err)
 	}
-	// An install that crashed after recording its version but before the
-	// rename is harmless: the same version may be installed again.
-	for _, g := range mustList(s) {
-		if g.Version() > s.highest[g.Name()] {
-			s.highest[g.Name()] = g.Version()
+	// Installed versions count too (a store from before versions.json
+	// existed). An install that crashed after recording its version but
+	// before the rename is harmless: that version may be installed again.
+	for _, e := range ents {
+		if e.IsDir() && config.ValidName(e.Name()) {
+			if vs := s.versions(e.Name()); len(vs) > 0 && vs[len(vs)-1] > s.highest[e.Name()] {
+				s.highest[e.Name()] = vs[len(vs)-1]
+			}
 		}
 	}
 	return s, nil
-}
-
-func mustList(s *Store) []*GuestOS {
-	gs, _ := s.List()
-	return gs
 }
 
 // Highest returns the highest version of name ever installed.
@@ -242,6 +240,8 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	if _, err := os.Lstat(final); err == nil {
 		return nil, errdefs.AlreadyExists("%s is already installed", id)
 	}
+	// verifyManifest checked this before the lock; two installs racing
+	// past it are caught here.
 	if h := s.highest[cfg.GetName()]; cfg.GetVersion() < h {
 		return nil, errdefs.FailedPrecondition("%s is older than version %d installed before (rollback protection)", id, h)
 	}
@@ -297,7 +297,7 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	}
 	syncDir(filepath.Dir(final))
 	ok = true
-	return &GuestOS{Config: cfg, Dir: final, Size: total, Installed: InstallRecord{Time: now.UTC(), Level: res.Level, Signer: res.Signer, Root: res.Root}}, nil
+	return &GuestOS{Config: cfg, Dir: final, Size: total, Installed: InstallRecord{Time: now.UTC(), Level: res.Level, Signer: res.Signer, Root: res.Root}, manifest: text}, nil
 }
 
 // verifyManifest checks a manifest's signature and the device's policy
@@ -403,21 +403,19 @@ func (s *Store) Check(ctx context.Context, g *GuestOS) (*os.File, error) {
 func (s *Store) checkManifest(g *GuestOS) error {
 	id := fmt.Sprintf("guestos %s %d", g.Name(), g.Version())
 	mpath := filepath.Join(g.Dir, ManifestFile)
-	text, err1 := readBounded(mpath, config.MaxFileSize)
-	sig, err2 := readBounded(mpath+sign.SigSuffix, sign.MaxSignatureSize)
-	chain, err3 := readBounded(mpath+sign.CertSuffix, sign.MaxChainSize)
-	if err := errors.Join(err1, err2, err3); err != nil {
+	sig, err1 := readBounded(mpath+sign.SigSuffix, sign.MaxSignatureSize)
+	chain, err2 := readBounded(mpath+sign.CertSuffix, sign.MaxChainSize)
+	if err := errors.Join(err1, err2); err != nil {
 		return errdefs.Wrap(errdefs.ErrIntegrity, err, "%s: manifest", id)
 	}
-	res, err := s.o.Trust.Verify(text, sig, chain, g.Installed.Time)
+	// g.manifest is what Config was parsed from when g was loaded (each
+	// Get reads it afresh), so verifying it verifies what runs.
+	res, err := s.o.Trust.Verify(g.manifest, sig, chain, g.Installed.Time)
 	if err != nil {
 		return fmt.Errorf("%s: manifest: %w", id, err)
 	}
 	if err := s.allowed(res); err != nil {
 		return fmt.Errorf("%s: %w", id, err)
-	}
-	if cfg, err := config.ParseGuestOS(mpath, text); err != nil || !proto.Equal(cfg, g.Config) {
-		return errdefs.Integrity("%s: manifest changed since it was loaded", id)
 	}
 	return nil
 }
@@ -575,7 +573,7 @@ func (s *Store) load(name string, version uint64) (*GuestOS, error) {
 	for _, m := range cfg.GetMounts() {
 		total += m.GetImageSize()
 	}
-	g := &GuestOS{Config: cfg, Dir: dir, Size: total}
+	g := &GuestOS{Config: cfg, Dir: dir, Size: total, manifest: text}
 	b, err := readBounded(filepath.Join(dir, installFile), 4096)
 	if err != nil || json.Unmarshal(b, &g.Installed) != nil {
 		return nil, errdefs.Integrity("guestos %s %d: install record is missing or damaged", name, version)

@@ -166,4 +166,3 @@ func Replay(l cel.CEL, pcr int) []byte {
 	}
 	return v
 }
-

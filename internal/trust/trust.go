@@ -47,6 +47,7 @@ type Store struct {
 	vendor map[string]*x509.Certificate // by fingerprint
 	owner  map[string]*x509.Certificate
 	crls   []*x509.RevocationList
+	roots  *x509.CertPool // vendor and owner CAs, rebuilt when they change
 	// Now returns the current time (tests move it).
 	Now func() time.Time
 }
@@ -103,7 +104,19 @@ func Open(dir string) (*Store, error) {
 		}
 		s.crls = append(s.crls, crl)
 	}
+	s.rebuildRoots()
 	return s, nil
+}
+
+// rebuildRoots refreshes the pool chains are verified against; s.mu must
+// be held for writing (or s not yet shared).
+func (s *Store) rebuildRoots() {
+	s.roots = x509.NewCertPool()
+	for _, m := range []map[string]*x509.Certificate{s.vendor, s.owner} {
+		for _, c := range m {
+			s.roots.AddCert(c)
+		}
+	}
 }
 
 func parseCA(b []byte) (*x509.Certificate, error) {
@@ -168,6 +181,7 @@ func (s *Store) AddOwnerCA(pemBytes []byte) (CA, error) {
 		return CA{}, err
 	}
 	s.owner[fp] = c
+	s.rebuildRoots()
 	return CA{Fingerprint: fp, Subject: c.Subject.String(), NotAfter: c.NotAfter}, nil
 }
 
@@ -202,6 +216,7 @@ func (s *Store) RemoveOwnerCA(prefix string) (CA, error) {
 		return CA{}, err
 	}
 	delete(s.owner, match[0])
+	s.rebuildRoots()
 	return CA{Fingerprint: match[0], Subject: c.Subject.String(), NotAfter: c.NotAfter}, nil
 }
 
@@ -216,17 +231,16 @@ func (s *Store) AddCRL(b []byte) (issuer string, revoked int, err error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	known := false
+	namesRoot, signedByRoot := false, false
 	for _, m := range []map[string]*x509.Certificate{s.vendor, s.owner} {
 		for _, c := range m {
 			if bytes.Equal(c.RawSubject, crl.RawIssuer) {
-				if err := crl.CheckSignatureFrom(c); err == nil {
-					known = true
-				}
+				namesRoot = true
+				signedByRoot = signedByRoot || crl.CheckSignatureFrom(c) == nil
 			}
 		}
 	}
-	if !known && s.issuerIsRoot(crl) {
+	if namesRoot && !signedByRoot {
 		return "", 0, errdefs.Integrity("CRL claims to be from %q but its signature does not verify", crl.Issuer.String())
 	}
 	if len(s.crls) >= MaxCRLs {
@@ -242,17 +256,6 @@ func (s *Store) AddCRL(b []byte) (issuer string, revoked int, err error) {
 	}
 	s.crls = append(s.crls, crl)
 	return crl.Issuer.String(), len(crl.RevokedCertificateEntries), nil
-}
-
-func (s *Store) issuerIsRoot(crl *x509.RevocationList) bool {
-	for _, m := range []map[string]*x509.Certificate{s.vendor, s.owner} {
-		for _, c := range m {
-			if bytes.Equal(c.RawSubject, crl.RawIssuer) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // Verify checks sig over msg with the signer chain in chainPEM (leaf first)
@@ -296,17 +299,11 @@ func (s *Store) Verify(msg, sig, chainPEM []byte, at time.Time) (Result, error) 
 
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	roots := x509.NewCertPool()
-	for _, m := range []map[string]*x509.Certificate{s.vendor, s.owner} {
-		for _, c := range m {
-			roots.AddCert(c)
-		}
-	}
 	inter := x509.NewCertPool()
 	for _, c := range certs[1:] {
 		inter.AddCert(c)
 	}
-	chains, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}})
+	chains, err := leaf.Verify(x509.VerifyOptions{Roots: s.roots, Intermediates: inter, CurrentTime: at, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}})
 	if err != nil {
 		var inv x509.CertificateInvalidError
 		var ua x509.UnknownAuthorityError
@@ -397,5 +394,6 @@ func FromRoots(roots []*x509.Certificate) *Store {
 	for _, c := range roots {
 		s.vendor[sign.Fingerprint(c)] = c
 	}
+	s.rebuildRoots()
 	return s
 }
