@@ -10,6 +10,9 @@ for pair in runc:runc busybox:busybox-static mkfs.erofs:erofs-utils mksquashfs:s
 	pkg=${pair#*:}
 	command -v "$bin" >/dev/null 2>&1 || need="$need $pkg"
 done
+# Headers and libraries for cgo: the TPM reference simulator in the tests
+# links libcrypto.
+[ -f /usr/include/openssl/evp.h ] || need="$need libssl-dev"
 if [ -n "$need" ]; then
 	echo "installing:$need"
 	export DEBIAN_FRONTEND=noninteractive
