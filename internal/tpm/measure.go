@@ -1,7 +1,13 @@
 // Package tpm is CML's access to a TPM 2.0: the kernel's resource manager
-// (/dev/tpmrm0), a software TPM, or the reference simulator in tests. This
-// part measures container starts into a PCR and keeps the matching event
-// log in the TCG Canonical Event Log format, so a verifier can replay it.
+// (/dev/tpmrm0), a software TPM (swtpm) that cmld supervises when the
+// device has none, or the reference simulator in tests. It measures
+// container starts into a PCR with a TCG Canonical Event Log that replays
+// to it, keeps the device's identity keys (attestation and TLS) resident
+// in the TPM, quotes PCRs for remote attestation, and holds the guest OS
+// rollback counter in NV memory.
+//
+// It does not verify quotes (package attest does, without a TPM) and does
+// not seal data (the storage-encryption issue adds that).
 package tpm
 
 import (
@@ -77,6 +83,7 @@ type Measurer struct {
 	logPath string
 	mu      sync.Mutex
 	log     cel.CEL
+	resets  int
 }
 
 // NewMeasurer opens the measurement log at logPath against the TPM rw.
@@ -94,21 +101,46 @@ func NewMeasurer(rw io.ReadWriteCloser, pcr int, logPath string) (*Measurer, err
 			return nil, fmt.Errorf("measurement log %s: %w", logPath, err)
 		}
 	}
-	cur, err := m.PCRValue()
-	if err != nil {
+	if _, err := m.sync(); err != nil {
 		return nil, err
-	}
-	if len(m.log.Records) > 0 && !bytes.Equal(Replay(m.log, pcr), cur) {
-		if !bytes.Equal(cur, make([]byte, sha256.Size)) {
-			return nil, fmt.Errorf("measurement log %s does not replay to PCR %d: log and TPM disagree", logPath, pcr)
-		}
-		if err := os.Rename(logPath, logPath+".old"); err != nil {
-			return nil, err
-		}
-		m.log = cel.CEL{}
 	}
 	return m, nil
 }
+
+// sync checks the log against the PCR. When the PCR is zero but the log is
+// not empty, the TPM was reset (a reboot, a restarted swtpm): the old log
+// is kept as logPath.old and a new one starts. Any other disagreement is
+// refused: someone else extended the PCR, or the log was edited.
+func (m *Measurer) sync() (reset bool, err error) {
+	cur, err := m.PCRValue()
+	if err != nil {
+		return false, err
+	}
+	if bytes.Equal(Replay(m.log, m.pcr), cur) {
+		return false, nil
+	}
+	if !bytes.Equal(cur, make([]byte, sha256.Size)) {
+		return false, fmt.Errorf("measurement log %s does not replay to PCR %d: log and TPM disagree", m.logPath, m.pcr)
+	}
+	if err := os.Rename(m.logPath, m.logPath+".old"); err != nil {
+		return false, err
+	}
+	m.log = cel.CEL{}
+	m.resets++
+	return true, nil
+}
+
+// Resets counts how often the log started over since the Measurer was
+// made, including at NewMeasurer; the daemon re-measures running
+// containers when it grows.
+func (m *Measurer) Resets() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.resets
+}
+
+// PCR is the PCR measured into.
+func (m *Measurer) PCR() int { return m.pcr }
 
 // PCRValue reads the measurement PCR's SHA-256 value.
 func (m *Measurer) PCRValue() ([]byte, error) {
@@ -124,6 +156,9 @@ func (m *Measurer) PCRValue() ([]byte, error) {
 func (m *Measurer) Measure(e Event) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if _, err := m.sync(); err != nil {
+		return err
+	}
 	if err := m.log.AppendEventPCR(m.rw, m.pcr, []crypto.Hash{crypto.SHA256}, e); err != nil {
 		return err
 	}
@@ -140,6 +175,22 @@ func (m *Measurer) Measure(e Event) error {
 		return err
 	}
 	return f.Sync()
+}
+
+// Attest quotes the selected PCRs with nonce and returns the quote with
+// the log it covers, taken under one lock so no start can slip between.
+func (m *Measurer) Attest(k *Keys, nonce []byte, pcrs []int) (*Quote, []byte, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	q, err := k.Quote(nonce, pcrs)
+	if err != nil {
+		return nil, nil, err
+	}
+	var buf bytes.Buffer
+	if err := m.log.EncodeCEL(&buf); err != nil {
+		return nil, nil, err
+	}
+	return q, buf.Bytes(), nil
 }
 
 // Log returns the measurement log, CEL-encoded.
@@ -165,4 +216,18 @@ func Replay(l cel.CEL, pcr int) []byte {
 		v = h.Sum(nil)
 	}
 	return v
+}
+
+// MaxLog bounds a measurement log a verifier will parse.
+const MaxLog = 4 << 20
+
+// DecodeLog parses a CEL-encoded measurement log.
+func DecodeLog(b []byte) (cel.CEL, error) {
+	if len(b) > MaxLog {
+		return cel.CEL{}, fmt.Errorf("measurement log of %d bytes exceeds %d", len(b), MaxLog)
+	}
+	if len(b) == 0 {
+		return cel.CEL{}, nil
+	}
+	return cel.DecodeToCEL(bytes.NewBuffer(b))
 }

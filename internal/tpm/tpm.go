@@ -1,0 +1,268 @@
+package tpm
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// DevicePath is the kernel's TPM resource manager, used when present.
+const DevicePath = "/dev/tpmrm0"
+
+// maxResponse bounds one TPM response (TPM 2.0 library: 4096 bytes).
+const maxResponse = 4096
+
+// Conn is one connection to a TPM that serializes commands: each Write of
+// a command holds the connection until the whole response has been read,
+// so concurrent callers (measurement, quotes, identity) cannot interleave.
+// It also reassembles responses a stream socket delivers in pieces.
+type Conn struct {
+	mu   sync.Mutex // held from a command's Write to its response's last Read
+	rw   io.ReadWriteCloser
+	dial func() (io.ReadWriteCloser, error) // reconnects after a broken connection (swtpm); nil otherwise
+	resp []byte
+	// Source names the TPM for logs and status: "/dev/tpmrm0", "swtpm …",
+	// "simulator".
+	Source string
+}
+
+// NewConn wraps an open TPM connection.
+func NewConn(rw io.ReadWriteCloser, source string) *Conn {
+	return &Conn{rw: rw, Source: source}
+}
+
+// Write sends one command.
+func (c *Conn) Write(cmd []byte) (int, error) {
+	c.mu.Lock()
+	if c.rw == nil && c.dial != nil {
+		rw, err := c.dial()
+		if err != nil {
+			c.mu.Unlock()
+			return 0, fmt.Errorf("reconnect to %s: %w", c.Source, err)
+		}
+		c.rw = rw
+	}
+	n, err := c.rw.Write(cmd)
+	if err != nil {
+		c.broken()
+		c.mu.Unlock()
+		return n, err
+	}
+	c.resp = c.resp[:0]
+	return n, nil
+}
+
+// Read returns the response to the last command, whole.
+func (c *Conn) Read(p []byte) (int, error) {
+	defer c.mu.Unlock()
+	buf := make([]byte, maxResponse)
+	for {
+		if len(c.resp) >= 10 {
+			size := int(binary.BigEndian.Uint32(c.resp[2:6]))
+			if size < 10 || size > maxResponse {
+				c.broken()
+				return 0, fmt.Errorf("TPM response of %d bytes", size)
+			}
+			if len(c.resp) >= size {
+				if len(p) < size {
+					return 0, io.ErrShortBuffer
+				}
+				return copy(p, c.resp[:size]), nil
+			}
+		}
+		n, err := c.rw.Read(buf)
+		c.resp = append(c.resp, buf[:n]...)
+		if err != nil {
+			c.broken()
+			return 0, err
+		}
+	}
+}
+
+func (c *Conn) broken() {
+	if c.dial != nil && c.rw != nil {
+		c.rw.Close()
+		c.rw = nil
+	}
+}
+
+// Close closes the connection.
+func (c *Conn) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.rw == nil {
+		return nil
+	}
+	err := c.rw.Close()
+	c.rw = nil
+	return err
+}
+
+// OpenDevice opens a kernel TPM resource manager such as /dev/tpmrm0.
+func OpenDevice(path string) (*Conn, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	return NewConn(f, path), nil
+}
+
+// Swtpm is a software TPM (swtpm) that cmld runs and supervises when the
+// device has no TPM. Its state (persistent keys, NV indices) lives in a
+// directory under cmld's state directory and survives restarts; its PCRs
+// are reset each time it starts, like a TPM at boot. It dies with cmld.
+type Swtpm struct {
+	dir, socket string
+	log         *slog.Logger
+	mu          sync.Mutex
+	cmd         *exec.Cmd
+	stopping    bool
+	exited      chan struct{}
+}
+
+// StartSwtpm starts swtpm on the state directory dir (created 0700) and
+// waits until its socket answers. The command socket is dir/tpm.sock and
+// its control socket dir/tpm.sock.ctrl, the layout tpm2-tools' swtpm TCTI
+// expects, so an operator can inspect the TPM while cmld is stopped.
+func StartSwtpm(ctx context.Context, dir string, log *slog.Logger) (*Swtpm, error) {
+	bin, err := exec.LookPath("swtpm")
+	if err != nil {
+		return nil, errors.New("no TPM at " + DevicePath + " and swtpm is not installed (apt install swtpm)")
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "state"), 0o700); err != nil {
+		return nil, err
+	}
+	s := &Swtpm{dir: dir, socket: filepath.Join(dir, "tpm.sock"), log: log}
+	if err := s.start(bin); err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("unix", s.socket)
+		if err == nil {
+			c.Close()
+			break
+		}
+		select {
+		case <-s.exited:
+			return nil, fmt.Errorf("swtpm exited at start (state %s)", dir)
+		default:
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			s.Stop()
+			return nil, fmt.Errorf("swtpm did not open %s", s.socket)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	go s.supervise(bin)
+	return s, nil
+}
+
+func (s *Swtpm) start(bin string) error {
+	os.Remove(s.socket)
+	os.Remove(s.socket + ".ctrl")
+	cmd := exec.Command(bin, "socket", "--tpm2",
+		"--tpmstate", "dir="+filepath.Join(s.dir, "state")+",mode=0600",
+		"--server", "type=unixio,path="+s.socket+",mode=0600",
+		"--ctrl", "type=unixio,path="+s.socket+".ctrl,mode=0600",
+		"--flags", "not-need-init,startup-clear")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM, Setpgid: true}
+	out, err := os.OpenFile(filepath.Join(s.dir, "swtpm.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	cmd.Stdout, cmd.Stderr = out, out
+	err = cmd.Start()
+	out.Close()
+	if err != nil {
+		return fmt.Errorf("start swtpm: %w", err)
+	}
+	s.mu.Lock()
+	s.cmd = cmd
+	s.exited = make(chan struct{})
+	s.mu.Unlock()
+	go func(ch chan struct{}) { cmd.Wait(); close(ch) }(s.exited)
+	return nil
+}
+
+// supervise restarts swtpm when it dies unexpectedly. Its PCRs restart
+// from zero; the measurement log notices and starts over (see Measurer).
+func (s *Swtpm) supervise(bin string) {
+	for {
+		s.mu.Lock()
+		ch := s.exited
+		s.mu.Unlock()
+		<-ch
+		s.mu.Lock()
+		stopping := s.stopping
+		s.mu.Unlock()
+		if stopping {
+			return
+		}
+		s.log.Error("swtpm exited; restarting it (PCRs start over)", "state", s.dir)
+		time.Sleep(200 * time.Millisecond)
+		if err := s.start(bin); err != nil {
+			s.log.Error("restart swtpm", "err", err)
+			return
+		}
+	}
+}
+
+// Dial connects to the running swtpm; the connection redials after a
+// swtpm restart.
+func (s *Swtpm) Dial() (*Conn, error) {
+	dial := func() (io.ReadWriteCloser, error) { return net.Dial("unix", s.socket) }
+	rw, err := dial()
+	if err != nil {
+		return nil, err
+	}
+	return &Conn{rw: rw, dial: dial, Source: "swtpm " + s.dir}, nil
+}
+
+// Stop terminates swtpm (it saves its state on SIGTERM).
+func (s *Swtpm) Stop() {
+	s.mu.Lock()
+	s.stopping = true
+	cmd, ch := s.cmd, s.exited
+	s.mu.Unlock()
+	if cmd == nil || cmd.Process == nil {
+		return
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-ch:
+	case <-time.After(5 * time.Second):
+		cmd.Process.Kill()
+		<-ch
+	}
+}
+
+// Open opens the TPM cmld uses: the kernel's resource manager when
+// DevicePath exists, otherwise its own swtpm with state in swtpmDir. The
+// returned stop function ends swtpm, if one was started.
+func Open(ctx context.Context, swtpmDir string, log *slog.Logger) (*Conn, func(), error) {
+	if _, err := os.Stat(DevicePath); err == nil {
+		c, err := OpenDevice(DevicePath)
+		return c, func() {}, err
+	}
+	s, err := StartSwtpm(ctx, swtpmDir, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := s.Dial()
+	if err != nil {
+		s.Stop()
+		return nil, nil, err
+	}
+	return c, func() { c.Close(); s.Stop() }, nil
+}
