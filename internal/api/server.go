@@ -29,6 +29,7 @@ import (
 	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/container"
+	"github.com/cmlproject/cml/internal/device"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/oci"
@@ -43,8 +44,10 @@ type Server struct {
 	Trust      *trust.Store
 	// Downloads fetches guest OSes from https:// URLs; nil refuses URLs.
 	Downloads *guestos.Downloader
-	Audit     audit.Recorder
-	Log       *slog.Logger
+	// Device holds the TPM identity and answers attestation challenges.
+	Device *device.Identity
+	Audit  audit.Recorder
+	Log    *slog.Logger
 }
 
 // queries are read-only status calls, not audited (they would flood the
@@ -52,7 +55,9 @@ type Server struct {
 var queries = map[string]bool{
 	"/cml.v1.Control/List": true, "/cml.v1.Control/State": true,
 	"/cml.v1.Control/GuestOSList": true, "/cml.v1.Control/Events": true,
-	"/cml.v1.Control/CAList": true,
+	"/cml.v1.Control/CAList": true, "/cml.v1.Control/DeviceInfo": true,
+	// Attest only reads; a verifier watching a fleet polls it.
+	"/cml.v1.Control/Attest": true,
 }
 
 // objectOf names what a request acts on, for the audit record.
@@ -80,6 +85,13 @@ func objectOf(req any) string {
 		return r.GetDir() + r.GetUrl()
 	case *cmlv1.CARemoveRequest:
 		return r.GetFingerprint()
+	case *cmlv1.DeviceCSRRequest:
+		return r.GetKey().String()
+	case *cmlv1.DeviceCertRequest:
+		if r.GetReplace() {
+			return "replace"
+		}
+		return "install"
 	case *cmlv1.GuestOSRemoveRequest:
 		return fmt.Sprintf("%s %d", r.GetName(), r.GetVersion())
 	case *cmlv1.ExecStart:
@@ -338,6 +350,36 @@ func (s *Server) CRLLoad(ctx context.Context, r *cmlv1.CRLLoadRequest) (*cmlv1.C
 		return nil, err
 	}
 	return &cmlv1.CRLLoadResponse{Issuer: proto.String(issuer), Revoked: proto.Uint32(uint32(n))}, nil
+}
+
+func (s *Server) DeviceInfo(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.DeviceIdentity, error) {
+	return s.Device.Info(), nil
+}
+
+func (s *Server) DeviceCSR(ctx context.Context, r *cmlv1.DeviceCSRRequest) (*cmlv1.DeviceCSRResponse, error) {
+	b, err := s.Device.CSR(r.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	return &cmlv1.DeviceCSRResponse{Pem: b}, nil
+}
+
+func (s *Server) DeviceCert(ctx context.Context, r *cmlv1.DeviceCertRequest) (*cmlv1.DeviceIdentity, error) {
+	if err := s.Device.InstallCert(ctx, r.GetPem(), r.GetReplace()); err != nil {
+		return nil, err
+	}
+	return s.Device.Info(), nil
+}
+
+func (s *Server) DeviceProvisioned(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.DeviceIdentity, error) {
+	if err := s.Device.Provisioned(ctx); err != nil {
+		return nil, err
+	}
+	return s.Device.Info(), nil
+}
+
+func (s *Server) Attest(ctx context.Context, r *cmlv1.AttestRequest) (*cmlv1.Attestation, error) {
+	return s.Device.Attest(r.GetNonce(), r.GetPcrs())
 }
 
 func (s *Server) GuestOSRemove(ctx context.Context, r *cmlv1.GuestOSRemoveRequest) (*cmlv1.Empty, error) {

@@ -76,7 +76,7 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 	root.AddCommand(a.listCmd(), a.createCmd(), a.refCmd("remove", "Remove a stopped container and its data"),
 		a.refCmd("start", "Start a container"), a.stopCmd(), a.killCmd(), a.refCmd("state", "Show a container's state"),
 		a.refCmd("config", "Show a container's config"), a.updateConfigCmd(), a.refCmd("freeze", "Freeze a container"),
-		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd(), a.caCmd())
+		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd(), a.caCmd(), a.deviceCmd())
 	err := root.Execute()
 	if a.conn != nil {
 		a.conn.Close()
@@ -591,14 +591,6 @@ func (a *app) exec(c cmlv1.ControlClient, ref string, args, env []string, tty bo
 
 func (a *app) caCmd() *cobra.Command {
 	ca := &cobra.Command{Use: "ca", Short: "Manage the trusted CAs: vendor CAs (set at provisioning) and owner CAs, and CRLs"}
-	readPEM := func(p string) ([]byte, error) {
-		f, err := os.Open(p)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		return io.ReadAll(io.LimitReader(f, 4<<20))
-	}
 	ca.AddCommand(&cobra.Command{
 		Use: "list", Short: "List trusted root CAs", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -628,7 +620,7 @@ func (a *app) caCmd() *cobra.Command {
 	}, &cobra.Command{
 		Use: "register <ca.pem>", Short: "Trust an owner root CA (configs and, with locally_signed_images, guest OSes signed under it)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			b, err := readPEM(args[0])
+			b, err := readLimited(args[0])
 			if err != nil {
 				return err
 			}
@@ -662,7 +654,7 @@ func (a *app) caCmd() *cobra.Command {
 	}, &cobra.Command{
 		Use: "crl <crl.pem>", Short: "Load a certificate revocation list", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			b, err := readPEM(args[0])
+			b, err := readLimited(args[0])
 			if err != nil {
 				return err
 			}

@@ -360,5 +360,13 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 	if p := d.GetUpdateCaFile(); p != "" && p[0] != '/' {
 		return nil, errdefs.InvalidArgument("%s: field update_ca_file: %q is not an absolute path", source, p)
 	}
+	if p := d.GetMeasurementPcr(); p > 23 {
+		return nil, errdefs.InvalidArgument("%s: field measurement_pcr: PCR %d does not exist (0 to 23)", source, p)
+	}
+	for field, v := range map[string]string{"product_name": d.GetProductName(), "serial": d.GetSerial()} {
+		if len(v) > 64 || strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+			return nil, errdefs.InvalidArgument("%s: field %s: at most 64 printable characters", source, field)
+		}
+	}
 	return d, nil
 }

@@ -2,6 +2,8 @@ package container
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,6 +26,7 @@ import (
 	"github.com/cmlproject/cml/internal/oci"
 	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/seccomp"
+	"github.com/cmlproject/cml/internal/tpm"
 )
 
 // run is the runtime state of one started container.
@@ -31,6 +34,7 @@ type run struct {
 	pid      int
 	process  specs.Process // template for exec: caps, env
 	devices  []string      // exclusively held device keys
+	measured *tpm.Event    // what was measured into the TPM for this run
 	exited   chan struct{} // closed when init has exited
 	done     chan struct{} // closed when everything is released
 	stopping bool
@@ -121,7 +125,8 @@ func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerC
 	// TSF-INIT: config and image are verified again before every start.
 	// The image is checked in full (verity root over every block) and the
 	// very file that was checked is mounted, through its open descriptor.
-	if err := m.recheckConfig(c); err != nil {
+	cfgText, err := m.recheckConfig(c)
+	if err != nil {
 		m.record(ctx, "container.verify", c, err, "")
 		return nil, err
 	}
@@ -200,6 +205,16 @@ func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerC
 	if err != nil {
 		return nil, err
 	}
+	// Measured boot of the container: what is about to run goes into the
+	// TPM first; a start that cannot be measured does not happen.
+	ev := measurement(c.uuid, cfg, g, cfgText)
+	if m.o.Measurer != nil {
+		if err := m.o.Measurer.Measure(ev); err != nil {
+			reader.Close()
+			m.record(ctx, "container.measure", c, err, "")
+			return nil, fmt.Errorf("container %s: measure into the TPM: %w", name, err)
+		}
+	}
 	pidFile := filepath.Join(rdir, "init.pid")
 	if err := m.o.Runtime.Run(ctx, c.uuid, bundle, pidFile, rw); err != nil {
 		reader.Close()
@@ -210,10 +225,10 @@ func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerC
 		reader.Close()
 		return nil, err
 	}
-	r := &run{pid: pid, process: *spec.Process, devices: keys, exited: make(chan struct{}), done: make(chan struct{})}
+	r := &run{pid: pid, process: *spec.Process, devices: keys, measured: &ev, exited: make(chan struct{}), done: make(chan struct{})}
 	c.version = g.Version()
 	// What a restarted daemon needs to re-adopt this run.
-	rb, _ := json.Marshal(runRecord{GuestOSVersion: g.Version(), Devices: keys})
+	rb, _ := json.Marshal(runRecord{GuestOSVersion: g.Version(), Devices: keys, Measured: &ev})
 	if err := atomicfile.Write(filepath.Join(rdir, "run.json"), rb, 0o600); err != nil {
 		m.o.Runtime.Kill(ctx, c.uuid, unix.SIGKILL, true)
 		reader.Close()
@@ -222,6 +237,38 @@ func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerC
 	m.watch(c, r, reader)
 	m.record(ctx, "container.run", c, nil, fmt.Sprintf("init pid %d, guestos %s %d", pid, g.Name(), g.Version()))
 	return r, nil
+}
+
+// measurement is the TPM event for a start of c: the guest OS version and
+// its root image's verity root hash (pinned by the signed manifest) and
+// the digest of the exact config bytes that were just verified.
+func measurement(uuid string, cfg *cmlv1.ContainerConfig, g *guestos.GuestOS, cfgText []byte) tpm.Event {
+	sum := sha256.Sum256(cfgText)
+	return tpm.Event{Container: uuid, Name: cfg.GetName(), GuestOS: g.Name(), Version: g.Version(),
+		VerityRoot: g.Root().GetVerityRootHash(), ConfigSHA256: hex.EncodeToString(sum[:])}
+}
+
+// MeasureRunning measures every running container again. The daemon calls
+// it when the TPM's PCRs were reset under running containers (cmld's own
+// swtpm restarted), so an attestation still shows what runs.
+func (m *Manager) MeasureRunning(ctx context.Context) error {
+	if m.o.Measurer == nil {
+		return nil
+	}
+	m.mu.Lock()
+	var evs []tpm.Event
+	for _, c := range m.containers {
+		if c.run != nil && c.run.measured != nil {
+			evs = append(evs, *c.run.measured)
+		}
+	}
+	m.mu.Unlock()
+	for _, e := range evs {
+		if err := m.o.Measurer.Measure(e); err != nil {
+			return fmt.Errorf("re-measure container %s: %w", e.Name, err)
+		}
+	}
+	return nil
 }
 
 func readPid(path string) (int, error) {

@@ -33,6 +33,7 @@ import (
 	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/oci"
 	"github.com/cmlproject/cml/internal/sign"
+	"github.com/cmlproject/cml/internal/tpm"
 	"github.com/cmlproject/cml/internal/trust"
 )
 
@@ -60,6 +61,14 @@ type Options struct {
 	// configs (device setting signed_configs).
 	Trust         *trust.Store
 	SignedConfigs bool
+	// Measurer extends each start into the TPM before the runtime runs
+	// it; nil measures nothing (unit tests).
+	Measurer Measurer
+}
+
+// Measurer records a container start in the TPM and its event log.
+type Measurer interface {
+	Measure(tpm.Event) error
 }
 
 // ConfigFile is a container config as it arrived: its exact bytes, and its
@@ -360,23 +369,23 @@ func writeConfigFiles(dir string, f ConfigFile) error {
 // recheckConfig re-reads the stored config and verifies it again before a
 // start: a revoked signer, a removed CA, an edited file or an unsigned
 // config after signed_configs was turned on stop the start.
-func (m *Manager) recheckConfig(c *Container) error {
+func (m *Manager) recheckConfig(c *Container) ([]byte, error) {
 	dir := m.containerDir(c.uuid)
 	f := ConfigFile{Source: "config of " + c.cfg.GetName()}
 	var err error
 	if f.Text, err = os.ReadFile(filepath.Join(dir, "config.conf")); err != nil {
-		return errdefs.Integrity("%s: %v", f.Source, err)
+		return nil, errdefs.Integrity("%s: %v", f.Source, err)
 	}
 	f.Sig, _ = os.ReadFile(filepath.Join(dir, "config.conf"+sign.SigSuffix))
 	f.Pem, _ = os.ReadFile(filepath.Join(dir, "config.conf"+sign.CertSuffix))
 	cfg, res, err := m.acceptConfig(f, c.accepted)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if !proto.Equal(cfg, c.cfg) || res.Level != c.trust {
-		return errdefs.Integrity("%s: stored config changed since it was accepted", f.Source)
+		return nil, errdefs.Integrity("%s: stored config changed since it was accepted", f.Source)
 	}
-	return nil
+	return f.Text, nil
 }
 
 // Create stores a new container from a config file.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/cmlproject/cml/internal/tpm"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -20,8 +21,9 @@ import (
 // runRecord is written next to a running container's bundle so that a
 // restarted daemon can re-adopt it.
 type runRecord struct {
-	GuestOSVersion uint64   `json:"guestos_version"`
-	Devices        []string `json:"devices"`
+	GuestOSVersion uint64     `json:"guestos_version"`
+	Devices        []string   `json:"devices"`
+	Measured       *tpm.Event `json:"measured,omitempty"`
 }
 
 // Recover loads all containers and reconciles them with what survived a
@@ -100,7 +102,7 @@ func (m *Manager) adopt(ctx context.Context, c *Container, pid int, paused bool)
 		reader.Close()
 		return fmt.Errorf("init %d: %w", pid, err)
 	}
-	r := &run{pid: pid, process: *spec.Process, devices: rec.Devices, exited: make(chan struct{}), done: make(chan struct{})}
+	r := &run{pid: pid, process: *spec.Process, devices: rec.Devices, measured: rec.Measured, exited: make(chan struct{}), done: make(chan struct{})}
 	m.mu.Lock()
 	for _, k := range rec.Devices {
 		m.devices[k] = c.uuid

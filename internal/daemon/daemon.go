@@ -26,8 +26,10 @@ import (
 	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/container"
+	"github.com/cmlproject/cml/internal/device"
 	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/oci"
+	"github.com/cmlproject/cml/internal/tpm"
 	"github.com/cmlproject/cml/internal/trust"
 )
 
@@ -124,7 +126,31 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	store, err := guestos.Open(filepath.Join(c.StateDir, "guestos"), guestos.Options{Trust: ts, LocallySignedImages: dev.GetLocallySignedImages(), DMVerity: guestos.DMVerityAvailable()})
+	// The TPM: the kernel's when there is one, else cmld's own swtpm with
+	// its state in <state>/tpm (keys and NV survive restarts, PCRs do not).
+	tpmConn, stopTPM, err := tpm.Open(ctx, filepath.Join(c.StateDir, "tpm"), c.Log)
+	if err != nil {
+		return fmt.Errorf("TPM: %w", err)
+	}
+	defer stopTPM()
+	keys, err := tpm.EnsureKeys(tpmConn)
+	if err != nil {
+		return fmt.Errorf("TPM identity keys: %w", err)
+	}
+	counter, err := tpm.OpenVersions(tpmConn)
+	if err != nil {
+		return fmt.Errorf("TPM rollback counter: %w", err)
+	}
+	measurer, err := tpm.NewMeasurer(tpmConn, int(dev.GetMeasurementPcr()), filepath.Join(c.StateDir, "measurements.cel"))
+	if err != nil {
+		return err
+	}
+	ident, err := device.Open(device.Options{Dir: filepath.Join(c.StateDir, "identity"), Keys: keys, Measurer: measurer,
+		TPM: tpmConn.Source, ProductName: dev.GetProductName(), Serial: dev.GetSerial(), Audit: sink})
+	if err != nil {
+		return err
+	}
+	store, err := guestos.Open(filepath.Join(c.StateDir, "guestos"), guestos.Options{Trust: ts, LocallySignedImages: dev.GetLocallySignedImages(), DMVerity: guestos.DMVerityAvailable(), Counter: counter})
 	if err != nil {
 		return err
 	}
@@ -152,6 +178,7 @@ func Run(ctx context.Context, c Config) error {
 		Trust:    ts,
 		// signed_configs defaults to on.
 		SignedConfigs: dev.GetSignedConfigs(),
+		Measurer:      measurer,
 	})
 	if err != nil {
 		return err
@@ -159,12 +186,21 @@ func Run(ctx context.Context, c Config) error {
 	if err := mgr.Recover(ctx); err != nil {
 		return err
 	}
+	// The PCR started over (a reboot, or cmld's swtpm restarted with it)
+	// under containers that kept running: measure them again, so an
+	// attestation still shows everything that runs.
+	if measurer.Resets() > 0 {
+		if err := mgr.MeasureRunning(ctx); err != nil {
+			return err
+		}
+	}
+	go remeasure(ctx, measurer, mgr, c.Log)
 
 	lis, err := listen(c.Socket, c.SocketGroup)
 	if err != nil {
 		return err
 	}
-	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Audit: sink, Log: c.Log}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Audit: sink, Log: c.Log}
 	gs := grpc.NewServer(
 		grpc.Creds(api.PeerCredentials()),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),
@@ -173,8 +209,8 @@ func Run(ctx context.Context, c Config) error {
 	)
 	cmlv1.RegisterControlServer(gs, srv)
 	sink.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.start", Outcome: audit.Success,
-		Details: fmt.Sprintf("pid %d, signed_configs %t, locally_signed_images %t, %d trusted CAs", os.Getpid(), dev.GetSignedConfigs(), dev.GetLocallySignedImages(), len(ts.List()))})
-	c.Log.Info("cmld ready", "socket", c.Socket, "state", c.StateDir, "runtime", runtimeBin, "dm-verity", store.UsesDMVerity())
+		Details: fmt.Sprintf("pid %d, signed_configs %t, locally_signed_images %t, %d trusted CAs, TPM %s, device %s", os.Getpid(), dev.GetSignedConfigs(), dev.GetLocallySignedImages(), len(ts.List()), tpmConn.Source, ident.UUID())})
+	c.Log.Info("cmld ready", "socket", c.Socket, "state", c.StateDir, "runtime", runtimeBin, "dm-verity", store.UsesDMVerity(), "tpm", tpmConn.Source, "device", ident.UUID())
 
 	go mgr.Autostart(ctx)
 	errc := make(chan error, 1)
@@ -193,6 +229,32 @@ func Run(ctx context.Context, c Config) error {
 	os.Remove(c.Socket)
 	sink.Record(context.Background(), audit.Event{Type: "daemon", Operation: "daemon.stop", Outcome: audit.Success})
 	return err
+}
+
+// remeasure watches for the PCR starting over while cmld runs (its swtpm
+// was restarted after a crash) and measures the running containers again.
+func remeasure(ctx context.Context, m *tpm.Measurer, mgr *container.Manager, log *slog.Logger) {
+	seen := m.Resets()
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := m.Check(); err != nil {
+			log.Error("measurement log and TPM disagree", "err", err)
+			continue
+		}
+		if n := m.Resets(); n != seen {
+			seen = n
+			log.Warn("TPM PCRs were reset under running containers; measuring them again")
+			if err := mgr.MeasureRunning(ctx); err != nil {
+				log.Error("re-measure", "err", err)
+			}
+		}
+	}
 }
 
 // loadDevice reads the device settings; a missing default file means the

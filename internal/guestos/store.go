@@ -75,6 +75,16 @@ type Options struct {
 	// Workers hash image blocks in parallel; 0 = one per CPU.
 	Workers int
 	Now     func() time.Time
+	// Counter is a second, tamper-resistant copy of the highest versions
+	// (the TPM's NV rollback table); nil keeps them in versions.json only.
+	Counter Counter
+}
+
+// Counter records the highest version of each guest OS somewhere a restore
+// of the state directory cannot reach.
+type Counter interface {
+	Highest(name string) uint64
+	Raise(name string, version uint64) error
 }
 
 // Store is the guest OS store rooted at a directory.
@@ -168,6 +178,14 @@ func Open(dir string, o Options) (*Store, error) {
 			}
 		}
 	}
+	// A store from before the device had a Counter brings its versions in.
+	if o.Counter != nil {
+		for name, v := range s.highest {
+			if err := o.Counter.Raise(name, v); err != nil {
+				return nil, fmt.Errorf("guest OS store: rollback counter: %w", err)
+			}
+		}
+	}
 	return s, nil
 }
 
@@ -175,7 +193,17 @@ func Open(dir string, o Options) (*Store, error) {
 func (s *Store) Highest(name string) uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.highest[name]
+	return s.highestLocked(name)
+}
+
+// highestLocked is the higher of versions.json's and the Counter's value:
+// an old versions.json put back cannot lower it.
+func (s *Store) highestLocked(name string) uint64 {
+	h := s.highest[name]
+	if s.o.Counter != nil {
+		h = max(h, s.o.Counter.Highest(name))
+	}
+	return h
 }
 
 func (s *Store) versionDir(name string, version uint64) string {
@@ -242,7 +270,7 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	}
 	// verifyManifest checked this before the lock; two installs racing
 	// past it are caught here.
-	if h := s.highest[cfg.GetName()]; cfg.GetVersion() < h {
+	if h := s.highestLocked(cfg.GetName()); cfg.GetVersion() < h {
 		return nil, errdefs.FailedPrecondition("%s is older than version %d installed before (rollback protection)", id, h)
 	}
 	stage, err := os.MkdirTemp(s.dir, stagingPrefix)
@@ -285,6 +313,11 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	}
 	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
 		return nil, err
+	}
+	if s.o.Counter != nil {
+		if err := s.o.Counter.Raise(cfg.GetName(), cfg.GetVersion()); err != nil {
+			return nil, fmt.Errorf("%s: TPM rollback counter: %w", id, err)
+		}
 	}
 	if cfg.GetVersion() > s.highest[cfg.GetName()] {
 		s.highest[cfg.GetName()] = cfg.GetVersion()

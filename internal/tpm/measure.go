@@ -130,6 +130,15 @@ func (m *Measurer) sync() (reset bool, err error) {
 	return true, nil
 }
 
+// Check compares the log with the PCR now, starting the log over when the
+// TPM was reset (see Resets).
+func (m *Measurer) Check() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, err := m.sync()
+	return err
+}
+
 // Resets counts how often the log started over since the Measurer was
 // made, including at NewMeasurer; the daemon re-measures running
 // containers when it grows.

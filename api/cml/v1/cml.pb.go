@@ -286,6 +286,62 @@ func (ContainerState) EnumDescriptor() ([]byte, []int) {
 	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3}
 }
 
+type DeviceCSRRequest_Key int32
+
+const (
+	DeviceCSRRequest_TLS         DeviceCSRRequest_Key = 1
+	DeviceCSRRequest_ATTESTATION DeviceCSRRequest_Key = 2
+)
+
+// Enum value maps for DeviceCSRRequest_Key.
+var (
+	DeviceCSRRequest_Key_name = map[int32]string{
+		1: "TLS",
+		2: "ATTESTATION",
+	}
+	DeviceCSRRequest_Key_value = map[string]int32{
+		"TLS":         1,
+		"ATTESTATION": 2,
+	}
+)
+
+func (x DeviceCSRRequest_Key) Enum() *DeviceCSRRequest_Key {
+	p := new(DeviceCSRRequest_Key)
+	*p = x
+	return p
+}
+
+func (x DeviceCSRRequest_Key) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (DeviceCSRRequest_Key) Descriptor() protoreflect.EnumDescriptor {
+	return file_api_cml_v1_cml_proto_enumTypes[4].Descriptor()
+}
+
+func (DeviceCSRRequest_Key) Type() protoreflect.EnumType {
+	return &file_api_cml_v1_cml_proto_enumTypes[4]
+}
+
+func (x DeviceCSRRequest_Key) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Do not use.
+func (x *DeviceCSRRequest_Key) UnmarshalJSON(b []byte) error {
+	num, err := protoimpl.X.UnmarshalJSONEnum(x.Descriptor(), b)
+	if err != nil {
+		return err
+	}
+	*x = DeviceCSRRequest_Key(num)
+	return nil
+}
+
+// Deprecated: Use DeviceCSRRequest_Key.Descriptor instead.
+func (DeviceCSRRequest_Key) EnumDescriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34, 0}
+}
+
 // ContainerConfig is a container's configuration file (protobuf text format).
 type ContainerConfig struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
@@ -834,15 +890,23 @@ type DeviceConfig struct {
 	SignedConfigs *bool `protobuf:"varint,2,opt,name=signed_configs,json=signedConfigs,def=1" json:"signed_configs,omitempty"`
 	// update_ca_file is a PEM file of the CAs that HTTPS guest OS servers'
 	// certificates must chain to.
-	UpdateCaFile  *string `protobuf:"bytes,3,opt,name=update_ca_file,json=updateCaFile" json:"update_ca_file,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	UpdateCaFile *string `protobuf:"bytes,3,opt,name=update_ca_file,json=updateCaFile" json:"update_ca_file,omitempty"`
+	// product_name and serial make the device certificate's common name
+	// "<product_name> <serial>"; serial defaults to the device UUID.
+	ProductName *string `protobuf:"bytes,4,opt,name=product_name,json=productName,def=CML device" json:"product_name,omitempty"`
+	Serial      *string `protobuf:"bytes,5,opt,name=serial" json:"serial,omitempty"`
+	// measurement_pcr is the PCR container starts are measured into.
+	MeasurementPcr *uint32 `protobuf:"varint,6,opt,name=measurement_pcr,json=measurementPcr,def=11" json:"measurement_pcr,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 // Default values for DeviceConfig fields.
 const (
 	Default_DeviceConfig_LocallySignedImages = bool(false)
 	Default_DeviceConfig_SignedConfigs       = bool(true)
+	Default_DeviceConfig_ProductName         = string("CML device")
+	Default_DeviceConfig_MeasurementPcr      = uint32(11)
 )
 
 func (x *DeviceConfig) Reset() {
@@ -894,6 +958,27 @@ func (x *DeviceConfig) GetUpdateCaFile() string {
 		return *x.UpdateCaFile
 	}
 	return ""
+}
+
+func (x *DeviceConfig) GetProductName() string {
+	if x != nil && x.ProductName != nil {
+		return *x.ProductName
+	}
+	return Default_DeviceConfig_ProductName
+}
+
+func (x *DeviceConfig) GetSerial() string {
+	if x != nil && x.Serial != nil {
+		return *x.Serial
+	}
+	return ""
+}
+
+func (x *DeviceConfig) GetMeasurementPcr() uint32 {
+	if x != nil && x.MeasurementPcr != nil {
+		return *x.MeasurementPcr
+	}
+	return Default_DeviceConfig_MeasurementPcr
 }
 
 // Container is the daemon's view of one container.
@@ -2640,6 +2725,477 @@ func (x *GuestOSRemoveRequest) GetVersion() uint64 {
 	return 0
 }
 
+// DeviceIdentity is the device's TPM-held identity and its provisioning
+// state.
+type DeviceIdentity struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	DeviceUuid *string                `protobuf:"bytes,1,opt,name=device_uuid,json=deviceUuid" json:"device_uuid,omitempty"`
+	CommonName *string                `protobuf:"bytes,2,opt,name=common_name,json=commonName" json:"common_name,omitempty"`
+	// provisioned: `cmlctl device provisioned` was run; identity changes
+	// now need the audited replace step.
+	Provisioned *bool `protobuf:"varint,3,opt,name=provisioned" json:"provisioned,omitempty"`
+	// tls_certificate is the TLS key's chain (PEM); self-signed until a
+	// fleet CA's certificate is installed.
+	TlsCertificate []byte `protobuf:"bytes,4,opt,name=tls_certificate,json=tlsCertificate" json:"tls_certificate,omitempty"`
+	TlsSelfSigned  *bool  `protobuf:"varint,5,opt,name=tls_self_signed,json=tlsSelfSigned" json:"tls_self_signed,omitempty"`
+	// attestation_certificate is the attestation key's chain (PEM), empty
+	// until installed.
+	AttestationCertificate []byte `protobuf:"bytes,6,opt,name=attestation_certificate,json=attestationCertificate" json:"attestation_certificate,omitempty"`
+	// tpm names the TPM in use: /dev/tpmrm0 or the supervised swtpm.
+	Tpm            *string `protobuf:"bytes,7,opt,name=tpm" json:"tpm,omitempty"`
+	MeasurementPcr *uint32 `protobuf:"varint,8,opt,name=measurement_pcr,json=measurementPcr" json:"measurement_pcr,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *DeviceIdentity) Reset() {
+	*x = DeviceIdentity{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceIdentity) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceIdentity) ProtoMessage() {}
+
+func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceIdentity.ProtoReflect.Descriptor instead.
+func (*DeviceIdentity) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *DeviceIdentity) GetDeviceUuid() string {
+	if x != nil && x.DeviceUuid != nil {
+		return *x.DeviceUuid
+	}
+	return ""
+}
+
+func (x *DeviceIdentity) GetCommonName() string {
+	if x != nil && x.CommonName != nil {
+		return *x.CommonName
+	}
+	return ""
+}
+
+func (x *DeviceIdentity) GetProvisioned() bool {
+	if x != nil && x.Provisioned != nil {
+		return *x.Provisioned
+	}
+	return false
+}
+
+func (x *DeviceIdentity) GetTlsCertificate() []byte {
+	if x != nil {
+		return x.TlsCertificate
+	}
+	return nil
+}
+
+func (x *DeviceIdentity) GetTlsSelfSigned() bool {
+	if x != nil && x.TlsSelfSigned != nil {
+		return *x.TlsSelfSigned
+	}
+	return false
+}
+
+func (x *DeviceIdentity) GetAttestationCertificate() []byte {
+	if x != nil {
+		return x.AttestationCertificate
+	}
+	return nil
+}
+
+func (x *DeviceIdentity) GetTpm() string {
+	if x != nil && x.Tpm != nil {
+		return *x.Tpm
+	}
+	return ""
+}
+
+func (x *DeviceIdentity) GetMeasurementPcr() uint32 {
+	if x != nil && x.MeasurementPcr != nil {
+		return *x.MeasurementPcr
+	}
+	return 0
+}
+
+type DeviceCSRRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           *DeviceCSRRequest_Key  `protobuf:"varint,1,opt,name=key,enum=cml.v1.DeviceCSRRequest_Key,def=1" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+// Default values for DeviceCSRRequest fields.
+const (
+	Default_DeviceCSRRequest_Key = DeviceCSRRequest_TLS
+)
+
+func (x *DeviceCSRRequest) Reset() {
+	*x = DeviceCSRRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceCSRRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceCSRRequest) ProtoMessage() {}
+
+func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceCSRRequest.ProtoReflect.Descriptor instead.
+func (*DeviceCSRRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *DeviceCSRRequest) GetKey() DeviceCSRRequest_Key {
+	if x != nil && x.Key != nil {
+		return *x.Key
+	}
+	return Default_DeviceCSRRequest_Key
+}
+
+type DeviceCSRResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pem           []byte                 `protobuf:"bytes,1,opt,name=pem" json:"pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceCSRResponse) Reset() {
+	*x = DeviceCSRResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceCSRResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceCSRResponse) ProtoMessage() {}
+
+func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceCSRResponse.ProtoReflect.Descriptor instead.
+func (*DeviceCSRResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *DeviceCSRResponse) GetPem() []byte {
+	if x != nil {
+		return x.Pem
+	}
+	return nil
+}
+
+type DeviceCertRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// pem is the issued certificate, optionally followed by its
+	// intermediate CAs.
+	Pem []byte `protobuf:"bytes,1,opt,name=pem" json:"pem,omitempty"`
+	// replace must be set to change a certificate after provisioning ended.
+	Replace       *bool `protobuf:"varint,2,opt,name=replace" json:"replace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceCertRequest) Reset() {
+	*x = DeviceCertRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceCertRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceCertRequest) ProtoMessage() {}
+
+func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceCertRequest.ProtoReflect.Descriptor instead.
+func (*DeviceCertRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *DeviceCertRequest) GetPem() []byte {
+	if x != nil {
+		return x.Pem
+	}
+	return nil
+}
+
+func (x *DeviceCertRequest) GetReplace() bool {
+	if x != nil && x.Replace != nil {
+		return *x.Replace
+	}
+	return false
+}
+
+type AttestRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// nonce is the verifier's fresh challenge, 8 to 64 bytes.
+	Nonce []byte `protobuf:"bytes,1,opt,name=nonce" json:"nonce,omitempty"`
+	// pcrs to quote (SHA-256 bank); the measurement PCR is always included.
+	Pcrs          []uint32 `protobuf:"varint,2,rep,name=pcrs" json:"pcrs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AttestRequest) Reset() {
+	*x = AttestRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AttestRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AttestRequest) ProtoMessage() {}
+
+func (x *AttestRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
+func (*AttestRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *AttestRequest) GetNonce() []byte {
+	if x != nil {
+		return x.Nonce
+	}
+	return nil
+}
+
+func (x *AttestRequest) GetPcrs() []uint32 {
+	if x != nil {
+		return x.Pcrs
+	}
+	return nil
+}
+
+type PCRValue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         *uint32                `protobuf:"varint,1,opt,name=index" json:"index,omitempty"`
+	Sha256        []byte                 `protobuf:"bytes,2,opt,name=sha256" json:"sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PCRValue) Reset() {
+	*x = PCRValue{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PCRValue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PCRValue) ProtoMessage() {}
+
+func (x *PCRValue) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
+func (*PCRValue) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *PCRValue) GetIndex() uint32 {
+	if x != nil && x.Index != nil {
+		return *x.Index
+	}
+	return 0
+}
+
+func (x *PCRValue) GetSha256() []byte {
+	if x != nil {
+		return x.Sha256
+	}
+	return nil
+}
+
+// Attestation is a device's answer to a challenge: all a verifier needs,
+// with no TPM of its own.
+type Attestation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// quote is the TPMS_ATTEST structure the attestation key signed.
+	Quote []byte `protobuf:"bytes,1,opt,name=quote" json:"quote,omitempty"`
+	// signature is the TPMT_SIGNATURE over quote.
+	Signature []byte      `protobuf:"bytes,2,opt,name=signature" json:"signature,omitempty"`
+	Pcrs      []*PCRValue `protobuf:"bytes,3,rep,name=pcrs" json:"pcrs,omitempty"`
+	// event_log is the measurement log in TCG Canonical Event Log (TLV)
+	// encoding.
+	EventLog []byte `protobuf:"bytes,4,opt,name=event_log,json=eventLog" json:"event_log,omitempty"`
+	// attestation_certificate is the attestation key's chain (PEM, leaf
+	// first); empty while the device is not provisioned.
+	AttestationCertificate []byte  `protobuf:"bytes,5,opt,name=attestation_certificate,json=attestationCertificate" json:"attestation_certificate,omitempty"`
+	TlsCertificate         []byte  `protobuf:"bytes,6,opt,name=tls_certificate,json=tlsCertificate" json:"tls_certificate,omitempty"`
+	DeviceUuid             *string `protobuf:"bytes,7,opt,name=device_uuid,json=deviceUuid" json:"device_uuid,omitempty"`
+	MeasurementPcr         *uint32 `protobuf:"varint,8,opt,name=measurement_pcr,json=measurementPcr" json:"measurement_pcr,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
+}
+
+func (x *Attestation) Reset() {
+	*x = Attestation{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Attestation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Attestation) ProtoMessage() {}
+
+func (x *Attestation) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Attestation.ProtoReflect.Descriptor instead.
+func (*Attestation) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *Attestation) GetQuote() []byte {
+	if x != nil {
+		return x.Quote
+	}
+	return nil
+}
+
+func (x *Attestation) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *Attestation) GetPcrs() []*PCRValue {
+	if x != nil {
+		return x.Pcrs
+	}
+	return nil
+}
+
+func (x *Attestation) GetEventLog() []byte {
+	if x != nil {
+		return x.EventLog
+	}
+	return nil
+}
+
+func (x *Attestation) GetAttestationCertificate() []byte {
+	if x != nil {
+		return x.AttestationCertificate
+	}
+	return nil
+}
+
+func (x *Attestation) GetTlsCertificate() []byte {
+	if x != nil {
+		return x.TlsCertificate
+	}
+	return nil
+}
+
+func (x *Attestation) GetDeviceUuid() string {
+	if x != nil && x.DeviceUuid != nil {
+		return *x.DeviceUuid
+	}
+	return ""
+}
+
+func (x *Attestation) GetMeasurementPcr() uint32 {
+	if x != nil && x.MeasurementPcr != nil {
+		return *x.MeasurementPcr
+	}
+	return 0
+}
+
 var File_api_cml_v1_cml_proto protoreflect.FileDescriptor
 
 const file_api_cml_v1_cml_proto_rawDesc = "" +
@@ -2705,11 +3261,15 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"init_param\x18\x15 \x03(\tR\tinitParam\x12\x19\n" +
 	"\binit_env\x18\x16 \x03(\tR\ainitEnv\x12\"\n" +
 	"\rmin_ram_limit\x18d \x01(\rR\vminRamLimit\x12 \n" +
-	"\vdescription\x18e \x01(\tR\vdescription\"\x9c\x01\n" +
+	"\vdescription\x18e \x01(\tR\vdescription\"\x90\x02\n" +
 	"\fDeviceConfig\x129\n" +
 	"\x15locally_signed_images\x18\x01 \x01(\b:\x05falseR\x13locallySignedImages\x12+\n" +
 	"\x0esigned_configs\x18\x02 \x01(\b:\x04trueR\rsignedConfigs\x12$\n" +
-	"\x0eupdate_ca_file\x18\x03 \x01(\tR\fupdateCaFile\"\xaf\x03\n" +
+	"\x0eupdate_ca_file\x18\x03 \x01(\tR\fupdateCaFile\x12-\n" +
+	"\fproduct_name\x18\x04 \x01(\t:\n" +
+	"CML deviceR\vproductName\x12\x16\n" +
+	"\x06serial\x18\x05 \x01(\tR\x06serial\x12+\n" +
+	"\x0fmeasurement_pcr\x18\x06 \x01(\r:\x0211R\x0emeasurementPcr\"\xaf\x03\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
@@ -2836,7 +3396,44 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\arevoked\x18\x02 \x01(\rR\arevoked\"D\n" +
 	"\x14GuestOSRemoveRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
-	"\aversion\x18\x02 \x01(\x04R\aversion*'\n" +
+	"\aversion\x18\x02 \x01(\x04R\aversion\"\xb9\x02\n" +
+	"\x0eDeviceIdentity\x12\x1f\n" +
+	"\vdevice_uuid\x18\x01 \x01(\tR\n" +
+	"deviceUuid\x12\x1f\n" +
+	"\vcommon_name\x18\x02 \x01(\tR\n" +
+	"commonName\x12 \n" +
+	"\vprovisioned\x18\x03 \x01(\bR\vprovisioned\x12'\n" +
+	"\x0ftls_certificate\x18\x04 \x01(\fR\x0etlsCertificate\x12&\n" +
+	"\x0ftls_self_signed\x18\x05 \x01(\bR\rtlsSelfSigned\x127\n" +
+	"\x17attestation_certificate\x18\x06 \x01(\fR\x16attestationCertificate\x12\x10\n" +
+	"\x03tpm\x18\a \x01(\tR\x03tpm\x12'\n" +
+	"\x0fmeasurement_pcr\x18\b \x01(\rR\x0emeasurementPcr\"h\n" +
+	"\x10DeviceCSRRequest\x123\n" +
+	"\x03key\x18\x01 \x01(\x0e2\x1c.cml.v1.DeviceCSRRequest.Key:\x03TLSR\x03key\"\x1f\n" +
+	"\x03Key\x12\a\n" +
+	"\x03TLS\x10\x01\x12\x0f\n" +
+	"\vATTESTATION\x10\x02\"%\n" +
+	"\x11DeviceCSRResponse\x12\x10\n" +
+	"\x03pem\x18\x01 \x01(\fR\x03pem\"?\n" +
+	"\x11DeviceCertRequest\x12\x10\n" +
+	"\x03pem\x18\x01 \x01(\fR\x03pem\x12\x18\n" +
+	"\areplace\x18\x02 \x01(\bR\areplace\"9\n" +
+	"\rAttestRequest\x12\x14\n" +
+	"\x05nonce\x18\x01 \x01(\fR\x05nonce\x12\x12\n" +
+	"\x04pcrs\x18\x02 \x03(\rR\x04pcrs\"8\n" +
+	"\bPCRValue\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x16\n" +
+	"\x06sha256\x18\x02 \x01(\fR\x06sha256\"\xb0\x02\n" +
+	"\vAttestation\x12\x14\n" +
+	"\x05quote\x18\x01 \x01(\fR\x05quote\x12\x1c\n" +
+	"\tsignature\x18\x02 \x01(\fR\tsignature\x12$\n" +
+	"\x04pcrs\x18\x03 \x03(\v2\x10.cml.v1.PCRValueR\x04pcrs\x12\x1b\n" +
+	"\tevent_log\x18\x04 \x01(\fR\beventLog\x127\n" +
+	"\x17attestation_certificate\x18\x05 \x01(\fR\x16attestationCertificate\x12'\n" +
+	"\x0ftls_certificate\x18\x06 \x01(\fR\x0etlsCertificate\x12\x1f\n" +
+	"\vdevice_uuid\x18\a \x01(\tR\n" +
+	"deviceUuid\x12'\n" +
+	"\x0fmeasurement_pcr\x18\b \x01(\rR\x0emeasurementPcr*'\n" +
 	"\rContainerType\x12\r\n" +
 	"\tCONTAINER\x10\x01\x12\a\n" +
 	"\x03KVM\x10\x02*1\n" +
@@ -2859,7 +3456,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xfd\b\n" +
+	"\x06FAILED\x10\a2\xa7\v\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -2884,7 +3481,14 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	".cml.v1.CA\x12/\n" +
 	"\bCARemove\x12\x17.cml.v1.CARemoveRequest\x1a\n" +
 	".cml.v1.CA\x12:\n" +
-	"\aCRLLoad\x12\x16.cml.v1.CRLLoadRequest\x1a\x17.cml.v1.CRLLoadResponseB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
+	"\aCRLLoad\x12\x16.cml.v1.CRLLoadRequest\x1a\x17.cml.v1.CRLLoadResponse\x123\n" +
+	"\n" +
+	"DeviceInfo\x12\r.cml.v1.Empty\x1a\x16.cml.v1.DeviceIdentity\x12@\n" +
+	"\tDeviceCSR\x12\x18.cml.v1.DeviceCSRRequest\x1a\x19.cml.v1.DeviceCSRResponse\x12?\n" +
+	"\n" +
+	"DeviceCert\x12\x19.cml.v1.DeviceCertRequest\x1a\x16.cml.v1.DeviceIdentity\x12:\n" +
+	"\x11DeviceProvisioned\x12\r.cml.v1.Empty\x1a\x16.cml.v1.DeviceIdentity\x124\n" +
+	"\x06Attest\x12\x15.cml.v1.AttestRequest\x1a\x13.cml.v1.AttestationB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
 
 var (
 	file_api_cml_v1_cml_proto_rawDescOnce sync.Once
@@ -2898,111 +3502,131 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 	return file_api_cml_v1_cml_proto_rawDescData
 }
 
-var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
 	(TrustLevel)(0),                // 2: cml.v1.TrustLevel
 	(ContainerState)(0),            // 3: cml.v1.ContainerState
-	(*ContainerConfig)(nil),        // 4: cml.v1.ContainerConfig
-	(*Volume)(nil),                 // 5: cml.v1.Volume
-	(*GuestOSMount)(nil),           // 6: cml.v1.GuestOSMount
-	(*GuestOSConfig)(nil),          // 7: cml.v1.GuestOSConfig
-	(*DeviceConfig)(nil),           // 8: cml.v1.DeviceConfig
-	(*Container)(nil),              // 9: cml.v1.Container
-	(*ContainerRef)(nil),           // 10: cml.v1.ContainerRef
-	(*ListRequest)(nil),            // 11: cml.v1.ListRequest
-	(*ListResponse)(nil),           // 12: cml.v1.ListResponse
-	(*CreateRequest)(nil),          // 13: cml.v1.CreateRequest
-	(*StopRequest)(nil),            // 14: cml.v1.StopRequest
-	(*KillRequest)(nil),            // 15: cml.v1.KillRequest
-	(*UpdateConfigRequest)(nil),    // 16: cml.v1.UpdateConfigRequest
-	(*Empty)(nil),                  // 17: cml.v1.Empty
-	(*ExecStart)(nil),              // 18: cml.v1.ExecStart
-	(*ExecRequest)(nil),            // 19: cml.v1.ExecRequest
-	(*Resize)(nil),                 // 20: cml.v1.Resize
-	(*ExecResponse)(nil),           // 21: cml.v1.ExecResponse
-	(*LogsRequest)(nil),            // 22: cml.v1.LogsRequest
-	(*LogsResponse)(nil),           // 23: cml.v1.LogsResponse
-	(*EventsRequest)(nil),          // 24: cml.v1.EventsRequest
-	(*Event)(nil),                  // 25: cml.v1.Event
-	(*GuestOS)(nil),                // 26: cml.v1.GuestOS
-	(*GuestOSListResponse)(nil),    // 27: cml.v1.GuestOSListResponse
-	(*GuestOSInstallRequest)(nil),  // 28: cml.v1.GuestOSInstallRequest
-	(*GuestOSInstallProgress)(nil), // 29: cml.v1.GuestOSInstallProgress
-	(*CA)(nil),                     // 30: cml.v1.CA
-	(*CAListResponse)(nil),         // 31: cml.v1.CAListResponse
-	(*CARegisterRequest)(nil),      // 32: cml.v1.CARegisterRequest
-	(*CARemoveRequest)(nil),        // 33: cml.v1.CARemoveRequest
-	(*CRLLoadRequest)(nil),         // 34: cml.v1.CRLLoadRequest
-	(*CRLLoadResponse)(nil),        // 35: cml.v1.CRLLoadResponse
-	(*GuestOSRemoveRequest)(nil),   // 36: cml.v1.GuestOSRemoveRequest
+	(DeviceCSRRequest_Key)(0),      // 4: cml.v1.DeviceCSRRequest.Key
+	(*ContainerConfig)(nil),        // 5: cml.v1.ContainerConfig
+	(*Volume)(nil),                 // 6: cml.v1.Volume
+	(*GuestOSMount)(nil),           // 7: cml.v1.GuestOSMount
+	(*GuestOSConfig)(nil),          // 8: cml.v1.GuestOSConfig
+	(*DeviceConfig)(nil),           // 9: cml.v1.DeviceConfig
+	(*Container)(nil),              // 10: cml.v1.Container
+	(*ContainerRef)(nil),           // 11: cml.v1.ContainerRef
+	(*ListRequest)(nil),            // 12: cml.v1.ListRequest
+	(*ListResponse)(nil),           // 13: cml.v1.ListResponse
+	(*CreateRequest)(nil),          // 14: cml.v1.CreateRequest
+	(*StopRequest)(nil),            // 15: cml.v1.StopRequest
+	(*KillRequest)(nil),            // 16: cml.v1.KillRequest
+	(*UpdateConfigRequest)(nil),    // 17: cml.v1.UpdateConfigRequest
+	(*Empty)(nil),                  // 18: cml.v1.Empty
+	(*ExecStart)(nil),              // 19: cml.v1.ExecStart
+	(*ExecRequest)(nil),            // 20: cml.v1.ExecRequest
+	(*Resize)(nil),                 // 21: cml.v1.Resize
+	(*ExecResponse)(nil),           // 22: cml.v1.ExecResponse
+	(*LogsRequest)(nil),            // 23: cml.v1.LogsRequest
+	(*LogsResponse)(nil),           // 24: cml.v1.LogsResponse
+	(*EventsRequest)(nil),          // 25: cml.v1.EventsRequest
+	(*Event)(nil),                  // 26: cml.v1.Event
+	(*GuestOS)(nil),                // 27: cml.v1.GuestOS
+	(*GuestOSListResponse)(nil),    // 28: cml.v1.GuestOSListResponse
+	(*GuestOSInstallRequest)(nil),  // 29: cml.v1.GuestOSInstallRequest
+	(*GuestOSInstallProgress)(nil), // 30: cml.v1.GuestOSInstallProgress
+	(*CA)(nil),                     // 31: cml.v1.CA
+	(*CAListResponse)(nil),         // 32: cml.v1.CAListResponse
+	(*CARegisterRequest)(nil),      // 33: cml.v1.CARegisterRequest
+	(*CARemoveRequest)(nil),        // 34: cml.v1.CARemoveRequest
+	(*CRLLoadRequest)(nil),         // 35: cml.v1.CRLLoadRequest
+	(*CRLLoadResponse)(nil),        // 36: cml.v1.CRLLoadResponse
+	(*GuestOSRemoveRequest)(nil),   // 37: cml.v1.GuestOSRemoveRequest
+	(*DeviceIdentity)(nil),         // 38: cml.v1.DeviceIdentity
+	(*DeviceCSRRequest)(nil),       // 39: cml.v1.DeviceCSRRequest
+	(*DeviceCSRResponse)(nil),      // 40: cml.v1.DeviceCSRResponse
+	(*DeviceCertRequest)(nil),      // 41: cml.v1.DeviceCertRequest
+	(*AttestRequest)(nil),          // 42: cml.v1.AttestRequest
+	(*PCRValue)(nil),               // 43: cml.v1.PCRValue
+	(*Attestation)(nil),            // 44: cml.v1.Attestation
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
 	1,  // 1: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
-	5,  // 2: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
-	6,  // 3: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
+	6,  // 2: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
+	7,  // 3: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
 	3,  // 4: cml.v1.Container.state:type_name -> cml.v1.ContainerState
 	2,  // 5: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
-	9,  // 6: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
-	4,  // 7: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
-	4,  // 8: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
-	18, // 9: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
-	20, // 10: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
-	9,  // 11: cml.v1.Event.container:type_name -> cml.v1.Container
+	10, // 6: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
+	5,  // 7: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
+	5,  // 8: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
+	19, // 9: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
+	21, // 10: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
+	10, // 11: cml.v1.Event.container:type_name -> cml.v1.Container
 	2,  // 12: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
-	26, // 13: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
-	26, // 14: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
-	30, // 15: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
-	11, // 16: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	13, // 17: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	10, // 18: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	10, // 19: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	14, // 20: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	15, // 21: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	10, // 22: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	10, // 23: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	16, // 24: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	10, // 25: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	10, // 26: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	19, // 27: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	22, // 28: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	24, // 29: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	17, // 30: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	28, // 31: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	36, // 32: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	17, // 33: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	32, // 34: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	33, // 35: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	34, // 36: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	12, // 37: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	9,  // 38: cml.v1.Control.Create:output_type -> cml.v1.Container
-	17, // 39: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	9,  // 40: cml.v1.Control.Start:output_type -> cml.v1.Container
-	9,  // 41: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	17, // 42: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	9,  // 43: cml.v1.Control.State:output_type -> cml.v1.Container
-	4,  // 44: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	9,  // 45: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	9,  // 46: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	9,  // 47: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	21, // 48: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	23, // 49: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	25, // 50: cml.v1.Control.Events:output_type -> cml.v1.Event
-	27, // 51: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	29, // 52: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	17, // 53: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	31, // 54: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	30, // 55: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	30, // 56: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	35, // 57: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	37, // [37:58] is the sub-list for method output_type
-	16, // [16:37] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	27, // 13: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
+	27, // 14: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
+	31, // 15: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
+	4,  // 16: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
+	43, // 17: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
+	12, // 18: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	14, // 19: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	11, // 20: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	11, // 21: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	15, // 22: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	16, // 23: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	11, // 24: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	11, // 25: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	17, // 26: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	11, // 27: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	11, // 28: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	20, // 29: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	23, // 30: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	25, // 31: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	18, // 32: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	29, // 33: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	37, // 34: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	18, // 35: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	33, // 36: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	34, // 37: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	35, // 38: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	18, // 39: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	39, // 40: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	41, // 41: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	18, // 42: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	42, // 43: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	13, // 44: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	10, // 45: cml.v1.Control.Create:output_type -> cml.v1.Container
+	18, // 46: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	10, // 47: cml.v1.Control.Start:output_type -> cml.v1.Container
+	10, // 48: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	18, // 49: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	10, // 50: cml.v1.Control.State:output_type -> cml.v1.Container
+	5,  // 51: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	10, // 52: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	10, // 53: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	10, // 54: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	22, // 55: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	24, // 56: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	26, // 57: cml.v1.Control.Events:output_type -> cml.v1.Event
+	28, // 58: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	30, // 59: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	18, // 60: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	32, // 61: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	31, // 62: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	31, // 63: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	36, // 64: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	38, // 65: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	40, // 66: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	38, // 67: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	38, // 68: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	44, // 69: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	44, // [44:70] is the sub-list for method output_type
+	18, // [18:44] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -3026,8 +3650,8 @@ func file_api_cml_v1_cml_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   33,
+			NumEnums:      5,
+			NumMessages:   40,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,27 +30,32 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Control_List_FullMethodName           = "/cml.v1.Control/List"
-	Control_Create_FullMethodName         = "/cml.v1.Control/Create"
-	Control_Remove_FullMethodName         = "/cml.v1.Control/Remove"
-	Control_Start_FullMethodName          = "/cml.v1.Control/Start"
-	Control_Stop_FullMethodName           = "/cml.v1.Control/Stop"
-	Control_Kill_FullMethodName           = "/cml.v1.Control/Kill"
-	Control_State_FullMethodName          = "/cml.v1.Control/State"
-	Control_Config_FullMethodName         = "/cml.v1.Control/Config"
-	Control_UpdateConfig_FullMethodName   = "/cml.v1.Control/UpdateConfig"
-	Control_Freeze_FullMethodName         = "/cml.v1.Control/Freeze"
-	Control_Unfreeze_FullMethodName       = "/cml.v1.Control/Unfreeze"
-	Control_Exec_FullMethodName           = "/cml.v1.Control/Exec"
-	Control_Logs_FullMethodName           = "/cml.v1.Control/Logs"
-	Control_Events_FullMethodName         = "/cml.v1.Control/Events"
-	Control_GuestOSList_FullMethodName    = "/cml.v1.Control/GuestOSList"
-	Control_GuestOSInstall_FullMethodName = "/cml.v1.Control/GuestOSInstall"
-	Control_GuestOSRemove_FullMethodName  = "/cml.v1.Control/GuestOSRemove"
-	Control_CAList_FullMethodName         = "/cml.v1.Control/CAList"
-	Control_CARegister_FullMethodName     = "/cml.v1.Control/CARegister"
-	Control_CARemove_FullMethodName       = "/cml.v1.Control/CARemove"
-	Control_CRLLoad_FullMethodName        = "/cml.v1.Control/CRLLoad"
+	Control_List_FullMethodName              = "/cml.v1.Control/List"
+	Control_Create_FullMethodName            = "/cml.v1.Control/Create"
+	Control_Remove_FullMethodName            = "/cml.v1.Control/Remove"
+	Control_Start_FullMethodName             = "/cml.v1.Control/Start"
+	Control_Stop_FullMethodName              = "/cml.v1.Control/Stop"
+	Control_Kill_FullMethodName              = "/cml.v1.Control/Kill"
+	Control_State_FullMethodName             = "/cml.v1.Control/State"
+	Control_Config_FullMethodName            = "/cml.v1.Control/Config"
+	Control_UpdateConfig_FullMethodName      = "/cml.v1.Control/UpdateConfig"
+	Control_Freeze_FullMethodName            = "/cml.v1.Control/Freeze"
+	Control_Unfreeze_FullMethodName          = "/cml.v1.Control/Unfreeze"
+	Control_Exec_FullMethodName              = "/cml.v1.Control/Exec"
+	Control_Logs_FullMethodName              = "/cml.v1.Control/Logs"
+	Control_Events_FullMethodName            = "/cml.v1.Control/Events"
+	Control_GuestOSList_FullMethodName       = "/cml.v1.Control/GuestOSList"
+	Control_GuestOSInstall_FullMethodName    = "/cml.v1.Control/GuestOSInstall"
+	Control_GuestOSRemove_FullMethodName     = "/cml.v1.Control/GuestOSRemove"
+	Control_CAList_FullMethodName            = "/cml.v1.Control/CAList"
+	Control_CARegister_FullMethodName        = "/cml.v1.Control/CARegister"
+	Control_CARemove_FullMethodName          = "/cml.v1.Control/CARemove"
+	Control_CRLLoad_FullMethodName           = "/cml.v1.Control/CRLLoad"
+	Control_DeviceInfo_FullMethodName        = "/cml.v1.Control/DeviceInfo"
+	Control_DeviceCSR_FullMethodName         = "/cml.v1.Control/DeviceCSR"
+	Control_DeviceCert_FullMethodName        = "/cml.v1.Control/DeviceCert"
+	Control_DeviceProvisioned_FullMethodName = "/cml.v1.Control/DeviceProvisioned"
+	Control_Attest_FullMethodName            = "/cml.v1.Control/Attest"
 )
 
 // ControlClient is the client API for Control service.
@@ -80,6 +85,11 @@ type ControlClient interface {
 	CARegister(ctx context.Context, in *CARegisterRequest, opts ...grpc.CallOption) (*CA, error)
 	CARemove(ctx context.Context, in *CARemoveRequest, opts ...grpc.CallOption) (*CA, error)
 	CRLLoad(ctx context.Context, in *CRLLoadRequest, opts ...grpc.CallOption) (*CRLLoadResponse, error)
+	DeviceInfo(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*DeviceIdentity, error)
+	DeviceCSR(ctx context.Context, in *DeviceCSRRequest, opts ...grpc.CallOption) (*DeviceCSRResponse, error)
+	DeviceCert(ctx context.Context, in *DeviceCertRequest, opts ...grpc.CallOption) (*DeviceIdentity, error)
+	DeviceProvisioned(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*DeviceIdentity, error)
+	Attest(ctx context.Context, in *AttestRequest, opts ...grpc.CallOption) (*Attestation, error)
 }
 
 type controlClient struct {
@@ -330,6 +340,56 @@ func (c *controlClient) CRLLoad(ctx context.Context, in *CRLLoadRequest, opts ..
 	return out, nil
 }
 
+func (c *controlClient) DeviceInfo(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*DeviceIdentity, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeviceIdentity)
+	err := c.cc.Invoke(ctx, Control_DeviceInfo_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) DeviceCSR(ctx context.Context, in *DeviceCSRRequest, opts ...grpc.CallOption) (*DeviceCSRResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeviceCSRResponse)
+	err := c.cc.Invoke(ctx, Control_DeviceCSR_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) DeviceCert(ctx context.Context, in *DeviceCertRequest, opts ...grpc.CallOption) (*DeviceIdentity, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeviceIdentity)
+	err := c.cc.Invoke(ctx, Control_DeviceCert_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) DeviceProvisioned(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*DeviceIdentity, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeviceIdentity)
+	err := c.cc.Invoke(ctx, Control_DeviceProvisioned_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) Attest(ctx context.Context, in *AttestRequest, opts ...grpc.CallOption) (*Attestation, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Attestation)
+	err := c.cc.Invoke(ctx, Control_Attest_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -357,6 +417,11 @@ type ControlServer interface {
 	CARegister(context.Context, *CARegisterRequest) (*CA, error)
 	CARemove(context.Context, *CARemoveRequest) (*CA, error)
 	CRLLoad(context.Context, *CRLLoadRequest) (*CRLLoadResponse, error)
+	DeviceInfo(context.Context, *Empty) (*DeviceIdentity, error)
+	DeviceCSR(context.Context, *DeviceCSRRequest) (*DeviceCSRResponse, error)
+	DeviceCert(context.Context, *DeviceCertRequest) (*DeviceIdentity, error)
+	DeviceProvisioned(context.Context, *Empty) (*DeviceIdentity, error)
+	Attest(context.Context, *AttestRequest) (*Attestation, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -429,6 +494,21 @@ func (UnimplementedControlServer) CARemove(context.Context, *CARemoveRequest) (*
 }
 func (UnimplementedControlServer) CRLLoad(context.Context, *CRLLoadRequest) (*CRLLoadResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method CRLLoad not implemented")
+}
+func (UnimplementedControlServer) DeviceInfo(context.Context, *Empty) (*DeviceIdentity, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeviceInfo not implemented")
+}
+func (UnimplementedControlServer) DeviceCSR(context.Context, *DeviceCSRRequest) (*DeviceCSRResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeviceCSR not implemented")
+}
+func (UnimplementedControlServer) DeviceCert(context.Context, *DeviceCertRequest) (*DeviceIdentity, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeviceCert not implemented")
+}
+func (UnimplementedControlServer) DeviceProvisioned(context.Context, *Empty) (*DeviceIdentity, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeviceProvisioned not implemented")
+}
+func (UnimplementedControlServer) Attest(context.Context, *AttestRequest) (*Attestation, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Attest not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -797,6 +877,96 @@ func _Control_CRLLoad_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_DeviceInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).DeviceInfo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_DeviceInfo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).DeviceInfo(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_DeviceCSR_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeviceCSRRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).DeviceCSR(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_DeviceCSR_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).DeviceCSR(ctx, req.(*DeviceCSRRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_DeviceCert_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeviceCertRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).DeviceCert(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_DeviceCert_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).DeviceCert(ctx, req.(*DeviceCertRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_DeviceProvisioned_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).DeviceProvisioned(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_DeviceProvisioned_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).DeviceProvisioned(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_Attest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AttestRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).Attest(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_Attest_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).Attest(ctx, req.(*AttestRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -871,6 +1041,26 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CRLLoad",
 			Handler:    _Control_CRLLoad_Handler,
+		},
+		{
+			MethodName: "DeviceInfo",
+			Handler:    _Control_DeviceInfo_Handler,
+		},
+		{
+			MethodName: "DeviceCSR",
+			Handler:    _Control_DeviceCSR_Handler,
+		},
+		{
+			MethodName: "DeviceCert",
+			Handler:    _Control_DeviceCert_Handler,
+		},
+		{
+			MethodName: "DeviceProvisioned",
+			Handler:    _Control_DeviceProvisioned_Handler,
+		},
+		{
+			MethodName: "Attest",
+			Handler:    _Control_Attest_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
