@@ -7,8 +7,10 @@ package cmlsign
 import (
 	"crypto"
 	"crypto/x509"
+	"encoding/asn1"
 	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -167,6 +169,40 @@ func pkiCommand(out io.Writer) *cobra.Command {
 	issue.Flags().BoolVar(&isCA, "ca", false, "issue an intermediate CA instead of a signing certificate")
 	issue.MarkFlagRequired("pubkey")
 
+	var csrFile string
+	device := &cobra.Command{
+		Use:   "device",
+		Short: "Act as fleet CA: certify a device's TLS or attestation key from its CSR (cmlctl device csr [--attestation])",
+		Args:  cobra.NoArgs,
+		RunE: func(*cobra.Command, []string) error {
+			ca, key, err := loadCA(caCert, caKey)
+			if err != nil {
+				return err
+			}
+			b, err := os.ReadFile(csrFile)
+			if err != nil {
+				return err
+			}
+			o, err := deviceCertOptions(b)
+			if err != nil {
+				return fmt.Errorf("%s: %w", csrFile, err)
+			}
+			now := time.Now()
+			o.NotBefore, o.NotAfter = now.Add(-time.Hour), now.AddDate(0, 0, days)
+			c, err := sign.Issue(ca, key, o.pub, o.CertOptions)
+			if err != nil {
+				return err
+			}
+			return os.WriteFile(outFile, sign.EncodeCertificates(c), 0o644)
+		},
+	}
+	device.Flags().StringVar(&caCert, "ca-cert", "fleet/root-ca.pem", "fleet CA certificate")
+	device.Flags().StringVar(&caKey, "ca-key", "fleet/root-ca.key", "fleet CA key")
+	device.Flags().StringVar(&csrFile, "csr", "", "the device's certificate request (PEM)")
+	device.Flags().StringVar(&outFile, "out", "device.pem", "certificate to write")
+	device.Flags().IntVar(&days, "days", 3650, "validity in days")
+	device.MarkFlagRequired("csr")
+
 	var revoke []string
 	var crlOut string
 	var crlDays int
@@ -198,7 +234,7 @@ func pkiCommand(out io.Writer) *cobra.Command {
 	crl.Flags().StringSliceVar(&revoke, "revoke", nil, "certificate (PEM) to revoke; repeatable")
 	crl.Flags().StringVar(&crlOut, "out", "crl.pem", "CRL to write")
 	crl.Flags().IntVar(&crlDays, "days", 30, "days until the next update")
-	pki.AddCommand(initCmd, issue, crl)
+	pki.AddCommand(initCmd, issue, device, crl)
 	return pki
 }
 
@@ -403,4 +439,40 @@ func pemBody(b []byte, typ string) []byte {
 		return blk.Bytes
 	}
 	return nil
+}
+
+type deviceCert struct {
+	sign.CertOptions
+	pub any
+}
+
+// deviceCertOptions reads a device CSR: its signature must verify, it must
+// name the device by a urn:uuid: URI, and it asks either for clientAuth
+// (the TLS key) or for nothing (the attestation key, which gets TCG's
+// attestation key usage). The CA trusts the provisioning station that the
+// second request really came from cmld's restricted TPM key.
+func deviceCertOptions(b []byte) (deviceCert, error) {
+	blk, _ := pem.Decode(b)
+	if blk == nil || blk.Type != "CERTIFICATE REQUEST" {
+		return deviceCert{}, errors.New("not a PEM certificate request")
+	}
+	csr, err := x509.ParseCertificateRequest(blk.Bytes)
+	if err != nil {
+		return deviceCert{}, err
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return deviceCert{}, fmt.Errorf("request signature: %w", err)
+	}
+	if len(csr.URIs) != 1 || !strings.HasPrefix(csr.URIs[0].String(), "urn:uuid:") {
+		return deviceCert{}, errors.New("request does not name a device (one urn:uuid: URI)")
+	}
+	o := deviceCert{CertOptions: sign.CertOptions{CommonName: csr.Subject.CommonName, URIs: csr.URIs}, pub: csr.PublicKey}
+	o.AttestationKey = true
+	for _, ext := range csr.Extensions {
+		if ext.Id.Equal(asn1.ObjectIdentifier{2, 5, 29, 37}) {
+			o.AttestationKey = false
+			o.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+		}
+	}
+	return o, nil
 }

@@ -22,11 +22,13 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"math/big"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -240,9 +242,18 @@ type CertOptions struct {
 	// (e.g. TLS: digitalSignature with serverAuth).
 	ExtKeyUsage      []x509.ExtKeyUsage
 	DigitalSignature bool
-	NotBefore        time.Time
-	NotAfter         time.Time
+	// AttestationKey marks a TPM attestation key's certificate: KeyUsage
+	// digitalSignature, ExtKeyUsage tcg-kp-AIKCertificate.
+	AttestationKey bool
+	// URIs are URI subject alternative names (a device's urn:uuid:…).
+	URIs      []*url.URL
+	NotBefore time.Time
+	NotAfter  time.Time
 }
+
+// OIDAttestationKey is TCG's extended key usage for attestation key
+// certificates (tcg-kp-AIKCertificate).
+var OIDAttestationKey = asn1.ObjectIdentifier{2, 23, 133, 8, 3}
 
 // Issue issues a certificate for pub, signed by parentKey under parent, or
 // self-signed when parent is nil.
@@ -278,6 +289,12 @@ func Issue(parent *x509.Certificate, parentKey crypto.Signer, pub crypto.PublicK
 		tmpl.KeyUsage |= x509.KeyUsageDigitalSignature
 		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, o.ExtKeyUsage...)
 	}
+	if o.AttestationKey {
+		tmpl.BasicConstraintsValid = true
+		tmpl.KeyUsage |= x509.KeyUsageDigitalSignature
+		tmpl.UnknownExtKeyUsage = []asn1.ObjectIdentifier{OIDAttestationKey}
+	}
+	tmpl.URIs = o.URIs
 	if parent == nil {
 		parent = tmpl
 	}
