@@ -292,4 +292,3 @@ func summary(v *Verdict) string {
 	}
 	return b.String()
 }
-
