@@ -25,6 +25,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/go-tpm-tools/cel"
 	"github.com/google/go-tpm/legacy/tpm2"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
@@ -292,15 +293,15 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 
 	// 7. Every measured start maps to a trusted guest OS and config.
 	byUUID := map[string]int{}
+	// Starts of one container with one config log identical content;
+	// parse each distinct content once.
+	parsed := map[string]tpm.Event{}
 	ok = true
 	for _, r := range log.Records {
 		if int(r.Index) != mp {
 			continue
 		}
-		e, err := tpm.ParseEvent(r.Content)
-		if err == nil {
-			err = verifyDigest(e, r.Digests[crypto.SHA256])
-		}
+		e, err := parseRecord(r, parsed)
 		if err != nil {
 			ok = v.add("log", false, "event %d: %v", r.RecNum, err)
 			continue
@@ -331,16 +332,26 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 	return ok
 }
 
-// verifyDigest checks that an event's content is what was extended.
-func verifyDigest(e tpm.Event, d []byte) error {
-	want, err := e.GenerateDigest(crypto.SHA256)
+// parseRecord checks that a record's digest is the hash of its content
+// (the TLV encoding, as the device extended it) and parses the content.
+func parseRecord(r cel.Record, parsed map[string]tpm.Event) (tpm.Event, error) {
+	b, err := r.Content.MarshalBinary()
 	if err != nil {
-		return err
+		return tpm.Event{}, err
 	}
-	if !bytes.Equal(want, d) {
-		return fmt.Errorf("content does not match its digest")
+	sum := sha256.Sum256(b)
+	if !bytes.Equal(sum[:], r.Digests[crypto.SHA256]) {
+		return tpm.Event{}, fmt.Errorf("content does not match its digest")
 	}
-	return nil
+	if e, ok := parsed[string(b)]; ok {
+		return e, nil
+	}
+	e, err := tpm.ParseEvent(r.Content)
+	if err != nil {
+		return e, err
+	}
+	parsed[string(b)] = e
+	return e, nil
 }
 
 // checkSignature verifies a TPMT_SIGNATURE over msg with pub.
