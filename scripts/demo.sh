@@ -66,6 +66,25 @@ bin/cmlctl exec demo -- mount -t tmpfs none /mnt || echo "(exit status $?)"
 step "The container's console"
 run bin/cmlctl logs demo
 
+step "The device's identity lives in a TPM (here cmld's own swtpm, state under $DEMO/state/tpm)"
+run bin/cmlctl device info
+
+step "Fleet operator: provision the device (CSRs signed in the TPM, certificates from a fleet CA)"
+[ -f "$DEMO/fleet/root-ca.key" ] || run bin/cmlsign pki init --dir "$DEMO/fleet" --org "demo fleet"
+if ! bin/cmlctl device info | grep -q "state: *provisioned"; then
+	run bin/cmlctl device csr -f "$DEMO/tls.csr"
+	run bin/cmlsign pki device --ca-cert "$DEMO/fleet/root-ca.pem" --ca-key "$DEMO/fleet/root-ca.key" --csr "$DEMO/tls.csr" --out "$DEMO/tls.pem"
+	run bin/cmlctl device cert "$DEMO/tls.pem"
+	run bin/cmlctl device csr --attestation -f "$DEMO/ak.csr"
+	run bin/cmlsign pki device --ca-cert "$DEMO/fleet/root-ca.pem" --ca-key "$DEMO/fleet/root-ca.key" --csr "$DEMO/ak.csr" --out "$DEMO/ak.pem"
+	run bin/cmlctl device cert "$DEMO/ak.pem"
+	run bin/cmlctl device provisioned
+fi
+
+step "Remote attestation: cmlverify checks the quote, the device certificate, the measurement log, and that the running container maps to the signed guest OS and config"
+mkdir -p "$DEMO/refs" && cp "$DEMO/demo.conf" "$DEMO/demo.conf.sig" "$DEMO/demo.conf.cert" "$DEMO/refs/"
+run bin/cmlverify --fleet-ca "$DEMO/fleet/root-ca.pem" --trust "$DEMO/pki/root-ca.pem" --reference "$DEMO/guestos-src" --reference "$DEMO/refs" --socket "$CML_SOCKET"
+
 step "Stop it (SIGTERM, then SIGKILL after stop_timeout)"
 run bin/cmlctl stop demo
 run bin/cmlctl list
