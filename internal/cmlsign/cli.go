@@ -469,10 +469,17 @@ func deviceCertOptions(b []byte) (deviceCert, error) {
 	o := deviceCert{CertOptions: sign.CertOptions{CommonName: csr.Subject.CommonName, URIs: csr.URIs}, pub: csr.PublicKey}
 	o.AttestationKey = true
 	for _, ext := range csr.Extensions {
-		if ext.Id.Equal(asn1.ObjectIdentifier{2, 5, 29, 37}) {
-			o.AttestationKey = false
-			o.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+		if !ext.Id.Equal(asn1.ObjectIdentifier{2, 5, 29, 37}) {
+			continue
 		}
+		// Only clientAuth may be asked for: a CA must not hand out
+		// code-signing or server certificates for device keys.
+		var ekus []asn1.ObjectIdentifier
+		if _, err := asn1.Unmarshal(ext.Value, &ekus); err != nil || len(ekus) != 1 || !ekus[0].Equal(asn1.ObjectIdentifier{1, 3, 6, 1, 5, 5, 7, 3, 2}) {
+			return deviceCert{}, errors.New("request asks for extended key usages other than clientAuth")
+		}
+		o.AttestationKey = false
+		o.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
 	}
 	return o, nil
 }

@@ -291,3 +291,40 @@ func TestSwtpmKeepsIdentityAndResetsPCRs(t *testing.T) {
 		t.Error("old log not kept")
 	}
 }
+
+// TestKernelTPM runs identity, measurement and a quote on the host's TPM
+// through the kernel resource manager. It uses CML's own handles and a
+// debug PCR (16), so it does not disturb a host's boot measurements.
+func TestKernelTPM(t *testing.T) {
+	if _, err := os.Stat(DevicePath); err != nil {
+		t.Skip("no " + DevicePath + " on this machine (no kernel TPM); the swtpm and simulator tests cover the same code")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to open " + DevicePath)
+	}
+	c, err := OpenDevice(DevicePath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	k, err := EnsureKeys(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tpm2.PCRReset(c, 16)
+	m, err := NewMeasurer(c, 16, filepath.Join(t.TempDir(), "log.cel"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Measure(Event{Container: "kernel-tpm-test"}); err != nil {
+		t.Fatal(err)
+	}
+	q, log, err := m.Attest(k, []byte("kernel-tpm-nonce"), []int{16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, _ := DecodeLog(log)
+	if !bytes.Equal(Replay(l, 16), q.PCRs[16]) {
+		t.Fatal("log does not replay to the quoted PCR")
+	}
+}
