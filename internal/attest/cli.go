@@ -107,6 +107,9 @@ Fetch from a device (a fresh nonce every time), once or watching:
 			var last string
 			for {
 				v := fetch(ctx)
+				if ctx.Err() != nil {
+					return nil // interrupted: not a verdict about the device
+				}
 				if s := summary(v); s != last {
 					if last != "" && !asJSON {
 						fmt.Fprintf(out, "--- %s: changed\n", time.Now().UTC().Format(time.RFC3339))

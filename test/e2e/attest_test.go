@@ -6,7 +6,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // cmlverify runs the verifier against this daemon's socket (or a saved
@@ -126,9 +128,24 @@ func TestAttestationEndToEnd(t *testing.T) {
 	}
 	// A container whose config is not among the verifier's references
 	// makes the device fail attestation, naming that container.
+	// Watch mode reports the change when it happens.
+	watch := exec.Command(filepath.Join(binDir, "cmlverify"), "--fleet-ca", filepath.Join(fleet, "root-ca.pem"), "--trust", filepath.Join(pkiDir, "root-ca.pem"),
+		"--reference", guestOSDir, "--reference", filepath.Join(d.root, "refs"), "--json", "--socket", d.socket, "--watch", "200ms")
+	var watched strings.Builder
+	watch.Stdout = &watched
+	if err := watch.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
 	plain := d.signedConfig("other", "name: \"other\"\nguest_os: \"busybox\"\n")
 	d.must("create", plain)
 	d.must("start", "other")
+	time.Sleep(time.Second)
+	watch.Process.Signal(syscall.SIGTERM)
+	watch.Wait()
+	if lines := strings.Split(strings.TrimSpace(watched.String()), "\n"); len(lines) != 2 || !strings.Contains(lines[0], `"ok":true`) || !strings.Contains(lines[1], "not among the trusted signed configs") {
+		t.Errorf("watch mode: want one passing then one failing verdict, got:\n%s", watched.String())
+	}
 	v, out, code = d.cmlverify(fleet, "--socket", d.socket)
 	if code != 1 || v.OK || !strings.Contains(out, "not among the trusted signed configs") {
 		t.Fatalf("unknown config: exit %d\n%s", code, out)
