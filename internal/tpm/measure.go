@@ -120,6 +120,11 @@ func (m *Measurer) sync() (reset bool, err error) {
 		return false, nil
 	}
 	if !bytes.Equal(cur, make([]byte, sha256.Size)) {
+		if len(m.log.Records) == 0 {
+			// Something else measures into this PCR on this host (for
+			// example systemd-stub measures unified kernel images into 11).
+			return false, fmt.Errorf("PCR %d already holds measurements cmld did not make (another component of this host uses it): choose a PCR nothing else extends with measurement_pcr in device.conf", m.pcr)
+		}
 		return false, fmt.Errorf("measurement log %s does not replay to PCR %d: log and TPM disagree", m.logPath, m.pcr)
 	}
 	if err := os.Rename(m.logPath, m.logPath+".old"); err != nil {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -31,6 +32,8 @@ type Conn struct {
 	rw   io.ReadWriteCloser
 	dial func() (io.ReadWriteCloser, error) // reconnects after a broken connection (swtpm); nil otherwise
 	resp []byte
+	// pending is set while a command's response is owed; mu is held then.
+	pending bool
 	// Source names the TPM for logs and status: "/dev/tpmrm0", "swtpm …",
 	// "simulator".
 	Source string
@@ -59,12 +62,16 @@ func (c *Conn) Write(cmd []byte) (int, error) {
 		return n, err
 	}
 	c.resp = c.resp[:0]
+	c.pending = true
 	return n, nil
 }
 
 // Read returns the response to the last command, whole.
 func (c *Conn) Read(p []byte) (int, error) {
-	defer c.mu.Unlock()
+	if !c.pending {
+		return 0, errors.New("TPM read without a command")
+	}
+	defer func() { c.pending = false; c.mu.Unlock() }()
 	buf := make([]byte, maxResponse)
 	for {
 		if len(c.resp) >= 10 {
@@ -155,7 +162,7 @@ func StartSwtpm(ctx context.Context, dir string, log *slog.Logger) (*Swtpm, erro
 		}
 		select {
 		case <-s.exited:
-			return nil, fmt.Errorf("swtpm exited at start (state %s)", dir)
+			return nil, fmt.Errorf("swtpm exited at start (state %s): %s", dir, lastLine(filepath.Join(dir, "swtpm.log")))
 		default:
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
@@ -265,4 +272,14 @@ func Open(ctx context.Context, swtpmDir string, log *slog.Logger) (*Conn, func()
 		return nil, nil, err
 	}
 	return c, func() { c.Close(); s.Stop() }, nil
+}
+
+// lastLine returns the last non-empty line of a small log file.
+func lastLine(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.TrimSpace(lines[len(lines)-1])
 }

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -326,5 +327,37 @@ func TestKernelTPM(t *testing.T) {
 	l, _ := DecodeLog(log)
 	if !bytes.Equal(Replay(l, 16), q.PCRs[16]) {
 		t.Fatal("log does not replay to the quoted PCR")
+	}
+}
+
+// TestForeignPCRUse: a PCR that something else on the host already
+// extended is refused with advice, not adopted; and a second swtpm on the
+// same state says why it could not start.
+func TestForeignPCRUse(t *testing.T) {
+	c := sim(t)
+	if err := tpm2.PCRExtend(c, 13, tpm2.AlgSHA256, make([]byte, 32), ""); err != nil {
+		t.Fatal(err)
+	}
+	_, err := NewMeasurer(c, 13, filepath.Join(t.TempDir(), "log.cel"))
+	if err == nil || !strings.Contains(err.Error(), "measurement_pcr") {
+		t.Fatalf("foreign use of PCR 13: %v", err)
+	}
+	if _, err := exec.LookPath("swtpm"); err != nil {
+		t.Skip("swtpm is not installed (scripts/install-deps.sh installs it)")
+	}
+	dir := t.TempDir()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	s, err := StartSwtpm(context.Background(), dir, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	other := filepath.Join(t.TempDir(), "other")
+	os.MkdirAll(other, 0o700)
+	os.Symlink(filepath.Join(dir, "state"), filepath.Join(other, "state"))
+	if _, err := StartSwtpm(context.Background(), other, log); err == nil || !strings.Contains(err.Error(), "exited at start") {
+		t.Fatalf("second swtpm on the same state: %v", err)
+	} else {
+		t.Log(err)
 	}
 }
