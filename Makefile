@@ -4,6 +4,7 @@ export PATH := $(PATH):/usr/local/go/bin
 BIN := bin
 PROTOC_GEN_GO := v1.36.12
 PROTOC_GEN_GO_GRPC := v1.5.1
+STATICCHECK := v0.8.2
 
 .PHONY: all build deps demo test test-unit bench generate lint clean
 
@@ -22,9 +23,14 @@ demo: deps build
 
 # All tests. Root-only tests (real runc, mounts, cgroups) skip with a reason
 # when not root; CI runs as root.
-test: deps build
-	$(GO) vet ./...
+test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
+
+# gofmt, go vet and staticcheck (pinned; fetched from the module proxy).
+lint:
+	@test -z "$$(gofmt -l cmd internal test)" || { echo "gofmt needed:"; gofmt -l cmd internal test; exit 1; }
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK) ./...
 
 test-unit:
 	$(GO) test -count=1 -short ./...

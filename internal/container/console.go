@@ -11,7 +11,6 @@ type ring struct {
 	buf    []byte
 	size   int
 	total  int64 // bytes ever written; followers track their offset in it
-	closed bool
 	wake   chan struct{}
 }
 
