@@ -7,11 +7,11 @@ import (
 // ring is a bounded console buffer: the newest size bytes of a container's
 // output, with followers woken on each write.
 type ring struct {
-	mu     sync.Mutex
-	buf    []byte
-	size   int
-	total  int64 // bytes ever written; followers track their offset in it
-	wake   chan struct{}
+	mu    sync.Mutex
+	buf   []byte
+	size  int
+	total int64 // bytes ever written; followers track their offset in it
+	wake  chan struct{}
 }
 
 func newRing(size int) *ring { return &ring{size: size, wake: make(chan struct{})} }
