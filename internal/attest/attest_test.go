@@ -10,7 +10,6 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -20,7 +19,6 @@ import (
 	"time"
 
 	"github.com/google/go-tpm-tools/cel"
-	"github.com/google/go-tpm-tools/simulator"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
@@ -30,6 +28,7 @@ import (
 	"github.com/cmlproject/cml/internal/sign"
 	"github.com/cmlproject/cml/internal/testutil"
 	"github.com/cmlproject/cml/internal/tpm"
+	"github.com/cmlproject/cml/internal/tpmtest"
 	"github.com/cmlproject/cml/internal/trust"
 )
 
@@ -136,36 +135,8 @@ func (f *fixture) attest(t *testing.T, nonce []byte) *cmlv1.Attestation {
 	return a
 }
 
-func simConn(t *testing.T) *tpm.Conn {
-	t.Helper()
-	s, err := simulator.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := tpm.NewConn(s, "simulator")
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-func swtpmConn(t *testing.T) (*tpm.Conn, string) {
-	t.Helper()
-	testutil.RequireTool(t, "swtpm")
-	dir := t.TempDir()
-	s, err := tpm.StartSwtpm(context.Background(), dir, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Stop)
-	c, err := s.Dial()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c, filepath.Join(dir, "tpm.sock")
-}
-
 func TestVerifyAcceptsHonestDevice(t *testing.T) {
-	f := newFixture(t, simConn(t))
+	f := newFixture(t, tpmtest.Simulator(t))
 	f.start(t, "u1", "web", rootA, f.web)
 	f.start(t, "u1", "web", rootA, f.web)
 	nonce := []byte("0123456789abcdef")
@@ -182,7 +153,7 @@ func TestVerifyAcceptsHonestDevice(t *testing.T) {
 // attacker would; each change must fail with the named check, never
 // crash.
 func TestVerifyRejectsAttacks(t *testing.T) {
-	f := newFixture(t, simConn(t))
+	f := newFixture(t, tpmtest.Simulator(t))
 	for i := 0; i < 3; i++ {
 		f.start(t, fmt.Sprint("u", i), fmt.Sprint("c", i), rootA, f.web)
 	}
@@ -278,7 +249,7 @@ func TestVerifyRejectsAttacks(t *testing.T) {
 // TestVerifyNamesUnknownImageAndConfig measures a start of an image no
 // signed manifest names, and one with an unsigned config.
 func TestVerifyNamesUnknownImageAndConfig(t *testing.T) {
-	f := newFixture(t, simConn(t))
+	f := newFixture(t, tpmtest.Simulator(t))
 	f.start(t, "u1", "web", rootA, f.web)
 	f.start(t, "u2", "rogue", rootB, f.web)
 	f.start(t, "u3", "edited", rootA, append([]byte("# edited\n"), f.web...))
@@ -304,8 +275,8 @@ func TestVerifyNamesUnknownImageAndConfig(t *testing.T) {
 // certificate fails the signature check; B's whole answer fails when the
 // verifier expects A.
 func TestQuoteFromAnotherDevice(t *testing.T) {
-	a := newFixture(t, simConn(t))
-	bConn, _ := swtpmConn(t)
+	a := newFixture(t, tpmtest.Simulator(t))
+	bConn, _ := tpmtest.Swtpm(t)
 	b := newFixture(t, bConn)
 	b.vf = a.vf // same fleet for this case: certify B under A's fleet CA
 	b.id.InstallCert(context.Background(), b.issueAK(t, a.fleet, time.Now().AddDate(1, 0, 0), true), false)
@@ -331,7 +302,7 @@ func TestQuoteFromAnotherDevice(t *testing.T) {
 // values tpm2-tools reads from the TPM itself.
 func TestTpm2CheckquoteAgrees(t *testing.T) {
 	testutil.RequireTool(t, "tpm2_checkquote", "tpm2_pcrread")
-	conn, sock := swtpmConn(t)
+	conn, sock := tpmtest.Swtpm(t)
 	f := newFixture(t, conn)
 	f.start(t, "u1", "web", rootA, f.web)
 	nonce := []byte("tpm2-tools-nonce")
@@ -373,7 +344,7 @@ func TestTpm2CheckquoteAgrees(t *testing.T) {
 // TestReadAnswerBounds: truncated and oversized answer files are refused
 // with one line.
 func TestReadAnswerBounds(t *testing.T) {
-	f := newFixture(t, simConn(t))
+	f := newFixture(t, tpmtest.Simulator(t))
 	nonce := []byte("nonce-for-files!")
 	b, _ := protojson.Marshal(f.attest(t, nonce))
 	dir := t.TempDir()

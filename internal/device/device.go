@@ -40,6 +40,10 @@ const (
 	provisionedFile = "provisioned"
 )
 
+// certFile maps each key (as tpm.Keys.KeyFor names it) to the file
+// holding its certificate chain.
+var certFile = map[string]string{"tls": tlsFile, "attestation": attestationFile}
+
 // Nonce bounds: short nonces can be guessed ahead, long ones are abuse.
 const (
 	MinNonce = 8
@@ -103,7 +107,8 @@ func Open(o Options) (*Identity, error) {
 	if o.Serial == "" {
 		id.o.Serial = id.uuid
 	}
-	for name, dst := range map[string]*[]byte{tlsFile: &id.tls, attestationFile: &id.ak} {
+	for key, dst := range map[string]*[]byte{"tls": &id.tls, "attestation": &id.ak} {
+		name := certFile[key]
 		b, err := os.ReadFile(filepath.Join(o.Dir, name))
 		if errors.Is(err, os.ErrNotExist) {
 			continue
@@ -116,7 +121,7 @@ func Open(o Options) (*Identity, error) {
 			return nil, fmt.Errorf("device identity %s: %w", name, err)
 		}
 		which, err := o.Keys.KeyFor(certs[0])
-		if want := map[string]string{tlsFile: "tls", attestationFile: "attestation"}[name]; err != nil || which != want {
+		if err != nil || which != key {
 			return nil, fmt.Errorf("device identity %s does not match the TPM's key (TPM cleared or replaced?); move %s away to provision the device again", name, o.Dir)
 		}
 		*dst = b
@@ -237,9 +242,8 @@ func (id *Identity) InstallCert(ctx context.Context, pemBytes []byte, replace bo
 	if id.provisioned && !replace {
 		return errdefs.FailedPrecondition("device is provisioned: replacing its %s certificate needs the replace step (cmlctl device cert --replace), which is audited", which)
 	}
-	file := map[string]string{"tls": tlsFile, "attestation": attestationFile}[which]
 	out := sign.EncodeCertificates(certs...)
-	if err := atomicfile.Write(filepath.Join(id.o.Dir, file), out, 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(id.o.Dir, certFile[which]), out, 0o644); err != nil {
 		return err
 	}
 	op := "device.cert.install"

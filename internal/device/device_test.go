@@ -12,23 +12,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-tpm-tools/simulator"
-
 	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/sign"
 	"github.com/cmlproject/cml/internal/testutil"
 	"github.com/cmlproject/cml/internal/tpm"
+	"github.com/cmlproject/cml/internal/tpmtest"
 )
 
 func open(t *testing.T) (*Identity, *tpm.Keys, string) {
 	t.Helper()
-	s, err := simulator.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := tpm.NewConn(s, "simulator")
-	t.Cleanup(func() { c.Close() })
+	c := tpmtest.Simulator(t)
 	keys, err := tpm.EnsureKeys(c)
 	if err != nil {
 		t.Fatal(err)

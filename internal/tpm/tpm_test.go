@@ -97,7 +97,7 @@ func TestIdentityKeysPersistAndCertify(t *testing.T) {
 	if which, err := k.KeyFor(cert); err != nil || which != "tls" {
 		t.Errorf("self-signed certificate: %q %v", which, err)
 	}
-	other, _ := EnsureKeysOn(t)
+	other := otherDevice(t)
 	oc, _ := other.SelfSigned(subj, time.Now())
 	ocert, _ := x509.ParseCertificate(oc)
 	if _, err := k.KeyFor(ocert); err == nil {
@@ -105,18 +105,10 @@ func TestIdentityKeysPersistAndCertify(t *testing.T) {
 	}
 }
 
-// EnsureKeysOn makes keys on a second, separate simulator: another device.
-func EnsureKeysOn(t *testing.T) (*Keys, *Conn) {
-	// The simulator is a process-wide singleton; a second device is a
-	// swtpm when one is installed.
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		t.Skip("swtpm is not installed (scripts/install-deps.sh installs it): a second TPM is needed")
-	}
-	s, err := StartSwtpm(context.Background(), t.TempDir(), slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(s.Stop)
+// otherDevice makes keys on a second TPM: another device. The simulator
+// is a process-wide singleton, so the second device is a swtpm.
+func otherDevice(t *testing.T) *Keys {
+	s := startSwtpm(t, t.TempDir())
 	c, err := s.Dial()
 	if err != nil {
 		t.Fatal(err)
@@ -126,7 +118,24 @@ func EnsureKeysOn(t *testing.T) (*Keys, *Conn) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return k, c
+	return k
+}
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// startSwtpm starts a swtpm on dir, stopped at cleanup (Stop may also be
+// called earlier); it skips the test when swtpm is not installed.
+func startSwtpm(t *testing.T, dir string) *Swtpm {
+	t.Helper()
+	if _, err := exec.LookPath("swtpm"); err != nil {
+		t.Skip("swtpm is not installed (scripts/install-deps.sh installs it)")
+	}
+	s, err := StartSwtpm(context.Background(), dir, quiet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Stop)
+	return s
 }
 
 // TestRollbackCounterOnlyRises raises and tries to lower versions, reopens
@@ -217,15 +226,8 @@ func TestQuoteCoversLogUnderConcurrentStarts(t *testing.T) {
 // log starts over instead of refusing to open. Killing swtpm makes the
 // supervisor restart it and the connection redial.
 func TestSwtpmKeepsIdentityAndResetsPCRs(t *testing.T) {
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		t.Skip("swtpm is not installed (scripts/install-deps.sh installs it)")
-	}
 	dir := t.TempDir()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	s, err := StartSwtpm(context.Background(), dir, log)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := startSwtpm(t, dir)
 	c, _ := s.Dial()
 	k, err := EnsureKeys(c)
 	if err != nil {
@@ -263,11 +265,7 @@ func TestSwtpmKeepsIdentityAndResetsPCRs(t *testing.T) {
 	c.Close()
 	s.Stop()
 
-	s, err = StartSwtpm(context.Background(), dir, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Stop()
+	s = startSwtpm(t, dir)
 	c, _ = s.Dial()
 	defer c.Close()
 	k2, err := EnsureKeys(c)
@@ -342,20 +340,12 @@ func TestForeignPCRUse(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "measurement_pcr") {
 		t.Fatalf("foreign use of PCR 13: %v", err)
 	}
-	if _, err := exec.LookPath("swtpm"); err != nil {
-		t.Skip("swtpm is not installed (scripts/install-deps.sh installs it)")
-	}
 	dir := t.TempDir()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	s, err := StartSwtpm(context.Background(), dir, log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Stop()
+	startSwtpm(t, dir)
 	other := filepath.Join(t.TempDir(), "other")
 	os.MkdirAll(other, 0o700)
 	os.Symlink(filepath.Join(dir, "state"), filepath.Join(other, "state"))
-	if _, err := StartSwtpm(context.Background(), other, log); err == nil || !strings.Contains(err.Error(), "exited at start") {
+	if _, err := StartSwtpm(context.Background(), other, quiet); err == nil || !strings.Contains(err.Error(), "exited at start") {
 		t.Fatalf("second swtpm on the same state: %v", err)
 	} else {
 		t.Log(err)
