@@ -175,11 +175,12 @@ func (id *Identity) UUID() string { return id.uuid }
 func (id *Identity) Info() *cmlv1.DeviceIdentity {
 	id.mu.Lock()
 	defer id.mu.Unlock()
-	pcr := uint32(id.o.Measurer.PCR())
+	// Copies, not pointers to the fields: the message is marshalled after
+	// the lock is released, while InstallCert may change them.
 	return &cmlv1.DeviceIdentity{
-		DeviceUuid: &id.uuid, CommonName: ptr(id.subject().CommonName),
-		Provisioned: &id.provisioned, TlsCertificate: id.tls, TlsSelfSigned: &id.selfSigned,
-		AttestationCertificate: id.ak, Tpm: &id.o.TPM, MeasurementPcr: &pcr,
+		DeviceUuid: ptr(id.uuid), CommonName: ptr(id.subject().CommonName),
+		Provisioned: ptr(id.provisioned), TlsCertificate: id.tls, TlsSelfSigned: ptr(id.selfSigned),
+		AttestationCertificate: id.ak, Tpm: ptr(id.o.TPM), MeasurementPcr: ptr(uint32(id.o.Measurer.PCR())),
 	}
 }
 
@@ -304,7 +305,7 @@ func (id *Identity) Attest(nonce []byte, pcrs []uint32) (*cmlv1.Attestation, err
 	id.mu.Lock()
 	defer id.mu.Unlock()
 	a := &cmlv1.Attestation{Quote: q.Attest, Signature: q.Signature, EventLog: log,
-		AttestationCertificate: id.ak, TlsCertificate: id.tls, DeviceUuid: &id.uuid,
+		AttestationCertificate: id.ak, TlsCertificate: id.tls, DeviceUuid: ptr(id.uuid),
 		MeasurementPcr: ptr(uint32(id.o.Measurer.PCR()))}
 	for _, i := range sel {
 		a.Pcrs = append(a.Pcrs, &cmlv1.PCRValue{Index: ptr(uint32(i)), Sha256: q.PCRs[i]})
