@@ -364,3 +364,32 @@ func TestReadAnswerBounds(t *testing.T) {
 		t.Errorf("oversized answer: %v", err)
 	}
 }
+
+// TestBootPolicy: a boot PCR the policy pins must be quoted and hold the
+// pinned value.
+func TestBootPolicy(t *testing.T) {
+	f := newFixture(t, tpmtest.Simulator(t))
+	nonce := []byte("nonce-for-policy")
+	a, err := f.id.Attest(nonce, []uint32{0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pcr0 []byte
+	for _, p := range a.GetPcrs() {
+		if p.GetIndex() == 0 {
+			pcr0 = p.GetSha256()
+		}
+	}
+	f.vf.Policy = map[int][]byte{0: pcr0}
+	if v := f.vf.Verify(a, nonce); !v.OK {
+		t.Fatalf("matching policy: %s", v.Reason())
+	}
+	f.vf.Policy = map[int][]byte{0: bytes.Repeat([]byte{7}, 32)}
+	if v := f.vf.Verify(a, nonce); v.OK || !strings.HasPrefix(v.Reason(), "policy:") {
+		t.Errorf("PCR 0 off the policy: %s", v.Reason())
+	}
+	f.vf.Policy = map[int][]byte{7: pcr0}
+	if v := f.vf.Verify(a, nonce); v.OK || !strings.HasPrefix(v.Reason(), "policy:") {
+		t.Errorf("policy PCR not quoted: %s", v.Reason())
+	}
+}

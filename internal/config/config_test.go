@@ -86,3 +86,21 @@ func TestParseGuestOSRefusesEscapes(t *testing.T) {
 		}
 	}
 }
+
+// TestParseDevice refuses device settings that would measure into a PCR
+// that does not exist or put control characters into the device
+// certificate's name.
+func TestParseDevice(t *testing.T) {
+	d, err := ParseDevice("device.conf", []byte("product_name: \"Gateway\"\nserial: \"A-17\"\nmeasurement_pcr: 13\n"))
+	if err != nil || d.GetMeasurementPcr() != 13 || d.GetProductName() != "Gateway" {
+		t.Fatalf("%v %v", d, err)
+	}
+	if d, _ := ParseDevice("device.conf", nil); d.GetMeasurementPcr() != 11 || d.GetProductName() != "CML device" {
+		t.Errorf("defaults: %v", d)
+	}
+	for _, bad := range []string{"measurement_pcr: 24\n", "serial: \"a\\nb\"\n", "product_name: \"" + strings.Repeat("x", 65) + "\"\n"} {
+		if _, err := ParseDevice("device.conf", []byte(bad)); !errors.Is(err, errdefs.ErrInvalidArgument) {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+}

@@ -198,3 +198,24 @@ func TestRollbackCounterSurvivesStateRestore(t *testing.T) {
 	d.start()
 	d.must("guestos", "install", guestOSDir)
 }
+
+// TestStartRefusedWhenNotMeasured: when the start cannot be recorded in
+// the measurement log, the container does not run (fail closed), and the
+// refusal is audited.
+func TestStartRefusedWhenNotMeasured(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	d.create("m", "")
+	log := filepath.Join(d.stateDir, "measurements.cel")
+	os.Remove(log)
+	if err := os.Mkdir(log, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	d.refuse("measure into the TPM", "start", "m")
+	if st := d.state("m"); st == "RUNNING" {
+		t.Fatal("an unmeasured container runs")
+	}
+	if !d.hasAudit("container.measure", "failure", "m") {
+		t.Error("the failed measurement is not audited")
+	}
+}
