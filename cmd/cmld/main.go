@@ -16,6 +16,10 @@ import (
 
 func main() {
 	var c daemon.Config
+	// cmld's own flag set: libraries it links register flags on the
+	// global one (go-tpm-tools' SEV and TDX guest code) that are not
+	// cmld's to offer.
+	flag := flag.NewFlagSet("cmld", flag.ExitOnError)
 	flag.StringVar(&c.StateDir, "state-dir", "", "persistent state directory (default /var/lib/cml)")
 	flag.StringVar(&c.RunDir, "run-dir", "", "runtime state directory (default /run/cml)")
 	flag.StringVar(&c.Socket, "socket", "", "control socket path (default <run-dir>/control.sock)")
@@ -23,7 +27,7 @@ func main() {
 	flag.StringVar(&c.Runtime, "runtime", "", "OCI runtime binary (default runc)")
 	flag.StringVar(&c.DeviceConfig, "device-config", "", "device settings file (default <state-dir>/device.conf, if present)")
 	debug := flag.Bool("debug", false, "log debug messages")
-	flag.Parse()
+	flag.Parse(os.Args[1:])
 	level := slog.LevelInfo
 	if *debug {
 		level = slog.LevelDebug

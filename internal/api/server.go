@@ -177,7 +177,7 @@ func (s *Server) Remove(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Empt
 }
 
 func (s *Server) Start(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Container, error) {
-	return s.Containers.Start(ctx, r.GetNameOrUuid())
+	return s.Containers.Start(ctx, r.GetNameOrUuid(), container.StartOptions{})
 }
 
 func (s *Server) stop(ctx context.Context, r *cmlv1.StopRequest) (*cmlv1.Container, error) {

@@ -121,7 +121,7 @@ func (f *fixture) issueAK(t *testing.T, ca *testutil.PKI, notAfter time.Time, ak
 func (f *fixture) start(t *testing.T, uuid, name, verityRoot string, cfg []byte) {
 	t.Helper()
 	sum := sha256.Sum256(cfg)
-	if err := f.m.Measure(tpm.Event{Container: uuid, Name: name, GuestOS: "busybox", Version: 3, VerityRoot: verityRoot, ConfigSHA256: hex.EncodeToString(sum[:])}); err != nil {
+	if err := f.m.Measure(t.Context(), tpm.Event{Container: uuid, Name: name, GuestOS: "busybox", Version: 3, VerityRoot: verityRoot, ConfigSHA256: hex.EncodeToString(sum[:])}); err != nil {
 		t.Fatal(err)
 	}
 }

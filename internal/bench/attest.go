@@ -111,7 +111,7 @@ func Attestation(w io.Writer, dir string, runs int) error {
 	}
 	sum := sha256.Sum256(cfg)
 	for i := 0; i < 100; i++ {
-		if err := m.Measure(tpm.Event{Container: fmt.Sprintf("c%02d", i%10), Name: fmt.Sprintf("web%d", i%10), GuestOS: "busybox", Version: 1, VerityRoot: root, ConfigSHA256: hex.EncodeToString(sum[:])}); err != nil {
+		if err := m.Measure(context.Background(), tpm.Event{Container: fmt.Sprintf("c%02d", i%10), Name: fmt.Sprintf("web%d", i%10), GuestOS: "busybox", Version: 1, VerityRoot: root, ConfigSHA256: hex.EncodeToString(sum[:])}); err != nil {
 			return err
 		}
 	}
@@ -154,7 +154,7 @@ func Attestation(w io.Writer, dir string, runs int) error {
 		return err
 	}
 	for i := 0; i < 100; i++ {
-		if err := m2.Measure(tpm.Event{Container: fmt.Sprintf("c%03d", i), Name: fmt.Sprintf("web%d", i), GuestOS: "busybox", Version: 1, VerityRoot: root, ConfigSHA256: hex.EncodeToString(sum[:])}); err != nil {
+		if err := m2.Measure(context.Background(), tpm.Event{Container: fmt.Sprintf("c%03d", i), Name: fmt.Sprintf("web%d", i), GuestOS: "busybox", Version: 1, VerityRoot: root, ConfigSHA256: hex.EncodeToString(sum[:])}); err != nil {
 			return err
 		}
 	}

@@ -2,8 +2,6 @@ package container
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -19,176 +17,122 @@ import (
 	"golang.org/x/sys/unix"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
-	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
-	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/oci"
-	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/seccomp"
-	"github.com/cmlproject/cml/internal/tpm"
 )
 
 // run is the runtime state of one started container.
 type run struct {
-	pid      int
-	process  specs.Process // template for exec: caps, env
-	devices  []string      // exclusively held device keys
-	measured *tpm.Event    // what was measured into the TPM for this run
-	exited   chan struct{} // closed when init has exited
-	done     chan struct{} // closed when everything is released
-	stopping bool
+	gen     uint64
+	pid     int
+	since   time.Time     // when its pid was learned
+	process specs.Process // template for exec: caps, env
+	records map[string]json.RawMessage
+	exited  chan struct{} // closed when init has exited
+	done    chan struct{} // closed when everything is released
 }
 
-// verityName names a container's dm-verity mapping (/dev/mapper/<name>).
-func verityName(id string) string { return "cml-" + id }
+// runRecord is written to the run directory before the runtime runs the
+// container: what a restarted daemon needs to re-adopt the run, or to
+// release it (each stage's record).
+type runRecord struct {
+	Gen            uint64                     `json:"gen"`
+	GuestOSVersion uint64                     `json:"guestos_version"`
+	Stages         map[string]json.RawMessage `json:"stages"`
+	// Timings are how long each stage and the runtime took (debugging,
+	// make bench).
+	Timings []Timing `json:"timings"`
+}
 
 // defaultPath is the PATH of container processes unless the config sets one.
 const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+// StartOptions are per-start inputs from the client.
+type StartOptions struct {
+	// Secret unlocks the container's storage (a PIN); never logged.
+	Secret []byte
+}
+
 // Start starts a stopped container and returns once its init runs.
-func (m *Manager) Start(ctx context.Context, ref string) (*cmlv1.Container, error) {
-	c, err := m.lookup(ref)
+func (m *Manager) Start(ctx context.Context, ref string, so StartOptions) (*cmlv1.Container, error) {
+	c, err := m.acquire(ref)
 	if err != nil {
 		return nil, err
 	}
-	c.op.Lock()
 	defer c.op.Unlock()
 	m.mu.Lock()
-	if c.state != cmlv1.ContainerState_STOPPED && c.state != cmlv1.ContainerState_FAILED {
-		s := c.state
+	if !allowed(c.state, Starting) {
+		s, name := c.state, c.cfg.GetName()
 		m.mu.Unlock()
-		return nil, errdefs.FailedPrecondition("container %s is %s", c.cfg.GetName(), s)
+		return nil, errdefs.FailedPrecondition("container %s is %s", name, s)
 	}
-	m.setState(c, cmlv1.ContainerState_STARTING, "")
-	cfg := c.cfg
+	c.gen++
+	gen := c.gen
+	m.updateLocked(c, gen, Starting, "")
+	s := &Start{ID: c.uuid, Name: c.cfg.GetName(), Config: c.cfg, Dir: m.containerDir(c.uuid), RunDir: m.runDir(c.uuid),
+		Accepted: c.accepted, Trust: c.trust, Secret: so.Secret}
+	if c.cfg.GetUserns() {
+		s.UIDBase, s.IDCount = m.uidBase(c.slot), m.o.IDCount
+	}
 	m.mu.Unlock()
 
-	r, err := m.start(ctx, c, cfg)
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if err != nil {
-		m.setState(c, cmlv1.ContainerState_FAILED, err.Error())
+	if _, err := m.start(ctx, c, gen, s); err != nil {
+		m.update(c, gen, Failed, err.Error())
 		return nil, err
 	}
-	c.run = r
-	c.pid = r.pid
-	c.exit = -1
-	c.started = m.o.Now()
-	m.setState(c, cmlv1.ContainerState_RUNNING, "")
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	// Init may already have exited (and the watcher recorded it): then
+	// the update is refused and the caller sees the container stopped.
+	m.updateLocked(c, gen, Running, "")
 	return m.info(c), nil
 }
 
-// deviceKey identifies a device for exclusive assignment.
-func deviceKey(d config.DeviceRule) string { return fmt.Sprintf("%s %d:%d", d.Type, d.Major, d.Minor) }
-
-// reserveDevices takes the container's assign_dev devices, refusing any that
-// another running container holds (TSF-DEV: exclusive means one at most).
-func (m *Manager) reserveDevices(c *Container, cfg *cmlv1.ContainerConfig) ([]string, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var keys []string
-	for _, r := range cfg.GetAssignDev() {
-		d, _ := config.ParseDeviceRule(r)
-		k := deviceKey(d)
-		if holder, ok := m.devices[k]; ok && holder != c.uuid {
-			name := holder
-			if h := m.containers[holder]; h != nil {
-				name = h.cfg.GetName()
-			}
-			for _, k := range keys {
-				delete(m.devices, k)
-			}
-			return nil, errdefs.FailedPrecondition("device %s is assigned to running container %s", k, name)
-		}
-		m.devices[k] = c.uuid
-		keys = append(keys, k)
+func (m *Manager) start(ctx context.Context, c *Container, gen uint64, s *Start) (_ *run, err error) {
+	defer s.finish()
+	rdir := s.RunDir
+	// Clear anything a previous run left (the recovery sweep normally has).
+	if err := m.o.Runtime.Delete(ctx, c.uuid, true); err != nil {
+		return nil, fmt.Errorf("container %s: %w", s.Name, err)
 	}
-	return keys, nil
-}
-
-func (m *Manager) releaseDevices(keys []string) {
-	m.mu.Lock()
-	for _, k := range keys {
-		delete(m.devices, k)
+	if err := m.releaseStages(ctx, c.uuid, m.o.Stages, nil); err != nil {
+		return nil, fmt.Errorf("container %s: clear previous run: %w", s.Name, err)
 	}
-	m.mu.Unlock()
-}
-
-func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerConfig) (_ *run, err error) {
-	name := cfg.GetName()
-	g, err := m.o.GuestOS.Get(cfg.GetGuestOs(), cfg.GetGuestosVersion())
-	if err != nil {
+	os.RemoveAll(rdir)
+	if err := os.MkdirAll(rdir, 0o711); err != nil {
 		return nil, err
 	}
-	root := g.Root()
-	// TSF-INIT: config and image are verified again before every start.
-	// The image is checked in full (verity root over every block) and the
-	// very file that was checked is mounted, through its open descriptor.
-	cfgText, err := m.recheckConfig(c)
+	records, timings, err := m.prepare(ctx, s)
 	if err != nil {
-		m.record(ctx, "container.verify", c, err, "")
-		return nil, err
+		return nil, fmt.Errorf("container %s: %w", s.Name, err)
 	}
-	var img string
-	if m.o.GuestOS.UsesDMVerity() {
-		// Blocks are checked by the kernel as they are read.
-		if img, err = m.o.GuestOS.OpenVerity(ctx, g, verityName(c.uuid)); err != nil {
-			m.record(ctx, "container.verify", c, err, "")
-			return nil, err
-		}
-		defer func() {
-			if err != nil {
-				guestos.CloseVerity(verityName(c.uuid))
-			}
-		}()
-	} else {
-		imgFile, err := m.o.GuestOS.Check(ctx, g)
-		if err != nil {
-			m.record(ctx, "container.verify", c, err, "")
-			return nil, err
-		}
-		defer imgFile.Close()
-		img = fmt.Sprintf("/proc/self/fd/%d", imgFile.Fd())
-	}
-	m.mu.Lock()
-	c.gtrust = g.Installed.Level
-	m.mu.Unlock()
-	keys, err := m.reserveDevices(c, cfg)
-	if err != nil {
-		return nil, err
-	}
-	rdir := m.runDir(c.uuid)
+	runStarted := false
 	defer func() {
 		if err != nil {
-			m.o.Runtime.Delete(context.WithoutCancel(ctx), c.uuid, true)
-			rootfs.Unmount(rdir)
-			m.releaseDevices(keys)
+			bg := context.WithoutCancel(ctx)
+			if runStarted {
+				m.o.Runtime.Delete(bg, c.uuid, true)
+			}
+			m.releaseStages(bg, c.uuid, m.o.Stages, records)
+			os.RemoveAll(rdir)
 		}
 	}()
-	// Clear anything a previous run left (the recovery sweep normally has).
-	m.o.Runtime.Delete(ctx, c.uuid, true)
-	rootfs.Unmount(rdir)
-	os.RemoveAll(rdir)
+	m.mu.Lock()
+	c.gtrust = s.GuestOS.Installed.Level
+	m.mu.Unlock()
 
-	req := rootfs.Request{Image: img, FSType: root.GetFsType(), DataDir: filepath.Join(m.containerDir(c.uuid), "data"), ReadOnly: cfg.GetReadonlyRootfs()}
-	if cfg.GetUserns() {
-		req.UIDBase, req.IDCount = m.uidBase(c), m.o.IDCount
-	}
-	rfs, err := rootfs.Mount(rdir, req)
+	t0 := time.Now()
+	so, err := m.specOptions(c, s)
 	if err != nil {
-		return nil, fmt.Errorf("container %s: root filesystem: %w", name, err)
-	}
-	so, err := m.specOptions(c, cfg, g.Config, rfs)
-	if err != nil {
-		return nil, fmt.Errorf("container %s: %w", name, err)
+		return nil, fmt.Errorf("container %s: %w", s.Name, err)
 	}
 	spec := oci.Spec(so)
 	bundle := filepath.Join(rdir, "bundle")
 	if err := oci.WriteBundle(bundle, spec); err != nil {
 		return nil, err
 	}
-
 	// The console is a FIFO the container holds open read-write, so its
 	// output never hits a closed pipe while the daemon restarts; the daemon
 	// reads it through its own non-blocking read end.
@@ -205,70 +149,74 @@ func (m *Manager) start(ctx context.Context, c *Container, cfg *cmlv1.ContainerC
 	if err != nil {
 		return nil, err
 	}
-	// Measured boot of the container: what is about to run goes into the
-	// TPM first; a start that cannot be measured does not happen.
-	ev := measurement(c.uuid, cfg, g, cfgText)
-	if m.o.Measurer != nil {
-		if err := m.o.Measurer.Measure(ev); err != nil {
+	defer func() {
+		if err != nil {
 			reader.Close()
-			m.record(ctx, "container.measure", c, err, "")
-			return nil, fmt.Errorf("container %s: measure into the TPM: %w", name, err)
 		}
+	}()
+	timings = append(timings, Timing{Stage: "bundle", Took: time.Since(t0)})
+	// Written ahead of the runtime: a daemon that dies from here on finds
+	// what to re-adopt or release. The run directory is per boot (tmpfs),
+	// so it needs no fsync.
+	rec := runRecord{Gen: gen, GuestOSVersion: s.GuestOS.Version(), Stages: records, Timings: timings}
+	if err := writeRunRecord(rdir, rec); err != nil {
+		return nil, err
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("container %s: %w", s.Name, err)
+	}
+	t0 = time.Now()
+	runStarted = true
 	pidFile := filepath.Join(rdir, "init.pid")
 	if err := m.o.Runtime.Run(ctx, c.uuid, bundle, pidFile, rw); err != nil {
-		reader.Close()
-		return nil, fmt.Errorf("container %s: %w", name, err)
+		return nil, fmt.Errorf("container %s: %w", s.Name, err)
 	}
 	pid, err := readPid(pidFile)
 	if err != nil {
-		reader.Close()
 		return nil, err
 	}
-	r := &run{pid: pid, process: *spec.Process, devices: keys, measured: &ev, exited: make(chan struct{}), done: make(chan struct{})}
-	c.version = g.Version()
-	// What a restarted daemon needs to re-adopt this run.
-	rb, _ := json.Marshal(runRecord{GuestOSVersion: g.Version(), Devices: keys, Measured: &ev})
-	if err := atomicfile.Write(filepath.Join(rdir, "run.json"), rb, 0o600); err != nil {
-		m.o.Runtime.Kill(ctx, c.uuid, unix.SIGKILL, true)
-		reader.Close()
-		return nil, err
+	since := time.Now()
+	rec.Timings = append(rec.Timings, Timing{Stage: "runtime", Took: since.Sub(t0)})
+	writeRunRecord(rdir, rec)
+	m.o.Log.Debug("container started", "container", s.Name, "pid", pid, "timings", rec.Timings)
+	r := &run{gen: gen, pid: pid, since: since, process: *spec.Process, records: records, exited: make(chan struct{}), done: make(chan struct{})}
+	// A start that cannot be audited does not stay running.
+	if err := m.record(ctx, "container.run", c.uuid, s.Name, nil, fmt.Sprintf("init pid %d, guestos %s %d", pid, s.GuestOS.Name(), s.GuestOS.Version())); err != nil {
+		return nil, fmt.Errorf("container %s: %w", s.Name, err)
 	}
+	m.mu.Lock()
+	c.run, c.version, c.started = r, s.GuestOS.Version(), m.o.Now()
+	m.mu.Unlock()
 	m.watch(c, r, reader)
-	m.record(ctx, "container.run", c, nil, fmt.Sprintf("init pid %d, guestos %s %d", pid, g.Name(), g.Version()))
 	return r, nil
 }
 
-// measurement is the TPM event for a start of c: the guest OS version and
-// its root image's verity root hash (pinned by the signed manifest) and
-// the digest of the exact config bytes that were just verified.
-func measurement(uuid string, cfg *cmlv1.ContainerConfig, g *guestos.GuestOS, cfgText []byte) tpm.Event {
-	sum := sha256.Sum256(cfgText)
-	return tpm.Event{Container: uuid, Name: cfg.GetName(), GuestOS: g.Name(), Version: g.Version(),
-		VerityRoot: g.Root().GetVerityRootHash(), ConfigSHA256: hex.EncodeToString(sum[:])}
+func writeRunRecord(dir string, rec runRecord) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, "run.json"), b, 0o600)
 }
 
-// MeasureRunning measures every running container again. The daemon calls
-// it when the TPM's PCRs were reset under running containers (cmld's own
-// swtpm restarted), so an attestation still shows what runs.
-func (m *Manager) MeasureRunning(ctx context.Context) error {
-	if m.o.Measurer == nil {
-		return nil
+func readRunRecord(dir string) (runRecord, error) {
+	var rec runRecord
+	b, err := os.ReadFile(filepath.Join(dir, "run.json"))
+	if err != nil {
+		return rec, err
 	}
-	m.mu.Lock()
-	var evs []tpm.Event
-	for _, c := range m.containers {
-		if c.run != nil && c.run.measured != nil {
-			evs = append(evs, *c.run.measured)
-		}
+	return rec, json.Unmarshal(b, &rec)
+}
+
+// RunTimings returns how long each stage of container ref's current run
+// took, from its run record.
+func (m *Manager) RunTimings(ref string) ([]Timing, error) {
+	c, err := m.lookup(ref)
+	if err != nil {
+		return nil, err
 	}
-	m.mu.Unlock()
-	for _, e := range evs {
-		if err := m.o.Measurer.Measure(e); err != nil {
-			return fmt.Errorf("re-measure container %s: %w", e.Name, err)
-		}
-	}
-	return nil
+	rec, err := readRunRecord(m.runDir(c.uuid))
+	return rec.Timings, err
 }
 
 func readPid(path string) (int, error) {
@@ -278,7 +226,7 @@ func readPid(path string) (int, error) {
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	if err != nil || pid <= 0 {
-		return 0, fmt.Errorf("init pid file %s is malformed", path)
+		return 0, fmt.Errorf("init pid file %s is malformed", filepath.Base(path))
 	}
 	return pid, nil
 }
@@ -303,26 +251,28 @@ func capabilities(cfg *cmlv1.ContainerConfig) []string {
 	return caps
 }
 
-func (m *Manager) specOptions(c *Container, cfg *cmlv1.ContainerConfig, g *cmlv1.GuestOSConfig, rfs string) (oci.SpecOptions, error) {
+func (m *Manager) specOptions(c *Container, s *Start) (oci.SpecOptions, error) {
+	cfg, g := s.Config, s.GuestOS.Config
 	env := []string{defaultPath, "container=cml", "CML_CONTAINER_NAME=" + cfg.GetName(), "CML_CONTAINER_UUID=" + c.uuid}
 	env = append(env, g.GetInitEnv()...)
 	env = append(env, cfg.GetInitEnv()...)
 	so := oci.SpecOptions{
 		Hostname:       cfg.GetName(),
-		Rootfs:         rfs,
+		Rootfs:         s.Rootfs,
 		ReadonlyRootfs: cfg.GetReadonlyRootfs(),
 		Args:           append([]string{g.GetInitPath()}, g.GetInitParam()...),
 		Env:            env,
 		NetNS:          cfg.GetNetns(),
+		NetNSPath:      s.NetNSPath,
 		PidsLimit:      config.DefaultPidsLimit,
 		CPUs:           cfg.GetAssignCpus(),
 		CPUWeight:      cfg.GetCpuWeight(),
 		CPUQuotaPct:    cfg.GetCpuQuotaPercent(),
 		Capabilities:   capabilities(cfg),
 		CgroupsPath:    "/" + m.o.CgroupParent + "/" + c.uuid,
-	}
-	if cfg.GetUserns() {
-		so.UIDBase, so.IDCount = m.uidBase(c), m.o.IDCount
+		UIDBase:        s.UIDBase,
+		IDCount:        s.IDCount,
+		Mounts:         append([]oci.Mount(nil), s.Mounts...),
 	}
 	if p := cfg.GetPidsLimit(); p > 0 {
 		so.PidsLimit = int64(p)
@@ -345,11 +295,11 @@ func (m *Manager) specOptions(c *Container, cfg *cmlv1.ContainerConfig, g *cmlv1
 		}
 	}
 	for _, v := range cfg.GetVolumes() {
-		src := filepath.Join(m.containerDir(c.uuid), "volumes", v.GetName())
+		src := filepath.Join(s.Dir, "volumes", v.GetName())
 		if err := os.MkdirAll(src, 0o755); err != nil {
 			return so, fmt.Errorf("volume %s: %w", v.GetName(), err)
 		}
-		if cfg.GetUserns() {
+		if s.IDCount > 0 {
 			if err := os.Chown(src, int(so.UIDBase), int(so.UIDBase)); err != nil {
 				return so, fmt.Errorf("volume %s: %w", v.GetName(), err)
 			}
@@ -408,9 +358,8 @@ func hostDeviceNode(d config.DeviceRule) (string, os.FileMode) {
 }
 
 // watch follows a started container: it copies its console into the ring,
-// and when init exits it releases everything and marks the container
-// stopped. Exit is noticed at once: by wait4 when the daemon is the init's
-// subreaper, by a pidfd otherwise (a re-adopted container).
+// and when init exits it releases everything and marks the run ended,
+// through the checked update for the run's generation.
 func (m *Manager) watch(c *Container, r *run, console *os.File) {
 	consoleDone := make(chan struct{})
 	m.wg.Add(2)
@@ -431,7 +380,7 @@ func (m *Manager) watch(c *Container, r *run, console *os.File) {
 	}()
 	go func() {
 		defer m.wg.Done()
-		status := waitExit(r.pid)
+		exit := <-m.o.Exits.Wait(r.pid, r.since)
 		close(r.exited)
 		select {
 		case <-consoleDone:
@@ -439,104 +388,77 @@ func (m *Manager) watch(c *Container, r *run, console *os.File) {
 			console.SetReadDeadline(time.Now())
 		}
 		ctx := context.Background()
-		err := m.release(ctx, c, r)
+		err := m.release(ctx, c.uuid, r.records)
 		m.mu.Lock()
-		stopping := r.stopping
-		c.run = nil
-		c.pid = 0
-		c.exit = int32(status)
-		reason := exitReason(status)
+		stopping := c.state == Stopping && c.gen == r.gen
+		reason := "init " + exit.String()
 		if stopping {
 			reason = "stopped; " + reason
 		}
-		if err != nil {
-			m.setState(c, cmlv1.ContainerState_FAILED, "release after exit: "+err.Error())
-		} else {
-			m.setState(c, cmlv1.ContainerState_STOPPED, reason)
+		if c.gen == r.gen {
+			c.run = nil
+			c.exit, c.exited = exit, true
 		}
+		if err != nil {
+			m.updateLocked(c, r.gen, Failed, "release after exit: "+err.Error())
+		} else {
+			m.updateLocked(c, r.gen, Stopped, reason)
+		}
+		name := c.cfg.GetName()
 		m.mu.Unlock()
-		m.record(ctx, "container.exit", c, err, reason)
+		m.record(ctx, "container.exit", c.uuid, name, err, reason)
 		close(r.done)
 	}()
 }
 
-func exitReason(status int) string {
-	switch {
-	case status < 0:
-		return "init exited (status unknown: adopted after a daemon restart)"
-	case status > 128:
-		return fmt.Sprintf("init killed by signal %d", status-128)
-	default:
-		return fmt.Sprintf("init exited with status %d", status)
-	}
-}
-
-// waitExit blocks until pid exits and returns its status (code, 128+signal)
-// or -1 when the process is not the daemon's child.
-func waitExit(pid int) int {
-	var ws unix.WaitStatus
-	for {
-		_, err := unix.Wait4(pid, &ws, 0, nil)
-		if err == nil {
-			if ws.Signaled() {
-				return 128 + int(ws.Signal())
-			}
-			return ws.ExitStatus()
-		}
-		if err == unix.EINTR {
-			continue
-		}
-		break
-	}
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return -1 // already gone
-	}
-	defer unix.Close(fd)
-	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-	for {
-		if _, err := unix.Poll(fds, -1); err != unix.EINTR {
-			return -1
-		}
-	}
-}
-
-// release deletes the runtime state, unmounts the root filesystem and frees
-// assigned devices.
-func (m *Manager) release(ctx context.Context, c *Container, r *run) error {
+// release deletes the runtime state and releases the stages in reverse.
+func (m *Manager) release(ctx context.Context, id string, records map[string]json.RawMessage) error {
 	var errs []error
-	if err := m.o.Runtime.Delete(ctx, c.uuid, true); err != nil {
+	if err := m.o.Runtime.Delete(ctx, id, true); err != nil {
 		errs = append(errs, err)
 	}
-	rdir := m.runDir(c.uuid)
-	if err := rootfs.Unmount(rdir); err != nil {
+	if err := m.releaseStages(ctx, id, m.o.Stages, records); err != nil {
 		errs = append(errs, err)
-	} else {
-		os.RemoveAll(rdir)
 	}
-	guestos.CloseVerity(verityName(c.uuid))
-	if r != nil {
-		m.releaseDevices(r.devices)
+	if err := errors.Join(errs...); err != nil {
+		return err
 	}
-	return errors.Join(errs...)
+	os.RemoveAll(m.runDir(id))
+	return nil
+}
+
+// running returns c's current run and generation if c is in one of the
+// given states.
+func (m *Manager) running(c *Container, states ...State) (*run, uint64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, s := range states {
+		if c.state == s && c.run != nil {
+			return c.run, c.gen, nil
+		}
+	}
+	if len(states) == 1 {
+		return nil, 0, errdefs.FailedPrecondition("container %s is %s, not %s", c.cfg.GetName(), c.state, states[0])
+	}
+	return nil, 0, errdefs.FailedPrecondition("container %s is %s", c.cfg.GetName(), c.state)
 }
 
 // Stop stops a running or frozen container: SIGTERM to init, then SIGKILL
 // to every process after timeout (0 = the config's stop_timeout).
 func (m *Manager) Stop(ctx context.Context, ref string, timeout time.Duration) (*cmlv1.Container, error) {
-	c, err := m.lookup(ref)
+	c, err := m.acquire(ref)
 	if err != nil {
 		return nil, err
 	}
-	c.op.Lock()
 	defer c.op.Unlock()
 	m.mu.Lock()
 	r := c.run
-	frozen := c.state == cmlv1.ContainerState_FROZEN
-	if r == nil || (c.state != cmlv1.ContainerState_RUNNING && !frozen) {
+	frozen := c.state == Frozen
+	name := c.cfg.GetName()
+	if r == nil || !m.updateLocked(c, r.gen, Stopping, "") {
 		s := c.state
 		m.mu.Unlock()
-		return nil, errdefs.FailedPrecondition("container %s is %s", c.cfg.GetName(), s)
+		return nil, errdefs.FailedPrecondition("container %s is %s", name, s)
 	}
 	if timeout == 0 {
 		timeout = time.Duration(c.cfg.GetStopTimeout()) * time.Second
@@ -544,80 +466,98 @@ func (m *Manager) Stop(ctx context.Context, ref string, timeout time.Duration) (
 			timeout = config.DefaultStopSecs * time.Second
 		}
 	}
-	r.stopping = true
-	m.setState(c, cmlv1.ContainerState_STOPPING, "")
 	m.mu.Unlock()
 
+	bg := context.WithoutCancel(ctx)
 	if frozen {
 		// A frozen init cannot handle SIGTERM.
-		m.o.Runtime.Resume(ctx, c.uuid)
+		m.o.Runtime.Resume(bg, c.uuid)
 	}
-	if err := m.o.Runtime.Kill(ctx, c.uuid, unix.SIGTERM, false); err != nil {
+	if err := m.o.Runtime.Kill(bg, c.uuid, unix.SIGTERM, false); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 		m.o.Log.Warn("sigterm failed", "container", c.uuid, "err", err)
 	}
 	select {
 	case <-r.exited:
 	case <-time.After(timeout):
-		m.o.Runtime.Kill(context.WithoutCancel(ctx), c.uuid, unix.SIGKILL, true)
-		unix.Kill(r.pid, unix.SIGKILL)
+		m.o.Runtime.Kill(bg, c.uuid, unix.SIGKILL, true)
 	}
 	select {
 	case <-r.done:
 	case <-time.After(30 * time.Second):
-		return nil, errdefs.FailedPrecondition("container %s did not stop", c.cfg.GetName())
+		return nil, errdefs.FailedPrecondition("container %s did not stop", name)
 	}
 	return m.State(c.uuid)
 }
 
 // Kill sends a signal to the container's init.
 func (m *Manager) Kill(ctx context.Context, ref string, sig syscall.Signal) error {
+	if sig <= 0 || sig > 64 {
+		return errdefs.InvalidArgument("signal %d is out of range 1..64", sig)
+	}
 	c, err := m.lookup(ref)
 	if err != nil {
 		return err
 	}
 	m.mu.Lock()
 	running := c.run != nil
+	name := c.cfg.GetName()
 	m.mu.Unlock()
 	if !running {
-		return errdefs.FailedPrecondition("container %s is not running", c.cfg.GetName())
-	}
-	if sig <= 0 || sig > 64 {
-		return errdefs.InvalidArgument("signal %d is out of range 1..64", sig)
+		return errdefs.FailedPrecondition("container %s is not running", name)
 	}
 	return m.o.Runtime.Kill(ctx, c.uuid, sig, false)
 }
 
 // Freeze freezes every process of a running container.
 func (m *Manager) Freeze(ctx context.Context, ref string) (*cmlv1.Container, error) {
-	return m.freezeOp(ctx, ref, cmlv1.ContainerState_RUNNING, cmlv1.ContainerState_FREEZING, cmlv1.ContainerState_FROZEN, m.o.Runtime.Pause)
+	return m.freezeOp(ctx, ref, Running, Freezing, Frozen, m.o.Runtime.Pause)
 }
 
 // Unfreeze thaws a frozen container.
 func (m *Manager) Unfreeze(ctx context.Context, ref string) (*cmlv1.Container, error) {
-	return m.freezeOp(ctx, ref, cmlv1.ContainerState_FROZEN, cmlv1.ContainerState_FROZEN, cmlv1.ContainerState_RUNNING, m.o.Runtime.Resume)
+	return m.freezeOp(ctx, ref, Frozen, Frozen, Running, m.o.Runtime.Resume)
 }
 
-func (m *Manager) freezeOp(ctx context.Context, ref string, from, via, to cmlv1.ContainerState, op func(context.Context, string) error) (*cmlv1.Container, error) {
-	c, err := m.lookup(ref)
+// freezeOp moves a container from -> via -> to around op. Every step is a
+// checked update for the run's generation: if init exits while op runs,
+// the watcher's Stopped stands and the operation reports it.
+func (m *Manager) freezeOp(ctx context.Context, ref string, from, via, to State, op func(context.Context, string) error) (*cmlv1.Container, error) {
+	c, err := m.acquire(ref)
 	if err != nil {
 		return nil, err
 	}
-	c.op.Lock()
 	defer c.op.Unlock()
-	m.mu.Lock()
-	if c.state != from || c.run == nil {
-		s := c.state
-		m.mu.Unlock()
-		return nil, errdefs.FailedPrecondition("container %s is %s, not %s", c.cfg.GetName(), s, from)
-	}
-	m.setState(c, via, "")
-	m.mu.Unlock()
-	if err := op(ctx, c.uuid); err != nil {
-		m.transition(c, from, "")
+	_, gen, err := m.running(c, from)
+	if err != nil {
 		return nil, err
 	}
-	m.transition(c, to, "")
+	if via != from && !m.update(c, gen, via, "") {
+		return nil, m.ended(c, to)
+	}
+	if err := op(ctx, c.uuid); err != nil {
+		m.update(c, gen, from, "")
+		if ended := m.ended(c, to); ended != nil && !m.inGen(c, gen) {
+			return nil, ended
+		}
+		return nil, fmt.Errorf("container %s: %w", ref, err)
+	}
+	if !m.update(c, gen, to, "") {
+		return nil, m.ended(c, to)
+	}
 	return m.State(c.uuid)
+}
+
+// inGen reports whether c is still running generation gen.
+func (m *Manager) inGen(c *Container, gen uint64) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return c.gen == gen && c.run != nil && !c.removed
+}
+
+func (m *Manager) ended(c *Container, to State) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return errdefs.FailedPrecondition("container %s is %s, not %s: %s", c.cfg.GetName(), c.state, to, c.reason)
 }
 
 // ExecOptions describe a process to run in a container.
@@ -631,10 +571,6 @@ type ExecOptions struct {
 // seccomp profile and no_new_privileges as its init, and returns its exit
 // status.
 func (m *Manager) Exec(ctx context.Context, ref string, o ExecOptions) (int, error) {
-	c, err := m.lookup(ref)
-	if err != nil {
-		return -1, err
-	}
 	if len(o.Args) == 0 {
 		return -1, errdefs.InvalidArgument("exec needs a command")
 	}
@@ -643,16 +579,20 @@ func (m *Manager) Exec(ctx context.Context, ref string, o ExecOptions) (int, err
 			return -1, errdefs.InvalidArgument("environment entry %q is not KEY=value", e)
 		}
 	}
-	m.mu.Lock()
-	if c.state != cmlv1.ContainerState_RUNNING || c.run == nil {
-		s := c.state
-		m.mu.Unlock()
-		return -1, errdefs.FailedPrecondition("container %s is %s, not RUNNING", c.cfg.GetName(), s)
+	c, err := m.lookup(ref)
+	if err != nil {
+		return -1, err
 	}
-	p := c.run.process
-	m.mu.Unlock()
+	r, _, err := m.running(c, Running)
+	if err != nil {
+		return -1, err
+	}
+	p := r.process
 	p.Args = o.Args
 	p.Env = append(append([]string(nil), p.Env...), o.Env...)
 	p.Terminal = o.IO.TTY
 	return m.o.Runtime.Exec(ctx, c.uuid, &p, m.runDir(c.uuid), o.IO)
 }
+
+// Wait waits for the watchers (tests and shutdown).
+func (m *Manager) Wait() { m.wg.Wait() }

@@ -3,11 +3,19 @@
 // watches their init processes, and re-adopts running containers after the
 // daemon restarts.
 //
-// It decides everything about a container and hands the result to the OCI
-// runtime driver (package oci) and the root filesystem builder (package
-// rootfs); it has no namespace code of its own. It does not authorize
-// callers (the API layer does) and does not verify signatures (the trust
-// chain plugs in before Start mounts an image).
+// A container's state changes only through one checked update (state.go)
+// that knows the run generation, so a stale writer (a freeze racing init's
+// exit, a start queued behind a removal) cannot overwrite a newer fact.
+// Starting is a pipeline of stages (stage.go) that the daemon wires:
+// verification, devices, root filesystem and measurement today, storage and
+// network next; release, recovery and removal are the same stages in
+// reverse. The OCI runtime is behind an interface (runtime.go).
+//
+// Locks: Manager.mu guards the container table and every container's
+// mutable fields and is never held across disk, TPM, network or runtime
+// calls. Each container's op mutex serializes the operations on that
+// container only. This package does not authorize callers (the API layer
+// does) and has no namespace code of its own.
 package container
 
 import (
@@ -31,10 +39,7 @@ import (
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/guestos"
-	"github.com/cmlproject/cml/internal/oci"
-	"github.com/cmlproject/cml/internal/sign"
-	"github.com/cmlproject/cml/internal/tpm"
-	"github.com/cmlproject/cml/internal/trust"
+	"github.com/cmlproject/cml/internal/reaper"
 )
 
 // Options configure a Manager.
@@ -44,7 +49,8 @@ type Options struct {
 	StateDir string
 	// RunDir holds per-run state: bundles and mounts. It may be a tmpfs.
 	RunDir  string
-	Runtime *oci.Runtime
+	Runtime Runtime
+	Exits   Exits
 	GuestOS *guestos.Store
 	Audit   audit.Recorder
 	Log     *slog.Logger
@@ -57,48 +63,39 @@ type Options struct {
 	CgroupParent string
 	// ConsoleSize bounds each container's console ring buffer.
 	ConsoleSize int
-	// Trust verifies config signatures; SignedConfigs refuses unsigned
-	// configs (device setting signed_configs).
-	Trust         *trust.Store
-	SignedConfigs bool
-	// Measurer extends each start into the TPM before the runtime runs
-	// it; nil measures nothing (unit tests).
-	Measurer Measurer
-}
-
-// Measurer records a container start in the TPM and its event log.
-type Measurer interface {
-	Measure(tpm.Event) error
-}
-
-// ConfigFile is a container config as it arrived: its exact bytes, and its
-// detached signature and signer chain when signed.
-type ConfigFile struct {
-	Source         string
-	Text, Sig, Pem []byte
+	// Configs accepts configs at create and update.
+	Configs Acceptor
+	// Stages is the start pipeline, in order.
+	Stages []Stage
 }
 
 // Manager manages all containers of the daemon.
 type Manager struct {
 	o          Options
-	mu         sync.Mutex // guards containers, devices and every container's mutable fields
+	mu         sync.Mutex // guards containers, reserved and every container's mutable fields
 	containers map[string]*Container
-	devices    map[string]string // assigned device "c 4:1" -> holder uuid
+	reserved   map[string]bool // names and slots ("#n") of creates and renames in flight
 	events     *broker
 	wg         sync.WaitGroup
 }
 
-// Container is one managed container. Its fields are guarded by the
-// Manager's mu; op serializes lifecycle operations on it.
+// Container is one managed container. Its fields below op are guarded by
+// the Manager's mu; op serializes lifecycle operations on it.
 type Container struct {
 	uuid    string
 	slot    uint32
-	cfg     *cmlv1.ContainerConfig
+	created time.Time
+	console *ring
 	op      sync.Mutex
-	state   cmlv1.ContainerState
+
+	cfg     *cmlv1.ContainerConfig // replaced, never modified
+	state   State
 	reason  string
-	pid     int
-	exit    int32
+	gen     uint64 // run generation: each start begins a new one
+	removed bool
+	run     *run // non-nil while the container has runtime state
+	exit    reaper.Exit
+	exited  bool // exit is of a previous run
 	started time.Time
 	version uint64           // guest OS version of the current run
 	trust   cmlv1.TrustLevel // of the config
@@ -107,8 +104,6 @@ type Container struct {
 	// accepted is when the config's signature was checked; re-checks use
 	// this time so only revocation or a removed CA, not expiry, stop it.
 	accepted time.Time
-	console  *ring
-	run      *run // non-nil while the container has runtime state
 }
 
 type meta struct {
@@ -140,23 +135,27 @@ func New(o Options) (*Manager, error) {
 	if o.ConsoleSize == 0 {
 		o.ConsoleSize = 256 << 10
 	}
+	if o.Runtime == nil || o.Exits == nil || o.Audit == nil || o.GuestOS == nil {
+		return nil, fmt.Errorf("container manager needs a runtime, an exit source, an audit recorder and a guest OS store")
+	}
 	for _, d := range []string{o.StateDir, filepath.Join(o.RunDir, "containers")} {
 		if err := os.MkdirAll(d, 0o711); err != nil {
 			return nil, err
 		}
 	}
-	return &Manager{o: o, containers: map[string]*Container{}, devices: map[string]string{}, events: newBroker()}, nil
+	return &Manager{o: o, containers: map[string]*Container{}, reserved: map[string]bool{}, events: newBroker()}, nil
 }
 
 func (m *Manager) containerDir(id string) string { return filepath.Join(m.o.StateDir, id) }
 func (m *Manager) runDir(id string) string       { return filepath.Join(m.o.RunDir, "containers", id) }
 
 // load reads every container from the state directory.
-func (m *Manager) load() error {
+func (m *Manager) load() (map[string]*Container, error) {
 	ents, err := os.ReadDir(m.o.StateDir)
 	if err != nil {
-		return err
+		return nil, err
 	}
+	out := map[string]*Container{}
 	for _, e := range ents {
 		if !e.IsDir() {
 			continue
@@ -168,11 +167,11 @@ func (m *Manager) load() error {
 		}
 		c, err := m.loadOne(e.Name())
 		if err != nil {
-			return fmt.Errorf("container %s: %w", e.Name(), err)
+			return nil, fmt.Errorf("container %s: %w", e.Name(), err)
 		}
-		m.containers[c.uuid] = c
+		out[c.uuid] = c
 	}
-	return nil
+	return out, nil
 }
 
 func (m *Manager) loadOne(id string) (*Container, error) {
@@ -193,7 +192,7 @@ func (m *Manager) loadOne(id string) (*Container, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Container{uuid: id, slot: md.Slot, cfg: cfg, state: cmlv1.ContainerState_STOPPED, exit: -1, console: newRing(m.o.ConsoleSize),
+	c := &Container{uuid: id, slot: md.Slot, created: md.Created, cfg: cfg, state: Stopped, console: newRing(m.o.ConsoleSize),
 		trust: md.Trust, signer: md.Signer, accepted: md.Accepted, gtrust: cmlv1.TrustLevel_SIGNED}
 	if g, err := m.o.GuestOS.Get(cfg.GetGuestOs(), cfg.GetGuestosVersion()); err == nil {
 		c.gtrust = g.Installed.Level
@@ -220,6 +219,25 @@ func (m *Manager) lookupLocked(ref string) (*Container, error) {
 	return nil, errdefs.NotFound("container %q does not exist", ref)
 }
 
+// acquire looks a container up and takes its operation lock. A container
+// removed while the caller waited for the lock is reported as not found:
+// nothing may act on it any more.
+func (m *Manager) acquire(ref string) (*Container, error) {
+	c, err := m.lookup(ref)
+	if err != nil {
+		return nil, err
+	}
+	c.op.Lock()
+	m.mu.Lock()
+	removed := c.removed
+	m.mu.Unlock()
+	if removed {
+		c.op.Unlock()
+		return nil, errdefs.NotFound("container %q does not exist (it was removed)", ref)
+	}
+	return c, nil
+}
+
 // info returns the API view of c; m.mu must be held.
 func (m *Manager) info(c *Container) *cmlv1.Container {
 	out := &cmlv1.Container{
@@ -227,8 +245,15 @@ func (m *Manager) info(c *Container) *cmlv1.Container {
 		Name:       proto.String(c.cfg.GetName()),
 		State:      c.state.Enum(),
 		GuestOs:    proto.String(c.cfg.GetGuestOs()),
-		ExitStatus: proto.Int32(c.exit),
+		ExitStatus: proto.Int32(-1),
 		Autostart:  proto.Bool(c.cfg.GetAllowAutostart()),
+	}
+	if c.exited && c.exit.Known {
+		if c.exit.Signal != 0 {
+			out.ExitSignal = proto.Int32(int32(c.exit.Signal))
+		} else {
+			out.ExitStatus = proto.Int32(int32(c.exit.Code))
+		}
 	}
 	if c.reason != "" {
 		out.Reason = proto.String(c.reason)
@@ -238,12 +263,12 @@ func (m *Manager) info(c *Container) *cmlv1.Container {
 	} else if v := c.cfg.GetGuestosVersion(); v != 0 {
 		out.GuestosVersion = proto.Uint64(v)
 	}
-	if c.pid > 0 {
-		out.Pid = proto.Int32(int32(c.pid))
+	if c.run != nil && c.run.pid > 0 {
+		out.Pid = proto.Int32(int32(c.run.pid))
 		out.StartedUnixNano = proto.Int64(c.started.UnixNano())
 	}
 	if c.cfg.GetUserns() {
-		out.UidBase = proto.Uint32(m.uidBase(c))
+		out.UidBase = proto.Uint32(m.uidBase(c.slot))
 	}
 	out.TrustLevel = min(c.trust, c.gtrust).Enum()
 	if c.signer != "" {
@@ -252,19 +277,11 @@ func (m *Manager) info(c *Container) *cmlv1.Container {
 	return out
 }
 
-func (m *Manager) uidBase(c *Container) uint32 { return m.o.IDBase + c.slot*m.o.IDCount }
+func (m *Manager) uidBase(slot uint32) uint32 { return m.o.IDBase + slot*m.o.IDCount }
 
-// setState changes c's state and publishes the change; m.mu must be held.
-func (m *Manager) setState(c *Container, s cmlv1.ContainerState, reason string) {
-	c.state = s
-	c.reason = reason
+// publishLocked sends c's current view to subscribers; m.mu must be held.
+func (m *Manager) publishLocked(c *Container) {
 	m.events.publish(&cmlv1.Event{TimeUnixNano: proto.Int64(m.o.Now().UnixNano()), Container: m.info(c)})
-}
-
-func (m *Manager) transition(c *Container, s cmlv1.ContainerState, reason string) {
-	m.mu.Lock()
-	m.setState(c, s, reason)
-	m.mu.Unlock()
 }
 
 // List returns every container, ordered by name.
@@ -281,23 +298,23 @@ func (m *Manager) List() []*cmlv1.Container {
 
 // State returns one container.
 func (m *Manager) State(ref string) (*cmlv1.Container, error) {
-	c, err := m.lookup(ref)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c, err := m.lookupLocked(ref)
 	if err != nil {
 		return nil, err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	return m.info(c), nil
 }
 
 // Config returns a container's stored config.
 func (m *Manager) Config(ref string) (*cmlv1.ContainerConfig, error) {
-	c, err := m.lookup(ref)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c, err := m.lookupLocked(ref)
 	if err != nil {
 		return nil, err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
 	return proto.Clone(c.cfg).(*cmlv1.ContainerConfig), nil
 }
 
@@ -320,99 +337,51 @@ func (m *Manager) checkConfig(source string, cfg *cmlv1.ContainerConfig) (*guest
 	return g, nil
 }
 
-// acceptConfig parses a config file and checks its signature: SIGNED or
-// LOCALLY_SIGNED by a trusted chain, or UNSIGNED where the device allows
-// unsigned configs. at is the time the signer must be valid.
-func (m *Manager) acceptConfig(f ConfigFile, at time.Time) (*cmlv1.ContainerConfig, trust.Result, error) {
-	if len(f.Text) > config.MaxFileSize {
-		return nil, trust.Result{}, errdefs.InvalidArgument("%s: larger than %d bytes", f.Source, config.MaxFileSize)
+// reserveName claims name for a create or rename in flight; m.mu must be
+// held. self is the container being renamed (nil for a create).
+func (m *Manager) reserveNameLocked(name string, self *Container) error {
+	if other, err := m.lookupLocked(name); (err == nil && other != self) || m.reserved[name] {
+		return errdefs.AlreadyExists("container %q already exists", name)
 	}
-	var res trust.Result
-	switch {
-	case len(f.Sig) == 0 && len(f.Pem) == 0:
-		if m.o.SignedConfigs {
-			return nil, res, errdefs.Integrity("%s: config is not signed and this device requires signed configs (device setting signed_configs)", f.Source)
-		}
-		res.Level = cmlv1.TrustLevel_UNSIGNED
-	case m.o.Trust == nil:
-		return nil, res, errdefs.FailedPrecondition("%s: no trust store to check the signature", f.Source)
-	default:
-		var err error
-		if res, err = m.o.Trust.Verify(f.Text, f.Sig, f.Pem, at); err != nil {
-			return nil, res, fmt.Errorf("%s: %w", f.Source, err)
-		}
-	}
-	cfg, err := config.ParseContainer(f.Source, f.Text)
-	if err != nil {
-		return nil, res, err
-	}
-	return cfg, res, nil
-}
-
-// writeConfigFiles stores the exact config bytes and their signature.
-func writeConfigFiles(dir string, f ConfigFile) error {
-	for name, b := range map[string][]byte{"config.conf": f.Text, "config.conf" + sign.SigSuffix: f.Sig, "config.conf" + sign.CertSuffix: f.Pem} {
-		p := filepath.Join(dir, name)
-		if len(b) == 0 && name != "config.conf" {
-			if err := os.Remove(p); err != nil && !os.IsNotExist(err) {
-				return err
-			}
-			continue
-		}
-		if err := atomicfile.Write(p, b, 0o600); err != nil {
-			return err
-		}
-	}
+	m.reserved[name] = true
 	return nil
 }
 
-// recheckConfig re-reads the stored config and verifies it again before a
-// start: a revoked signer, a removed CA, an edited file or an unsigned
-// config after signed_configs was turned on stop the start.
-func (m *Manager) recheckConfig(c *Container) ([]byte, error) {
-	dir := m.containerDir(c.uuid)
-	f := ConfigFile{Source: "config of " + c.cfg.GetName()}
-	var err error
-	if f.Text, err = os.ReadFile(filepath.Join(dir, "config.conf")); err != nil {
-		return nil, errdefs.Integrity("%s: %v", f.Source, err)
-	}
-	f.Sig, _ = os.ReadFile(filepath.Join(dir, "config.conf"+sign.SigSuffix))
-	f.Pem, _ = os.ReadFile(filepath.Join(dir, "config.conf"+sign.CertSuffix))
-	cfg, res, err := m.acceptConfig(f, c.accepted)
-	if err != nil {
-		return nil, err
-	}
-	if !proto.Equal(cfg, c.cfg) || res.Level != c.trust {
-		return nil, errdefs.Integrity("%s: stored config changed since it was accepted", f.Source)
-	}
-	return f.Text, nil
-}
-
-// Create stores a new container from a config file.
+// Create stores a new container from a config file. The files are written
+// without the manager lock; the name and id range are reserved meanwhile.
 func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, error) {
 	now := m.o.Now()
-	cfg, res, err := m.acceptConfig(f, now)
+	cfg, res, err := m.o.Configs.Accept(f, now)
 	if err != nil {
 		return nil, err
 	}
-	source := f.Source
-	g, err := m.checkConfig(source, cfg)
+	g, err := m.checkConfig(f.Source, cfg)
 	if err != nil {
 		return nil, err
 	}
+	name := cfg.GetName()
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if _, err := m.lookupLocked(cfg.GetName()); err == nil {
-		return nil, errdefs.AlreadyExists("container %q already exists", cfg.GetName())
+	if err := m.reserveNameLocked(name, nil); err != nil {
+		m.mu.Unlock()
+		return nil, err
 	}
 	used := map[uint32]bool{}
 	for _, c := range m.containers {
 		used[c.slot] = true
 	}
 	var slot uint32
-	for used[slot] {
+	for used[slot] || m.reserved[fmt.Sprintf("#%d", slot)] {
 		slot++
 	}
+	slotKey := fmt.Sprintf("#%d", slot)
+	m.reserved[slotKey] = true
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		delete(m.reserved, name)
+		delete(m.reserved, slotKey)
+		m.mu.Unlock()
+	}()
 	if uint64(m.o.IDBase)+uint64(slot+1)*uint64(m.o.IDCount) > 1<<32-1 {
 		return nil, errdefs.FailedPrecondition("no subordinate id range left for another container")
 	}
@@ -432,7 +401,8 @@ func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, e
 	if err := writeConfigFiles(tmp, f); err != nil {
 		return nil, err
 	}
-	mb, _ := json.Marshal(meta{UUID: id, Slot: slot, Created: now.UTC(), Accepted: now.UTC(), Trust: res.Level, Signer: res.Signer})
+	md := meta{UUID: id, Slot: slot, Created: now.UTC(), Accepted: now.UTC(), Trust: res.Level, Signer: res.Signer}
+	mb, _ := json.Marshal(md)
 	if err := atomicfile.Write(filepath.Join(tmp, "meta.json"), mb, 0o600); err != nil {
 		return nil, err
 	}
@@ -440,10 +410,12 @@ func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, e
 		return nil, err
 	}
 	ok = true
-	c := &Container{uuid: id, slot: slot, cfg: cfg, state: cmlv1.ContainerState_STOPPED, exit: -1, console: newRing(m.o.ConsoleSize),
-		trust: res.Level, signer: res.Signer, accepted: now.UTC(), gtrust: g.Installed.Level}
+	c := &Container{uuid: id, slot: slot, created: md.Created, cfg: cfg, state: Stopped, console: newRing(m.o.ConsoleSize),
+		trust: res.Level, signer: res.Signer, accepted: md.Accepted, gtrust: g.Installed.Level, reason: "created"}
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.containers[id] = c
-	m.setState(c, cmlv1.ContainerState_STOPPED, "created")
+	m.publishLocked(c)
 	return m.info(c), nil
 }
 
@@ -456,15 +428,11 @@ func UnsignedConfigFile(cfg *cmlv1.ContainerConfig, source string) (ConfigFile, 
 // UpdateConfig replaces a container's config; it takes effect at the next
 // start.
 func (m *Manager) UpdateConfig(ctx context.Context, ref string, f ConfigFile) (*cmlv1.Container, error) {
-	c, err := m.lookup(ref)
-	if err != nil {
-		return nil, err
-	}
 	if f.Source == "" {
 		f.Source = "config of " + ref
 	}
 	now := m.o.Now()
-	cfg, res, err := m.acceptConfig(f, now)
+	cfg, res, err := m.o.Configs.Accept(f, now)
 	if err != nil {
 		return nil, err
 	}
@@ -472,24 +440,26 @@ func (m *Manager) UpdateConfig(ctx context.Context, ref string, f ConfigFile) (*
 	if err != nil {
 		return nil, err
 	}
-	c.op.Lock()
-	defer c.op.Unlock()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if other, err := m.lookupLocked(cfg.GetName()); err == nil && other != c {
-		return nil, errdefs.AlreadyExists("container %q already exists", cfg.GetName())
-	}
-	dir := m.containerDir(c.uuid)
-	mb, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	c, err := m.acquire(ref)
 	if err != nil {
 		return nil, err
 	}
-	var md meta
-	if err := json.Unmarshal(mb, &md); err != nil {
+	defer c.op.Unlock()
+	name := cfg.GetName()
+	m.mu.Lock()
+	if err := m.reserveNameLocked(name, c); err != nil {
+		m.mu.Unlock()
 		return nil, err
 	}
-	md.Accepted, md.Trust, md.Signer = now.UTC(), res.Level, res.Signer
-	mb, _ = json.Marshal(md)
+	md := meta{UUID: c.uuid, Slot: c.slot, Created: c.created, Accepted: now.UTC(), Trust: res.Level, Signer: res.Signer}
+	m.mu.Unlock()
+	defer func() {
+		m.mu.Lock()
+		delete(m.reserved, name)
+		m.mu.Unlock()
+	}()
+	dir := m.containerDir(c.uuid)
+	mb, _ := json.Marshal(md)
 	// Config first: a crash between the two leaves the new config with the
 	// old acceptance record, which the pre-start re-check then refuses
 	// rather than trusts.
@@ -499,24 +469,41 @@ func (m *Manager) UpdateConfig(ctx context.Context, ref string, f ConfigFile) (*
 	if err := atomicfile.Write(filepath.Join(dir, "meta.json"), mb, 0o600); err != nil {
 		return nil, err
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	c.cfg = cfg
-	c.trust, c.signer, c.accepted, c.gtrust = res.Level, res.Signer, now.UTC(), g.Installed.Level
-	m.setState(c, c.state, c.reason)
+	c.trust, c.signer, c.accepted, c.gtrust = res.Level, res.Signer, md.Accepted, g.Installed.Level
+	m.publishLocked(c)
 	return m.info(c), nil
 }
 
-// Remove deletes a stopped container and all its data.
+// Remove deletes a stopped container and all its data. The container
+// leaves the table at once; its files are deleted without the manager lock.
 func (m *Manager) Remove(ctx context.Context, ref string) error {
-	c, err := m.lookup(ref)
+	c, err := m.acquire(ref)
 	if err != nil {
 		return err
 	}
-	c.op.Lock()
 	defer c.op.Unlock()
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if c.state != cmlv1.ContainerState_STOPPED && c.state != cmlv1.ContainerState_FAILED {
-		return errdefs.FailedPrecondition("container %s is %s; stop it first", c.cfg.GetName(), c.state)
+	name := c.cfg.GetName()
+	if hasRun(c.state) {
+		s := c.state
+		m.mu.Unlock()
+		return errdefs.FailedPrecondition("container %s is %s; stop it first", name, s)
+	}
+	m.mu.Unlock()
+	// Stages with per-container state (a wrapped key, later) go first: a
+	// failure there keeps the container whole.
+	for _, st := range m.o.Stages {
+		if r, ok := st.(Remover); ok {
+			if err := r.Remove(ctx, c.uuid); err != nil {
+				return fmt.Errorf("container %s: remove %s: %w", name, st.Name(), err)
+			}
+		}
+	}
+	if err := m.record(ctx, "container.remove", c.uuid, name, nil, ""); err != nil {
+		return err
 	}
 	// Rename out of the way first so a crash cannot leave half a container.
 	trash, err := os.MkdirTemp(m.o.StateDir, ".remove-")
@@ -527,9 +514,13 @@ func (m *Manager) Remove(ctx context.Context, ref string) error {
 		os.Remove(trash)
 		return err
 	}
+	m.mu.Lock()
+	c.removed = true
 	delete(m.containers, c.uuid)
+	c.reason = "removed"
+	m.publishLocked(c)
+	m.mu.Unlock()
 	os.RemoveAll(m.runDir(c.uuid))
-	m.setState(c, cmlv1.ContainerState_STOPPED, "removed")
 	return os.RemoveAll(trash)
 }
 
@@ -568,12 +559,14 @@ func (m *Manager) Logs(ctx context.Context, ref string, follow bool, w func([]by
 }
 
 // GuestOSUsers lists containers whose config selects guest OS name at
-// version, or that run it.
+// version, or that run it. The store is asked before the manager lock is
+// taken: the store may be busy (an install), and the manager lock must not
+// wait for it.
 func (m *Manager) GuestOSUsers(name string, version uint64) []string {
+	highest, _ := m.o.GuestOS.Get(name, 0)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var users []string
-	highest, _ := m.o.GuestOS.Get(name, 0)
 	for _, c := range m.containers {
 		if c.cfg.GetGuestOs() != name {
 			continue
@@ -590,14 +583,18 @@ func (m *Manager) GuestOSUsers(name string, version uint64) []string {
 	return users
 }
 
-// record writes an audit event the daemon causes itself (no subject).
-func (m *Manager) record(ctx context.Context, op string, c *Container, err error, reason string) {
-	e := audit.Event{Type: "container", Operation: op, Object: c.cfg.GetName() + "/" + c.uuid, Outcome: audit.Success, Reason: reason}
+// record writes an audit event about container id (named name). The
+// subject is the caller in ctx, when a request caused the event. Its error
+// is returned so that an operation that must be audited can fail closed.
+func (m *Manager) record(ctx context.Context, op, id, name string, err error, reason string) error {
+	e := audit.Event{Type: "container", Operation: op, Subject: audit.SubjectFrom(ctx), Object: name + "/" + id, Outcome: audit.Success, Reason: reason}
 	if err != nil {
 		e.Outcome = audit.Failure
 		e.Reason = err.Error()
 	}
 	if rerr := m.o.Audit.Record(ctx, e); rerr != nil {
 		m.o.Log.Error("audit record failed", "operation", op, "err", rerr)
+		return errdefs.Wrap(errdefs.ErrUnavailable, rerr, "audit trail")
 	}
+	return nil
 }

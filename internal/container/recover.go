@@ -4,47 +4,36 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"github.com/cmlproject/cml/internal/tpm"
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
 
-	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/audit"
-	"github.com/cmlproject/cml/internal/guestos"
-	"github.com/cmlproject/cml/internal/rootfs"
 )
-
-// runRecord is written next to a running container's bundle so that a
-// restarted daemon can re-adopt it.
-type runRecord struct {
-	GuestOSVersion uint64     `json:"guestos_version"`
-	Devices        []string   `json:"devices"`
-	Measured       *tpm.Event `json:"measured,omitempty"`
-}
 
 // Recover loads all containers and reconciles them with what survived a
 // daemon crash: containers whose init still runs are re-adopted (the
 // documented policy: a daemon restart does not disturb running services);
-// everything else a previous run left behind (runtime state, mounts, loop
-// devices, cgroups, bundles) is released.
+// for everything else a previous run left behind, the runtime state is
+// deleted and the stages are released from their run records.
 func (m *Manager) Recover(ctx context.Context) error {
-	m.mu.Lock()
-	err := m.load()
-	m.mu.Unlock()
+	loaded, err := m.load()
 	if err != nil {
 		return err
 	}
+	m.mu.Lock()
+	m.containers = loaded
+	m.mu.Unlock()
 	states, err := m.o.Runtime.List(ctx)
 	if err != nil {
 		return fmt.Errorf("recover: %w", err)
 	}
 	alive := map[string]bool{}
 	for _, st := range states {
-		c := m.containers[st.ID]
+		c := loaded[st.ID]
 		if c != nil && (st.Status == "running" || st.Status == "paused") {
 			if err := m.adopt(ctx, c, st.Pid, st.Status == "paused"); err == nil {
 				alive[st.ID] = true
@@ -62,29 +51,24 @@ func (m *Manager) Recover(ctx context.Context) error {
 		if alive[e.Name()] {
 			continue
 		}
-		dir := filepath.Join(m.o.RunDir, "containers", e.Name())
-		if err := rootfs.Unmount(dir); err != nil {
+		dir := m.runDir(e.Name())
+		rec, _ := readRunRecord(dir)
+		if err := m.releaseStages(ctx, e.Name(), m.o.Stages, rec.Stages); err != nil {
 			return fmt.Errorf("recover: %w", err)
 		}
 		os.RemoveAll(dir)
-		guestos.CloseVerity(verityName(e.Name()))
 	}
-	m.sweepCgroups(alive)
-	m.o.Audit.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.recover", Outcome: audit.Success,
-		Reason: fmt.Sprintf("%d containers loaded, %d re-adopted", len(m.containers), len(alive))})
-	return nil
+	m.sweepCgroups(alive, loaded)
+	return m.o.Audit.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.recover", Outcome: audit.Success,
+		Reason: fmt.Sprintf("%d containers loaded, %d re-adopted", len(loaded), len(alive))})
 }
 
 // adopt takes over a container whose init survived a daemon restart.
 func (m *Manager) adopt(ctx context.Context, c *Container, pid int, paused bool) error {
 	rdir := m.runDir(c.uuid)
-	var rec runRecord
-	b, err := os.ReadFile(filepath.Join(rdir, "run.json"))
+	rec, err := readRunRecord(rdir)
 	if err != nil {
-		return err
-	}
-	if err := json.Unmarshal(b, &rec); err != nil {
-		return err
+		return fmt.Errorf("run record: %w", err)
 	}
 	var spec specs.Spec
 	sb, err := os.ReadFile(filepath.Join(rdir, "bundle", "config.json"))
@@ -98,34 +82,39 @@ func (m *Manager) adopt(ctx context.Context, c *Container, pid int, paused bool)
 	if err != nil {
 		return err
 	}
-	if err := unix.Kill(pid, 0); err != nil {
-		reader.Close()
-		return fmt.Errorf("init %d: %w", pid, err)
+	for _, st := range m.o.Stages {
+		if a, ok := st.(Adopter); ok {
+			if err := a.Adopt(ctx, c.uuid, rec.Stages[st.Name()]); err != nil {
+				reader.Close()
+				return fmt.Errorf("adopt %s: %w", st.Name(), err)
+			}
+		}
 	}
-	r := &run{pid: pid, process: *spec.Process, devices: rec.Devices, measured: rec.Measured, exited: make(chan struct{}), done: make(chan struct{})}
+	since := time.Now()
 	m.mu.Lock()
-	for _, k := range rec.Devices {
-		m.devices[k] = c.uuid
-	}
-	c.run, c.pid, c.version, c.exit = r, pid, rec.GuestOSVersion, -1
+	c.gen = rec.Gen
+	r := &run{gen: c.gen, pid: pid, since: since, process: *spec.Process, records: rec.Stages, exited: make(chan struct{}), done: make(chan struct{})}
+	c.run, c.version = r, rec.GuestOSVersion
 	c.started = m.o.Now()
 	if st, err := os.Stat(filepath.Join("/proc", fmt.Sprint(pid))); err == nil {
 		c.started = st.ModTime()
 	}
-	state := cmlv1.ContainerState_RUNNING
+	state := Running
 	if paused {
-		state = cmlv1.ContainerState_FROZEN
+		state = Frozen
 	}
-	m.setState(c, state, "re-adopted after daemon restart")
+	c.state, c.reason = state, "re-adopted after daemon restart"
+	m.publishLocked(c)
+	name := c.cfg.GetName()
 	m.mu.Unlock()
 	m.watch(c, r, reader)
-	m.record(ctx, "container.adopt", c, nil, fmt.Sprintf("init pid %d", pid))
+	m.record(ctx, "container.adopt", c.uuid, name, nil, fmt.Sprintf("init pid %d", pid))
 	return nil
 }
 
 // sweepCgroups removes cgroups of containers that no longer run. rmdir on
 // a cgroup fails while it has tasks, so a live one cannot be removed.
-func (m *Manager) sweepCgroups(alive map[string]bool) {
+func (m *Manager) sweepCgroups(alive map[string]bool, known map[string]*Container) {
 	var parents []string
 	if v2, _ := filepath.Glob("/sys/fs/cgroup/" + m.o.CgroupParent); len(v2) > 0 {
 		parents = append(parents, v2...)
@@ -136,7 +125,7 @@ func (m *Manager) sweepCgroups(alive map[string]bool) {
 		ents, _ := os.ReadDir(p)
 		for _, e := range ents {
 			if e.IsDir() && !alive[e.Name()] {
-				if _, ok := m.containers[e.Name()]; ok || len(e.Name()) == 36 {
+				if _, ok := known[e.Name()]; ok || len(e.Name()) == 36 {
 					os.Remove(filepath.Join(p, e.Name()))
 				}
 			}
@@ -146,24 +135,20 @@ func (m *Manager) sweepCgroups(alive map[string]bool) {
 
 // Autostart starts every stopped container whose config allows it.
 func (m *Manager) Autostart(ctx context.Context) {
+	type todo struct{ id, name string }
+	var list []todo
 	m.mu.Lock()
-	var ids []string
 	for id, c := range m.containers {
 		if c.cfg.GetAllowAutostart() && c.run == nil {
-			ids = append(ids, id)
+			list = append(list, todo{id, c.cfg.GetName()})
 		}
 	}
 	m.mu.Unlock()
-	for _, id := range ids {
-		_, err := m.Start(ctx, id)
+	for _, t := range list {
+		_, err := m.Start(ctx, t.id, StartOptions{})
 		if err != nil {
-			m.o.Log.Error("autostart failed", "container", id, "err", err)
+			m.o.Log.Error("autostart failed", "container", t.name, "err", err)
 		}
-		m.mu.Lock()
-		c := m.containers[id]
-		m.mu.Unlock()
-		if c != nil {
-			m.record(ctx, "container.autostart", c, err, "")
-		}
+		m.record(ctx, "container.autostart", t.id, t.name, err, "")
 	}
 }

@@ -29,6 +29,7 @@ import (
 	"github.com/cmlproject/cml/internal/device"
 	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/oci"
+	"github.com/cmlproject/cml/internal/reaper"
 	"github.com/cmlproject/cml/internal/tpm"
 	"github.com/cmlproject/cml/internal/trust"
 )
@@ -167,18 +168,43 @@ func Run(ctx context.Context, c Config) error {
 	if len(ts.List()) == 0 {
 		c.Log.Warn("no trusted CA provisioned: nothing can be installed until a vendor CA is placed in the trust store", "dir", filepath.Join(c.StateDir, "trust", "vendor"))
 	}
+	// Container inits are re-parented to cmld when the runtime exits; the
+	// reaper collects them (and what a cancelled runtime left behind).
+	rp := reaper.New(c.Log)
+	go rp.Run(ctx)
 	rt := &oci.Runtime{Binary: runtimeBin, Root: filepath.Join(c.RunDir, "runtime")}
+	// Integrity refusals and failed measurements are audited by the
+	// stage that found them, with the caller who asked for the start; a
+	// refusal that cannot be recorded is reported as such.
+	refused := func(op string) func(context.Context, *container.Start, error) error {
+		return func(ctx context.Context, s *container.Start, err error) error {
+			e := audit.Event{Type: "container", Operation: op, Subject: audit.SubjectFrom(ctx), Object: s.Name + "/" + s.ID, Outcome: audit.Failure, Reason: err.Error()}
+			if aerr := sink.Record(ctx, e); aerr != nil {
+				return fmt.Errorf("%w (and the audit trail could not record it: %v)", err, aerr)
+			}
+			return nil
+		}
+	}
+	configs := container.Acceptor{Trust: ts, Signed: dev.GetSignedConfigs()} // signed_configs defaults to on
+	measure := &container.MeasureStage{TPM: measurer, Refused: refused("container.measure")}
+	// The start pipeline, in order. Release, recovery and removal run the
+	// same stages in reverse. Storage and network plug in here.
+	stages := []container.Stage{
+		&container.VerifyStage{GuestOS: store, Configs: configs, Refused: refused("container.verify")},
+		container.NewDeviceStage(),
+		&container.RootfsStage{Runs: filepath.Join(c.RunDir, "containers")},
+		measure,
+	}
 	mgr, err := container.New(container.Options{
 		StateDir: filepath.Join(c.StateDir, "containers"),
 		RunDir:   c.RunDir,
 		Runtime:  rt,
+		Exits:    rp,
 		GuestOS:  store,
 		Audit:    sink,
 		Log:      c.Log,
-		Trust:    ts,
-		// signed_configs defaults to on.
-		SignedConfigs: dev.GetSignedConfigs(),
-		Measurer:      measurer,
+		Configs:  configs,
+		Stages:   stages,
 	})
 	if err != nil {
 		return err
@@ -190,11 +216,11 @@ func Run(ctx context.Context, c Config) error {
 	// under containers that kept running: measure them again, so an
 	// attestation still shows everything that runs.
 	if measurer.Resets() > 0 {
-		if err := mgr.MeasureRunning(ctx); err != nil {
+		if err := measure.MeasureRunning(ctx); err != nil {
 			return err
 		}
 	}
-	go remeasure(ctx, measurer, mgr, c.Log)
+	go remeasure(ctx, measurer, measure, c.Log)
 
 	lis, err := listen(c.Socket, c.SocketGroup)
 	if err != nil {
@@ -219,12 +245,21 @@ func Run(ctx context.Context, c Config) error {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
+	// Shutdown ends in bounded time, even with handlers stuck in a
+	// runtime or TPM call: graceful for 2 s, then every connection is
+	// closed (which cancels the handlers' contexts), and after 2 s more
+	// cmld goes on without waiting for them.
 	stopped := make(chan struct{})
 	go func() { gs.GracefulStop(); close(stopped) }()
 	select {
 	case <-stopped:
 	case <-time.After(2 * time.Second):
-		gs.Stop()
+		go gs.Stop()
+		select {
+		case <-stopped:
+		case <-time.After(2 * time.Second):
+			c.Log.Warn("shutdown: handlers still running; exiting without them")
+		}
 	}
 	os.Remove(c.Socket)
 	sink.Record(context.Background(), audit.Event{Type: "daemon", Operation: "daemon.stop", Outcome: audit.Success})
@@ -233,7 +268,7 @@ func Run(ctx context.Context, c Config) error {
 
 // remeasure watches for the PCR starting over while cmld runs (its swtpm
 // was restarted after a crash) and measures the running containers again.
-func remeasure(ctx context.Context, m *tpm.Measurer, mgr *container.Manager, log *slog.Logger) {
+func remeasure(ctx context.Context, m *tpm.Measurer, mgr *container.MeasureStage, log *slog.Logger) {
 	seen := m.Resets()
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()

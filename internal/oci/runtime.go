@@ -17,6 +17,8 @@ import (
 	"time"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+
+	"github.com/cmlproject/cml/internal/errdefs"
 )
 
 // Runtime is an OCI runtime binary with its own state directory.
@@ -35,15 +37,32 @@ type State struct {
 	Bundle string `json:"bundle"`
 }
 
-// ErrNotExist is returned when the runtime does not know the container.
-var ErrNotExist = errors.New("container does not exist in the runtime")
+// ErrNotExist is returned when the runtime does not know the container. It
+// is of class errdefs.ErrNotFound.
+var ErrNotExist = errdefs.NotFound("container does not exist in the runtime")
+
+// waitDelay bounds how long a runtime command may take to go away after it
+// was cancelled, or to release its output after it exited (a process it
+// left behind may hold the pipes): a stuck runtime must not hang cmld.
+const waitDelay = 5 * time.Second
 
 func (r *Runtime) command(ctx context.Context, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, r.Binary, append([]string{"--root", r.Root}, args...)...)
 	// The runtime must not die with a cancelled request half-way through
-	// setting up a container: give it SIGTERM, not SIGKILL.
+	// setting up a container: give it SIGTERM, not SIGKILL, and SIGKILL
+	// only after waitDelay.
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = waitDelay
 	return cmd
+}
+
+// failure keeps the cause of a failed command in the chain: a cancelled
+// request stays context.Canceled, whatever the runtime printed.
+func failure(ctx context.Context, what string, msg string) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	return fmt.Errorf("%s: %s", what, msg)
 }
 
 // run runs the runtime and returns its output, with its error text.
@@ -57,7 +76,7 @@ func (r *Runtime) run(ctx context.Context, args ...string) ([]byte, error) {
 		if strings.Contains(msg, "does not exist") || strings.Contains(msg, "not found") {
 			return out, fmt.Errorf("%s %s: %w", filepath.Base(r.Binary), args[0], ErrNotExist)
 		}
-		return out, fmt.Errorf("%s %s: %s", filepath.Base(r.Binary), args[0], lastLine(msg, err))
+		return out, failure(ctx, filepath.Base(r.Binary)+" "+args[0], lastLine(msg, err))
 	}
 	return out, nil
 }
@@ -86,7 +105,7 @@ func (r *Runtime) Run(ctx context.Context, id, bundle, pidFile string, stdio *os
 	cmd.Stdout = stdio
 	cmd.Stderr = stdio
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("%s run: %s", filepath.Base(r.Binary), runtimeError(logFile, err))
+		return failure(ctx, filepath.Base(r.Binary)+" run", runtimeError(logFile, err))
 	}
 	return nil
 }

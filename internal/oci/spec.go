@@ -15,8 +15,6 @@ import (
 	"path/filepath"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-
-	"github.com/cmlproject/cml/internal/atomicfile"
 )
 
 // DefaultCapabilities is the small set every container's processes keep.
@@ -65,9 +63,13 @@ type SpecOptions struct {
 	Env            []string
 	// UIDBase/IDCount map container ids 0..IDCount-1 to the host; IDCount 0
 	// means no user namespace.
-	UIDBase      uint32
-	IDCount      uint32
-	NetNS        bool
+	UIDBase uint32
+	IDCount uint32
+	NetNS   bool
+	// NetNSPath is a network namespace the host prepared (and may have
+	// configured) for the container to join; empty makes a new one when
+	// NetNS is set.
+	NetNSPath    string
 	MemoryBytes  int64 // 0 = unlimited
 	NoSwap       bool  // set swap limit equal to memory (host supports it)
 	PidsLimit    int64
@@ -132,7 +134,7 @@ func Spec(o SpecOptions) *specs.Spec {
 		},
 	}
 	if o.NetNS {
-		s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace})
+		s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: o.NetNSPath})
 	}
 	if o.IDCount > 0 {
 		s.Linux.Namespaces = append(s.Linux.Namespaces, specs.LinuxNamespace{Type: specs.UserNamespace})
@@ -231,16 +233,18 @@ func resources(o SpecOptions) *specs.LinuxResources {
 }
 
 // WriteBundle writes config.json for s into dir (0600; the bundle holds no
-// secrets today, but environment values may become some).
+// secrets today, but environment values may become some). The bundle lives
+// in the per-boot run directory, so it is not synced: a power loss takes
+// the containers with it.
 func WriteBundle(dir string, s *specs.Spec) error {
-	b, err := json.MarshalIndent(s, "", "  ")
+	b, err := json.Marshal(s)
 	if err != nil {
 		return err
 	}
 	if err := os.MkdirAll(dir, 0o711); err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, "config.json"), b, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "config.json"), b, 0o600); err != nil {
 		return fmt.Errorf("write bundle: %w", err)
 	}
 	return nil

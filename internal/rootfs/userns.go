@@ -3,41 +3,44 @@ package rootfs
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
 
 // usernsFD returns an fd of a new user namespace mapping 0..count-1 to
-// base..base+count-1, for idmapped mounts. A short-lived child is cloned
-// into the namespace; it runs raw system calls only (no Go runtime), waits
-// on a pipe until the parent holds the namespace fd, and exits.
+// base..base+count-1, for idmapped mounts.
+//
+// A short-lived child is cloned into the namespace. It shares cmld's file
+// descriptor table (CLONE_FILES) instead of copying it: a copied table
+// would keep every pipe end and runtime output of concurrent starts open
+// for as long as the child lives, and two starts could then wait on each
+// other for ever. The child makes raw system calls only (no Go code runs
+// after the clone): it asks to die with its parent and sleeps in pause(2)
+// until the parent, holding the namespace fd, kills it.
 func usernsFD(base, count uint32) (int, error) {
-	var p [2]int
-	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
-		return -1, err
-	}
-	var buf [1]byte
-	pid, _, errno := unix.RawSyscall6(unix.SYS_CLONE, uintptr(unix.CLONE_NEWUSER|unix.SIGCHLD), 0, 0, 0, 0, 0)
+	// PR_SET_PDEATHSIG fires when the cloning thread exits; keep it.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	pid, _, errno := unix.RawSyscall6(unix.SYS_CLONE, uintptr(unix.CLONE_NEWUSER|unix.CLONE_FILES|unix.SIGCHLD), 0, 0, 0, 0, 0)
 	if errno != 0 {
-		unix.Close(p[0])
-		unix.Close(p[1])
 		return -1, fmt.Errorf("clone user namespace: %w", errno)
 	}
 	if pid == 0 {
-		// Child: die with the parent; drop the write end so the read
-		// below ends when the parent closes its copy; then exit.
 		unix.RawSyscall(unix.SYS_PRCTL, unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0)
-		unix.RawSyscall(unix.SYS_CLOSE, uintptr(p[1]), 0, 0)
-		unix.RawSyscall(unix.SYS_READ, uintptr(p[0]), uintptr(unsafe.Pointer(&buf[0])), 1)
-		unix.RawSyscall(unix.SYS_EXIT_GROUP, 0, 0, 0)
+		for {
+			unix.RawSyscall(unix.SYS_PAUSE, 0, 0, 0)
+		}
 	}
-	unix.Close(p[0])
 	defer func() {
-		unix.Close(p[1])
+		unix.Kill(int(pid), unix.SIGKILL)
 		var ws unix.WaitStatus
-		unix.Wait4(int(pid), &ws, 0, nil)
+		for {
+			if _, err := unix.Wait4(int(pid), &ws, 0, nil); err != unix.EINTR {
+				break
+			}
+		}
 	}()
 	m := []byte(fmt.Sprintf("0 %d %d\n", base, count))
 	proc := "/proc/" + strconv.Itoa(int(pid))

@@ -12,6 +12,7 @@ package tpm
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/sha256"
 	"encoding/json"
@@ -23,6 +24,9 @@ import (
 
 	"github.com/google/go-tpm-tools/cel"
 	"github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpmutil"
+
+	"github.com/cmlproject/cml/internal/atomicfile"
 )
 
 // DefaultPCR is the PCR container starts are measured into (as GyroidOS).
@@ -109,8 +113,9 @@ func NewMeasurer(rw io.ReadWriteCloser, pcr int, logPath string) (*Measurer, err
 
 // sync checks the log against the PCR. When the PCR is zero but the log is
 // not empty, the TPM was reset (a reboot, a restarted swtpm): the old log
-// is kept as logPath.old and a new one starts. Any other disagreement is
-// refused: someone else extended the PCR, or the log was edited.
+// is kept as logPath.old and a new one starts. A log one record ahead of
+// the PCR is repaired (see Measure). Any other disagreement is refused:
+// someone else extended the PCR, or the log was edited.
 func (m *Measurer) sync() (reset bool, err error) {
 	cur, err := m.PCRValue()
 	if err != nil {
@@ -120,6 +125,15 @@ func (m *Measurer) sync() (reset bool, err error) {
 		return false, nil
 	}
 	if !bytes.Equal(cur, make([]byte, sha256.Size)) {
+		if n := len(m.log.Records); n > 0 && bytes.Equal(Replay(cel.CEL{Records: m.log.Records[:n-1]}, m.pcr), cur) {
+			// The log is written ahead of the PCR: its last record never
+			// reached the TPM (cmld died, or the extend failed, in between).
+			// Drop that record; the start it describes did not happen.
+			if err := m.rewrite(m.log.Records[:n-1]); err != nil {
+				return false, err
+			}
+			return false, nil
+		}
 		if len(m.log.Records) == 0 {
 			// Something else measures into this PCR on this host (for
 			// example systemd-stub measures unified kernel images into 11).
@@ -165,19 +179,36 @@ func (m *Measurer) PCRValue() ([]byte, error) {
 	return v[m.pcr], nil
 }
 
-// Measure extends e into the PCR and appends it to the log (synced before
-// returning, so a start is never running unlogged).
-func (m *Measurer) Measure(e Event) error {
+// Measure appends e to the log and then extends it into the PCR: the
+// record is on disk (synced) before the PCR holds it, so a crash in
+// between leaves a log with one record too many, which the next load
+// repairs, never a PCR the log cannot explain (a hardware TPM keeps its
+// PCRs until the host reboots). A caller that has gone away measures
+// nothing.
+func (m *Measurer) Measure(ctx context.Context, e Event) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if _, err := m.sync(); err != nil {
 		return err
 	}
-	if err := m.log.AppendEventPCR(m.rw, m.pcr, []crypto.Hash{crypto.SHA256}, e); err != nil {
+	if err := ctx.Err(); err != nil {
 		return err
 	}
+	digest, err := e.GenerateDigest(crypto.SHA256)
+	if err != nil {
+		return err
+	}
+	tlv, err := e.GetTLV()
+	if err != nil {
+		return err
+	}
+	rec := cel.Record{RecNum: uint64(len(m.log.Records)), Index: uint8(m.pcr), IndexType: cel.PCRTypeValue,
+		Digests: map[crypto.Hash][]byte{crypto.SHA256: digest}, Content: tlv}
 	var buf bytes.Buffer
-	if err := m.log.Records[len(m.log.Records)-1].EncodeCELR(&buf); err != nil {
+	if err := rec.EncodeCELR(&buf); err != nil {
 		return err
 	}
 	f, err := os.OpenFile(m.logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
@@ -185,10 +216,42 @@ func (m *Measurer) Measure(e Event) error {
 		return err
 	}
 	defer f.Close()
-	if _, err := f.Write(buf.Bytes()); err != nil {
+	st, err := f.Stat()
+	if err != nil {
 		return err
 	}
-	return f.Sync()
+	if _, err := f.Write(buf.Bytes()); err != nil {
+		f.Truncate(st.Size())
+		return fmt.Errorf("write measurement log: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Truncate(st.Size())
+		return fmt.Errorf("write measurement log: %w", err)
+	}
+	if err := tpm2.PCRExtend(m.rw, tpmutil.Handle(m.pcr), tpm2.AlgSHA256, digest, ""); err != nil {
+		// Not extended: take the record back. Should that fail too, the
+		// next sync drops it (the log is one record ahead of the PCR).
+		if terr := f.Truncate(st.Size()); terr == nil {
+			f.Sync()
+		}
+		return fmt.Errorf("extend PCR %d: %w", m.pcr, err)
+	}
+	m.log.Records = append(m.log.Records, rec)
+	return nil
+}
+
+// rewrite replaces the log with records, atomically.
+func (m *Measurer) rewrite(records []cel.Record) error {
+	l := cel.CEL{Records: records}
+	var buf bytes.Buffer
+	if err := l.EncodeCEL(&buf); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(m.logPath, buf.Bytes(), 0o600); err != nil {
+		return fmt.Errorf("repair measurement log: %w", err)
+	}
+	m.log = l
+	return nil
 }
 
 // Attest quotes the selected PCRs with nonce and returns the quote with

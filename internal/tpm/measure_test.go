@@ -29,7 +29,7 @@ func TestMeasurementLogReplays(t *testing.T) {
 	for round := 0; round < 3; round++ {
 		for i := 0; i < 40; i++ {
 			e := Event{Container: fmt.Sprintf("c%d", i%5), Name: "n", GuestOS: "busybox", Version: uint64(round + 1), VerityRoot: "ab", ConfigSHA256: "cd"}
-			if err := m.Measure(e); err != nil {
+			if err := m.Measure(t.Context(), e); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/cmlproject/cml/internal/errdefs"
 )
 
 // DevicePath is the kernel's TPM resource manager, used when present.
@@ -37,7 +39,20 @@ type Conn struct {
 	// Source names the TPM for logs and status: "/dev/tpmrm0", "swtpm …",
 	// "simulator".
 	Source string
+	// Timeout bounds each command (default CommandTimeout): a TPM that
+	// does not answer fails the operation instead of hanging it.
+	Timeout time.Duration
 }
+
+// CommandTimeout is how long a TPM command may take by default. ECC key
+// creation on a slow discrete TPM takes about a second; nothing cmld asks
+// for comes near this.
+const CommandTimeout = 10 * time.Second
+
+// ErrUnavailable is the error class of a TPM that does not answer.
+var ErrUnavailable = errdefs.ErrUnavailable
+
+type deadliner interface{ SetDeadline(time.Time) error }
 
 // NewConn wraps an open TPM connection.
 func NewConn(rw io.ReadWriteCloser, source string) *Conn {
@@ -55,7 +70,17 @@ func (c *Conn) Write(cmd []byte) (int, error) {
 		}
 		c.rw = rw
 	}
-	n, err := c.rw.Write(cmd)
+	n, err := c.send(cmd)
+	if err != nil && c.dial != nil {
+		// The TPM restarted since the last command (supervised swtpm):
+		// the command never reached it, so reconnect and send it once
+		// more.
+		c.broken()
+		if rw, derr := c.dial(); derr == nil {
+			c.rw = rw
+			n, err = c.send(cmd)
+		}
+	}
 	if err != nil {
 		c.broken()
 		c.mu.Unlock()
@@ -64,6 +89,17 @@ func (c *Conn) Write(cmd []byte) (int, error) {
 	c.resp = c.resp[:0]
 	c.pending = true
 	return n, nil
+}
+
+func (c *Conn) send(cmd []byte) (int, error) {
+	if d, ok := c.rw.(deadliner); ok {
+		t := c.Timeout
+		if t == 0 {
+			t = CommandTimeout
+		}
+		d.SetDeadline(time.Now().Add(t))
+	}
+	return c.rw.Write(cmd)
 }
 
 // Read returns the response to the last command, whole.
@@ -91,12 +127,17 @@ func (c *Conn) Read(p []byte) (int, error) {
 		c.resp = append(c.resp, buf[:n]...)
 		if err != nil {
 			c.broken()
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return 0, errdefs.Wrap(errdefs.ErrUnavailable, err, "TPM unavailable (%s)", c.Source)
+			}
 			return 0, err
 		}
 	}
 }
 
 func (c *Conn) broken() {
+	// A response that arrives after its deadline would be read as the
+	// answer to the next command: drop the connection, redial later.
 	if c.dial != nil && c.rw != nil {
 		c.rw.Close()
 		c.rw = nil
@@ -117,11 +158,12 @@ func (c *Conn) Close() error {
 
 // OpenDevice opens a kernel TPM resource manager such as /dev/tpmrm0.
 func OpenDevice(path string) (*Conn, error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	dial := func() (io.ReadWriteCloser, error) { return os.OpenFile(path, os.O_RDWR, 0) }
+	f, err := dial()
 	if err != nil {
 		return nil, err
 	}
-	return NewConn(f, path), nil
+	return &Conn{rw: f, dial: dial, Source: path}, nil
 }
 
 // Swtpm is a software TPM (swtpm) that cmld runs and supervises when the

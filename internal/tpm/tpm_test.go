@@ -199,7 +199,7 @@ func TestQuoteCoversLogUnderConcurrentStarts(t *testing.T) {
 		go func(g int) {
 			defer wg.Done()
 			for i := 0; i < 10; i++ {
-				if err := m.Measure(Event{Container: fmt.Sprint(g), Version: uint64(i)}); err != nil {
+				if err := m.Measure(t.Context(), Event{Container: fmt.Sprint(g), Version: uint64(i)}); err != nil {
 					t.Error(err)
 				}
 			}
@@ -240,7 +240,7 @@ func TestSwtpmKeepsIdentityAndResetsPCRs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.Measure(Event{Container: "a"})
+	m.Measure(t.Context(), Event{Container: "a"})
 	// A crash of swtpm: the supervisor restarts it and the connection
 	// redials; the next measurement notices the reset PCR.
 	s.mu.Lock()
@@ -256,7 +256,7 @@ func TestSwtpmKeepsIdentityAndResetsPCRs(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if err := m.Measure(Event{Container: "b"}); err != nil {
+	if err := m.Measure(t.Context(), Event{Container: "b"}); err != nil {
 		t.Fatalf("measure after swtpm restart: %v", err)
 	}
 	if m.Resets() != 1 {
@@ -315,7 +315,7 @@ func TestKernelTPM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.Measure(Event{Container: "kernel-tpm-test"}); err != nil {
+	if err := m.Measure(t.Context(), Event{Container: "kernel-tpm-test"}); err != nil {
 		t.Fatal(err)
 	}
 	q, log, err := m.Attest(k, []byte("kernel-tpm-nonce"), []int{16})

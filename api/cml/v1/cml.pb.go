@@ -993,7 +993,8 @@ type Container struct {
 	GuestosVersion *uint64 `protobuf:"varint,6,opt,name=guestos_version,json=guestosVersion" json:"guestos_version,omitempty"`
 	// pid of the container's init on the host, while running.
 	Pid *int32 `protobuf:"varint,7,opt,name=pid" json:"pid,omitempty"`
-	// exit_status of init's last run: a code, or 128+signal; -1 = unknown.
+	// exit_status is the exit code of init's last run; -1 when it was
+	// killed by a signal (see exit_signal) or the status is unknown.
 	ExitStatus      *int32 `protobuf:"varint,8,opt,name=exit_status,json=exitStatus" json:"exit_status,omitempty"`
 	StartedUnixNano *int64 `protobuf:"varint,9,opt,name=started_unix_nano,json=startedUnixNano" json:"started_unix_nano,omitempty"`
 	Autostart       *bool  `protobuf:"varint,10,opt,name=autostart" json:"autostart,omitempty"`
@@ -1002,7 +1003,10 @@ type Container struct {
 	// trust_level is the weaker of the config's and its guest OS's.
 	TrustLevel *TrustLevel `protobuf:"varint,12,opt,name=trust_level,json=trustLevel,enum=cml.v1.TrustLevel" json:"trust_level,omitempty"`
 	// signer of the config; empty when unsigned.
-	ConfigSigner  *string `protobuf:"bytes,13,opt,name=config_signer,json=configSigner" json:"config_signer,omitempty"`
+	ConfigSigner *string `protobuf:"bytes,13,opt,name=config_signer,json=configSigner" json:"config_signer,omitempty"`
+	// exit_signal is the signal that killed init's last run; unset when it
+	// exited by itself.
+	ExitSignal    *int32 `protobuf:"varint,14,opt,name=exit_signal,json=exitSignal" json:"exit_signal,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1126,6 +1130,13 @@ func (x *Container) GetConfigSigner() string {
 		return *x.ConfigSigner
 	}
 	return ""
+}
+
+func (x *Container) GetExitSignal() int32 {
+	if x != nil && x.ExitSignal != nil {
+		return *x.ExitSignal
+	}
+	return 0
 }
 
 type ContainerRef struct {
@@ -3269,7 +3280,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\fproduct_name\x18\x04 \x01(\t:\n" +
 	"CML deviceR\vproductName\x12\x16\n" +
 	"\x06serial\x18\x05 \x01(\tR\x06serial\x12+\n" +
-	"\x0fmeasurement_pcr\x18\x06 \x01(\r:\x0211R\x0emeasurementPcr\"\xaf\x03\n" +
+	"\x0fmeasurement_pcr\x18\x06 \x01(\r:\x0211R\x0emeasurementPcr\"\xd0\x03\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
@@ -3286,7 +3297,9 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\buid_base\x18\v \x01(\rR\auidBase\x123\n" +
 	"\vtrust_level\x18\f \x01(\x0e2\x12.cml.v1.TrustLevelR\n" +
 	"trustLevel\x12#\n" +
-	"\rconfig_signer\x18\r \x01(\tR\fconfigSigner\"0\n" +
+	"\rconfig_signer\x18\r \x01(\tR\fconfigSigner\x12\x1f\n" +
+	"\vexit_signal\x18\x0e \x01(\x05R\n" +
+	"exitSignal\"0\n" +
 	"\fContainerRef\x12 \n" +
 	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
 	"nameOrUuid\"\r\n" +

@@ -1,0 +1,279 @@
+package container
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"sync"
+
+	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/config"
+	"github.com/cmlproject/cml/internal/errdefs"
+	"github.com/cmlproject/cml/internal/guestos"
+	"github.com/cmlproject/cml/internal/rootfs"
+	"github.com/cmlproject/cml/internal/tpm"
+)
+
+// VerifyStage checks, before every start, that the stored config is the
+// one that was accepted and is still trusted, and that the guest OS image
+// matches its signed manifest (TSF-INIT: verify before every start, not
+// only at install). With device-mapper the image is mapped through
+// dm-verity and the kernel checks each block as it is read; otherwise
+// every block is checked now and the very file that was checked is
+// mounted, through its open descriptor.
+type VerifyStage struct {
+	GuestOS *guestos.Store
+	Configs Acceptor
+	// Refused is told of every integrity refusal (for the audit trail);
+	// its error, when not nil, is returned instead.
+	Refused func(ctx context.Context, s *Start, err error) error
+}
+
+// Name implements Stage.
+func (v *VerifyStage) Name() string { return "verify" }
+
+type verifyRecord struct {
+	Verity string `json:"verity,omitempty"` // dm-verity mapping name
+}
+
+// Prepare implements Stage.
+func (v *VerifyStage) Prepare(ctx context.Context, s *Start) (any, error) {
+	g, err := v.GuestOS.Get(s.Config.GetGuestOs(), s.Config.GetGuestosVersion())
+	if err != nil {
+		return nil, err
+	}
+	refuse := func(err error) error {
+		if v.Refused != nil {
+			if rerr := v.Refused(ctx, s, err); rerr != nil {
+				return rerr
+			}
+		}
+		return err
+	}
+	text, err := v.Configs.Recheck(s.Dir, s.Name, s.Config, s.Trust, s.Accepted)
+	if err != nil {
+		return nil, refuse(err)
+	}
+	s.GuestOS, s.ConfigText = g, text
+	if v.GuestOS.UsesDMVerity() {
+		name := verityName(s.ID)
+		img, err := v.GuestOS.OpenVerity(ctx, g, name)
+		if err != nil {
+			return nil, refuse(err)
+		}
+		s.Image = img
+		return verifyRecord{Verity: name}, nil
+	}
+	f, err := v.GuestOS.Check(ctx, g)
+	if err != nil {
+		return nil, refuse(err)
+	}
+	s.OnDone(func() { f.Close() })
+	s.Image = fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+	return nil, nil
+}
+
+// Release implements Stage: it closes the dm-verity mapping, if any.
+func (v *VerifyStage) Release(_ context.Context, id string, _ json.RawMessage) error {
+	if v.GuestOS.UsesDMVerity() {
+		guestos.CloseVerity(verityName(id))
+	}
+	return nil
+}
+
+// verityName names a container's dm-verity mapping (/dev/mapper/<name>).
+func verityName(id string) string { return "cml-" + id }
+
+// DeviceStage gives a container the devices its config assigns
+// exclusively (assign_dev), refusing any another running container holds
+// (TSF-DEV: exclusive means one container at most). It has its own lock;
+// nothing slow happens under it.
+type DeviceStage struct {
+	mu      sync.Mutex
+	holders map[string]holder // "c 4:1" -> holder
+}
+
+type holder struct{ id, name string }
+
+// NewDeviceStage returns a DeviceStage with no device assigned.
+func NewDeviceStage() *DeviceStage { return &DeviceStage{holders: map[string]holder{}} }
+
+// Name implements Stage.
+func (d *DeviceStage) Name() string { return "devices" }
+
+// deviceKey identifies a device for exclusive assignment.
+func deviceKey(r config.DeviceRule) string { return fmt.Sprintf("%s %d:%d", r.Type, r.Major, r.Minor) }
+
+// Prepare implements Stage.
+func (d *DeviceStage) Prepare(_ context.Context, s *Start) (any, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var keys []string
+	for _, r := range s.Config.GetAssignDev() {
+		rule, _ := config.ParseDeviceRule(r)
+		k := deviceKey(rule)
+		if h, ok := d.holders[k]; ok && h.id != s.ID {
+			for _, k := range keys {
+				delete(d.holders, k)
+			}
+			return nil, errdefs.FailedPrecondition("device %s is assigned to running container %s", k, h.name)
+		}
+		d.holders[k] = holder{s.ID, s.Name}
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
+
+// Release implements Stage: every device id holds is freed.
+func (d *DeviceStage) Release(_ context.Context, id string, _ json.RawMessage) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for k, h := range d.holders {
+		if h.id == id {
+			delete(d.holders, k)
+		}
+	}
+	return nil
+}
+
+// Adopt implements Adopter: a re-adopted container keeps its devices.
+func (d *DeviceStage) Adopt(_ context.Context, id string, rec json.RawMessage) error {
+	var keys []string
+	if len(rec) > 0 {
+		if err := json.Unmarshal(rec, &keys); err != nil {
+			return err
+		}
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, k := range keys {
+		d.holders[k] = holder{id: id, name: id}
+	}
+	return nil
+}
+
+// RootfsStage mounts the verified image, idmapped to the container's id
+// range, under an overlay whose upper layer is the container's data.
+type RootfsStage struct {
+	// Runs is the directory holding each container's run directory.
+	Runs string
+}
+
+// Name implements Stage.
+func (*RootfsStage) Name() string { return "rootfs" }
+
+// Prepare implements Stage.
+func (*RootfsStage) Prepare(_ context.Context, s *Start) (any, error) {
+	req := rootfs.Request{Image: s.Image, FSType: s.GuestOS.Root().GetFsType(), DataDir: filepath.Join(s.Dir, "data"),
+		ReadOnly: s.Config.GetReadonlyRootfs(), UIDBase: s.UIDBase, IDCount: s.IDCount}
+	rfs, err := rootfs.Mount(s.RunDir, req)
+	if err != nil {
+		return nil, fmt.Errorf("root filesystem: %w", err)
+	}
+	s.Rootfs = rfs
+	return nil, nil
+}
+
+// Release implements Stage: it unmounts everything under the run
+// directory, which needs nothing but the directory.
+func (r *RootfsStage) Release(_ context.Context, id string, _ json.RawMessage) error {
+	return rootfs.Unmount(filepath.Join(r.Runs, id))
+}
+
+// Measurer records a container start in the TPM and its event log.
+type Measurer interface {
+	Measure(ctx context.Context, e tpm.Event) error
+}
+
+// MeasureStage measures what is about to run into the TPM: guest OS name
+// and version, its root image's verity root hash (pinned by the signed
+// manifest) and the digest of the exact config bytes just verified. A
+// start that cannot be measured does not happen. It remembers the event of
+// every running container so they can be measured again after a PCR
+// reset.
+type MeasureStage struct {
+	TPM Measurer
+	// Refused is told of a failed measurement (for the audit trail).
+	Refused func(ctx context.Context, s *Start, err error) error
+
+	mu      sync.Mutex
+	running map[string]tpm.Event
+}
+
+// Name implements Stage.
+func (ms *MeasureStage) Name() string { return "measure" }
+
+// Prepare implements Stage.
+func (ms *MeasureStage) Prepare(ctx context.Context, s *Start) (any, error) {
+	ev := measurement(s.ID, s.Config, s.GuestOS, s.ConfigText)
+	if err := ms.TPM.Measure(ctx, ev); err != nil {
+		err = fmt.Errorf("measure into the TPM: %w", err)
+		if ms.Refused != nil {
+			if rerr := ms.Refused(ctx, s, err); rerr != nil {
+				return nil, rerr
+			}
+		}
+		return nil, err
+	}
+	ms.remember(s.ID, ev)
+	return ev, nil
+}
+
+func (ms *MeasureStage) remember(id string, ev tpm.Event) {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if ms.running == nil {
+		ms.running = map[string]tpm.Event{}
+	}
+	ms.running[id] = ev
+}
+
+// Release implements Stage. A PCR extension cannot be undone; the
+// container just stops being re-measured.
+func (ms *MeasureStage) Release(_ context.Context, id string, _ json.RawMessage) error {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	delete(ms.running, id)
+	return nil
+}
+
+// Adopt implements Adopter.
+func (ms *MeasureStage) Adopt(_ context.Context, id string, rec json.RawMessage) error {
+	var ev tpm.Event
+	if len(rec) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(rec, &ev); err != nil {
+		return err
+	}
+	ms.remember(id, ev)
+	return nil
+}
+
+// MeasureRunning measures every running container again. The daemon calls
+// it when the TPM's PCRs were reset under running containers (cmld's own
+// swtpm restarted), so an attestation still shows what runs.
+func (ms *MeasureStage) MeasureRunning(ctx context.Context) error {
+	ms.mu.Lock()
+	evs := make([]tpm.Event, 0, len(ms.running))
+	for _, e := range ms.running {
+		evs = append(evs, e)
+	}
+	ms.mu.Unlock()
+	for _, e := range evs {
+		if err := ms.TPM.Measure(ctx, e); err != nil {
+			return fmt.Errorf("re-measure container %s: %w", e.Name, err)
+		}
+	}
+	return nil
+}
+
+// measurement is the TPM event for a start.
+func measurement(uuid string, cfg *cmlv1.ContainerConfig, g *guestos.GuestOS, cfgText []byte) tpm.Event {
+	sum := sha256.Sum256(cfgText)
+	return tpm.Event{Container: uuid, Name: cfg.GetName(), GuestOS: g.Name(), Version: g.Version(),
+		VerityRoot: g.Root().GetVerityRootHash(), ConfigSHA256: hex.EncodeToString(sum[:])}
+}
