@@ -1,0 +1,5 @@
+package container
+
+import "github.com/cmlproject/cml/internal/reaper"
+
+type exitT = reaper.Exit
