@@ -20,6 +20,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -33,6 +34,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -454,13 +456,38 @@ func (s *Store) checkManifest(g *GuestOS) error {
 }
 
 // DMVerityAvailable reports whether this host can mount images through
-// dm-verity: a device-mapper control node and veritysetup.
+// dm-verity: the kernel answers device-mapper's version request, and
+// veritysetup is installed. The control node alone proves nothing: tools
+// create /dev/mapper/control on kernels without device-mapper, and taking
+// that for device-mapper would turn an environment problem into an
+// integrity alarm at every start.
 func DMVerityAvailable() bool {
-	if _, err := os.Stat("/dev/mapper/control"); err != nil {
+	if _, err := DeviceMapperVersion(); err != nil {
 		return false
 	}
 	_, err := exec.LookPath("veritysetup")
 	return err == nil
+}
+
+// DeviceMapperVersion asks the kernel for device-mapper's ioctl interface
+// version (DM_VERSION on /dev/mapper/control).
+func DeviceMapperVersion() (string, error) {
+	f, err := os.OpenFile("/dev/mapper/control", os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("device-mapper: %w", err)
+	}
+	defer f.Close()
+	// struct dm_ioctl (312 bytes): version[3], data_size, data_start, ...
+	const size = 312
+	var buf [size]byte
+	binary.NativeEndian.PutUint32(buf[0:], 4) // interface major version we speak
+	binary.NativeEndian.PutUint32(buf[12:], size)
+	binary.NativeEndian.PutUint32(buf[16:], size)
+	const dmVersion = 0xc138fd00 // _IOWR(0xfd, 0, struct dm_ioctl)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), dmVersion, uintptr(unsafe.Pointer(&buf[0]))); errno != 0 {
+		return "", fmt.Errorf("device-mapper: %w", errno)
+	}
+	return fmt.Sprintf("%d.%d.%d", binary.NativeEndian.Uint32(buf[0:]), binary.NativeEndian.Uint32(buf[4:]), binary.NativeEndian.Uint32(buf[8:])), nil
 }
 
 // UsesDMVerity reports whether starts map images through dm-verity.
