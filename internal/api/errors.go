@@ -10,9 +10,20 @@ import (
 	"github.com/cmlproject/cml/internal/errdefs"
 )
 
+// reasonOf is an error's text for an audit record or a log: its own
+// message, not a transport's rendering of it.
+func reasonOf(err error) string {
+	if st, ok := status.FromError(err); ok {
+		return st.Message()
+	}
+	return err.Error()
+}
+
 // toStatus maps an error class to its gRPC code; the one place this
-// happens. The message is the error's one-line text.
-func toStatus(err error) error {
+// happens. The message is the error's one-line text, except for errors of
+// no class (Internal): their detail (host paths, system errors) goes to
+// the log under a reference, and the client gets the reference only.
+func (s *Server) toStatus(err error) error {
 	if err == nil {
 		return nil
 	}
@@ -39,6 +50,11 @@ func toStatus(err error) error {
 		code = codes.Canceled
 	case errors.Is(err, context.DeadlineExceeded):
 		code = codes.DeadlineExceeded
+	}
+	if code == codes.Internal {
+		ref := s.errRef.Add(1)
+		s.Log.Error("internal error", "ref", ref, "err", err)
+		return status.Errorf(code, "internal error (daemon log reference %d)", ref)
 	}
 	return status.Error(code, err.Error())
 }

@@ -16,6 +16,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -48,6 +49,9 @@ type Server struct {
 	Device *device.Identity
 	Audit  audit.Recorder
 	Log    *slog.Logger
+
+	auditBroken atomic.Bool
+	errRef      atomic.Uint64
 }
 
 // queries are read-only status calls, not audited (they would flood the
@@ -108,15 +112,38 @@ func operationOf(method string) string {
 	return "control." + strings.TrimPrefix(method, "/cml.v1.Control/")
 }
 
-func (s *Server) audit(ctx context.Context, method string, object string, err error) {
+// audit records a management call's outcome. The reason is the error's
+// own text, before any conversion to a transport status. A record that
+// cannot be written marks the trail broken (see checkAudit) and is
+// returned as an error of class Unavailable.
+func (s *Server) audit(ctx context.Context, method string, object string, err error) error {
 	e := audit.Event{Type: "management", Operation: operationOf(method), Subject: subject(ctx), Object: object, Outcome: audit.Success}
 	if err != nil {
 		e.Outcome = audit.Failure
-		e.Reason = err.Error()
+		e.Reason = reasonOf(err)
 	}
 	if aerr := s.Audit.Record(ctx, e); aerr != nil {
+		s.auditBroken.Store(true)
 		s.Log.Error("audit record failed", "operation", e.Operation, "err", aerr)
+		return errdefs.Wrap(errdefs.ErrUnavailable, aerr, "audit trail")
 	}
+	return nil
+}
+
+// checkAudit refuses management calls while the audit trail cannot be
+// written (fail closed: nothing happens unrecorded). While it is broken,
+// each call first tries to record that it was requested; the first
+// success ends the refusal.
+func (s *Server) checkAudit(ctx context.Context, method, object string) error {
+	if !s.auditBroken.Load() {
+		return nil
+	}
+	e := audit.Event{Type: "management", Operation: operationOf(method), Subject: subject(ctx), Object: object, Outcome: "requested"}
+	if err := s.Audit.Record(ctx, e); err != nil {
+		return errdefs.Unavailable("%s refused: the audit trail cannot be written", strings.TrimPrefix(method, "/cml.v1.Control/"))
+	}
+	s.auditBroken.Store(false)
+	return nil
 }
 
 // UnaryInterceptor audits each management call and maps its error.
@@ -124,19 +151,35 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	if sub := subject(ctx); sub != nil {
 		ctx = audit.WithSubject(ctx, *sub)
 	}
-	resp, err := h(ctx, req)
-	err = toStatus(err)
-	if !queries[info.FullMethod] {
-		s.audit(ctx, info.FullMethod, objectOf(req), err)
+	if queries[info.FullMethod] {
+		resp, err := h(ctx, req)
+		return resp, s.toStatus(err)
 	}
-	return resp, err
+	if err := s.checkAudit(ctx, info.FullMethod, objectOf(req)); err != nil {
+		return nil, s.toStatus(err)
+	}
+	resp, err := h(ctx, req)
+	if aerr := s.audit(ctx, info.FullMethod, objectOf(req), err); aerr != nil && err == nil {
+		// Done but not recorded: the client must know.
+		return nil, s.toStatus(errdefs.Wrap(errdefs.ErrUnavailable, aerr, "%s was carried out but could not be recorded", strings.TrimPrefix(info.FullMethod, "/cml.v1.Control/")))
+	}
+	return resp, s.toStatus(err)
 }
 
-// StreamInterceptor maps stream errors; streams audit themselves once they
+// StreamInterceptor maps stream errors and refuses management streams
+// while the audit trail is broken; streams audit themselves once they
 // know their object.
 func (s *Server) StreamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	return toStatus(h(srv, ss))
+	if !streamQueries[info.FullMethod] {
+		if err := s.checkAudit(ss.Context(), info.FullMethod, ""); err != nil {
+			return s.toStatus(err)
+		}
+	}
+	return s.toStatus(h(srv, ss))
 }
+
+// streamQueries are the streams that only read.
+var streamQueries = map[string]bool{"/cml.v1.Control/Events": true}
 
 func (s *Server) List(ctx context.Context, _ *cmlv1.ListRequest) (*cmlv1.ListResponse, error) {
 	return &cmlv1.ListResponse{Containers: s.Containers.List()}, nil
@@ -257,7 +300,7 @@ func (s *Server) GuestOSInstall(r *cmlv1.GuestOSInstallRequest, stream cmlv1.Con
 		if g != nil {
 			obj = fmt.Sprintf("%s %d from %s", g.Name(), g.Version(), obj)
 		}
-		s.audit(ctx, "/cml.v1.Control/GuestOSInstall", obj, toStatus(err))
+		s.audit(ctx, "/cml.v1.Control/GuestOSInstall", obj, err)
 	}()
 	last := time.Time{}
 	progress := func(phase string, done, total uint64) {

@@ -210,7 +210,9 @@ func (ms *MeasureStage) Name() string { return "measure" }
 func (ms *MeasureStage) Prepare(ctx context.Context, s *Start) (any, error) {
 	ev := measurement(s.ID, s.Config, s.GuestOS, s.ConfigText)
 	if err := ms.TPM.Measure(ctx, ev); err != nil {
-		err = fmt.Errorf("measure into the TPM: %w", err)
+		// Of class Unavailable: the start is refused because the TPM or
+		// its log cannot take the measurement, not because of the input.
+		err = errdefs.Wrap(errdefs.ErrUnavailable, err, "measure into the TPM")
 		if ms.Refused != nil {
 			if rerr := ms.Refused(ctx, s, err); rerr != nil {
 				return nil, rerr
