@@ -93,8 +93,10 @@ type Counter interface {
 type Store struct {
 	dir     string
 	o       Options
-	mu      sync.Mutex
+	mu      sync.Mutex // guards highest and installing; never held across image I/O
 	highest map[string]uint64
+	// installing holds "name/version" of installs copying their images.
+	installing map[string]bool
 }
 
 // GuestOS is one installed guest OS.
@@ -215,18 +217,11 @@ func (s *Store) versionDir(name string, version uint64) string {
 // readBounded reads a regular file (not following a final symlink) of at
 // most max bytes.
 func readBounded(path string, max int64) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	f, _, err := openRegular(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", path)
-	}
 	b, err := io.ReadAll(io.LimitReader(f, max+1))
 	if err != nil {
 		return nil, err
@@ -235,6 +230,29 @@ func readBounded(path string, max int64) ([]byte, error) {
 		return nil, fmt.Errorf("%s is larger than %d bytes", path, max)
 	}
 	return b, nil
+}
+
+// openRegular opens a file a client named, for reading, only if it is a
+// regular file: no symlink is followed and the open does not block (a FIFO
+// or a device in a bundle would otherwise hang the open for ever).
+func openRegular(path string) (*os.File, os.FileInfo, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) {
+			return nil, nil, fmt.Errorf("%s is a symbolic link, not a regular file", filepath.Base(path))
+		}
+		return nil, nil, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, nil, fmt.Errorf("%s is not a regular file (%s)", filepath.Base(path), st.Mode().Type())
+	}
+	return f, st, nil
 }
 
 // Install installs the guest OS in srcDir: manifest, its signature and
@@ -264,17 +282,14 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	}
 	id := fmt.Sprintf("guestos %s %d", cfg.GetName(), cfg.GetVersion())
 
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	// The store lock is held only to reserve the version and to commit:
+	// copying and hashing gigabytes must not stall starts, lists and
+	// other installs.
 	final := s.versionDir(cfg.GetName(), cfg.GetVersion())
-	if _, err := os.Lstat(final); err == nil {
-		return nil, errdefs.AlreadyExists("%s is already installed", id)
+	if err := s.reserve(id, cfg); err != nil {
+		return nil, err
 	}
-	// verifyManifest checked this before the lock; two installs racing
-	// past it are caught here.
-	if h := s.highestLocked(cfg.GetName()); cfg.GetVersion() < h {
-		return nil, errdefs.FailedPrecondition("%s is older than version %d installed before (rollback protection)", id, h)
-	}
+	defer s.unreserve(cfg)
 	stage, err := os.MkdirTemp(s.dir, stagingPrefix)
 	if err != nil {
 		return nil, fmt.Errorf("%s: stage: %w", id, err)
@@ -316,6 +331,13 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	if err := os.MkdirAll(filepath.Dir(final), 0o700); err != nil {
 		return nil, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// Checked again at commit: an install of a higher version may have
+	// finished meanwhile.
+	if h := s.highestLocked(cfg.GetName()); cfg.GetVersion() < h {
+		return nil, errdefs.FailedPrecondition("%s is older than version %d installed before (rollback protection)", id, h)
+	}
 	if s.o.Counter != nil {
 		if err := s.o.Counter.Raise(cfg.GetName(), cfg.GetVersion()); err != nil {
 			return nil, fmt.Errorf("%s: TPM rollback counter: %w", id, err)
@@ -333,6 +355,33 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	syncDir(filepath.Dir(final))
 	ok = true
 	return &GuestOS{Config: cfg, Dir: final, Size: total, Installed: InstallRecord{Time: now.UTC(), Level: res.Level, Signer: res.Signer, Root: res.Root}, manifest: text}, nil
+}
+
+// reserve claims name and version for an install in flight, refusing one
+// that is installed, being installed, or older than the highest version.
+func (s *Store) reserve(id string, cfg *cmlv1.GuestOSConfig) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	key := fmt.Sprintf("%s/%d", cfg.GetName(), cfg.GetVersion())
+	if _, err := os.Lstat(s.versionDir(cfg.GetName(), cfg.GetVersion())); err == nil || s.installing[key] {
+		return errdefs.AlreadyExists("%s is already installed", id)
+	}
+	// verifyManifest checked this before the lock; two installs racing
+	// past it are caught here.
+	if h := s.highestLocked(cfg.GetName()); cfg.GetVersion() < h {
+		return errdefs.FailedPrecondition("%s is older than version %d installed before (rollback protection)", id, h)
+	}
+	if s.installing == nil {
+		s.installing = map[string]bool{}
+	}
+	s.installing[key] = true
+	return nil
+}
+
+func (s *Store) unreserve(cfg *cmlv1.GuestOSConfig) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.installing, fmt.Sprintf("%s/%d", cfg.GetName(), cfg.GetVersion()))
 }
 
 // verifyManifest checks a manifest's signature and the device's policy
@@ -551,18 +600,11 @@ func (s *Store) checkImage(g *GuestOS, m *cmlv1.GuestOSMount) (*os.File, error) 
 // bytes; the destination is what later runs, so nobody can swap the source
 // between check and use.
 func copyVerified(ctx context.Context, src, dst string, m *cmlv1.GuestOSMount, progress func(uint64)) error {
-	in, err := os.OpenFile(src, os.O_RDONLY|unix.O_NOFOLLOW, 0)
+	in, st, err := openRegular(src)
 	if err != nil {
 		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "image %s", m.GetImageFile())
 	}
 	defer in.Close()
-	st, err := in.Stat()
-	if err != nil {
-		return err
-	}
-	if !st.Mode().IsRegular() {
-		return errdefs.InvalidArgument("image %s: not a regular file", m.GetImageFile())
-	}
 	if uint64(st.Size()) != m.GetImageSize() {
 		return errdefs.Integrity("image %s: size %d does not match the manifest's %d", m.GetImageFile(), st.Size(), m.GetImageSize())
 	}
@@ -646,8 +688,8 @@ func (s *Store) Get(name string, version uint64) (*GuestOS, error) {
 	if !config.ValidName(name) {
 		return nil, errdefs.InvalidArgument("guest OS name %q is not a safe identifier", name)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	// No lock: version directories appear and go by rename, so a reader
+	// sees a whole guest OS or none, and waits for no install.
 	if version == 0 {
 		vs := s.versions(name)
 		if len(vs) == 0 {
@@ -676,8 +718,6 @@ func (s *Store) versions(name string) []uint64 {
 
 // List returns all installed guest OSes, by name then version.
 func (s *Store) List() ([]*GuestOS, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	ents, err := os.ReadDir(s.dir)
 	if err != nil {
 		return nil, err
@@ -689,6 +729,9 @@ func (s *Store) List() ([]*GuestOS, error) {
 		}
 		for _, v := range s.versions(e.Name()) {
 			g, err := s.load(e.Name(), v)
+			if errors.Is(err, errdefs.ErrNotFound) {
+				continue // removed meanwhile
+			}
 			if err != nil {
 				return nil, err
 			}
@@ -705,21 +748,24 @@ func (s *Store) Remove(name string, version uint64) error {
 		return errdefs.InvalidArgument("guest OS name %q is not a safe identifier", name)
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	dir := s.versionDir(name, version)
 	if _, err := os.Lstat(dir); err != nil {
+		s.mu.Unlock()
 		return errdefs.NotFound("guestos %s %d is not installed", name, version)
 	}
 	// Rename first so a crash mid-removal leaves a staging dir, which Open
 	// sweeps, rather than a half-deleted guest OS.
 	tmp, err := os.MkdirTemp(s.dir, stagingPrefix)
 	if err != nil {
+		s.mu.Unlock()
 		return err
 	}
 	if err := os.Rename(dir, filepath.Join(tmp, "old")); err != nil {
+		s.mu.Unlock()
 		os.Remove(tmp)
 		return err
 	}
 	os.Remove(filepath.Join(s.dir, name)) // only succeeds when empty
+	s.mu.Unlock()
 	return os.RemoveAll(tmp)
 }
