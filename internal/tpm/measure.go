@@ -197,16 +197,11 @@ func (m *Measurer) Measure(ctx context.Context, e Event) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	digest, err := e.GenerateDigest(crypto.SHA256)
+	rec, err := m.record(e)
 	if err != nil {
 		return err
 	}
-	tlv, err := e.GetTLV()
-	if err != nil {
-		return err
-	}
-	rec := cel.Record{RecNum: uint64(len(m.log.Records)), Index: uint8(m.pcr), IndexType: cel.PCRTypeValue,
-		Digests: map[crypto.Hash][]byte{crypto.SHA256: digest}, Content: tlv}
+	digest := rec.Digests[crypto.SHA256]
 	var buf bytes.Buffer
 	if err := rec.EncodeCELR(&buf); err != nil {
 		return err
@@ -238,6 +233,22 @@ func (m *Measurer) Measure(ctx context.Context, e Event) error {
 	}
 	m.log.Records = append(m.log.Records, rec)
 	return nil
+}
+
+type celRecord = cel.Record
+
+// record builds the log record for e as the next one.
+func (m *Measurer) record(e Event) (cel.Record, error) {
+	digest, err := e.GenerateDigest(crypto.SHA256)
+	if err != nil {
+		return cel.Record{}, err
+	}
+	tlv, err := e.GetTLV()
+	if err != nil {
+		return cel.Record{}, err
+	}
+	return cel.Record{RecNum: uint64(len(m.log.Records)), Index: uint8(m.pcr), IndexType: cel.PCRTypeValue,
+		Digests: map[crypto.Hash][]byte{crypto.SHA256: digest}, Content: tlv}, nil
 }
 
 // rewrite replaces the log with records, atomically.
