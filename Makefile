@@ -23,8 +23,13 @@ demo: deps build
 
 # All tests. Root-only tests (real runc, mounts, cgroups) skip with a reason
 # when not root; CI runs as root.
+# RACE are the packages where clients or goroutines meet; their tests run
+# again under the race detector.
+RACE := ./internal/container/ ./internal/reaper/ ./internal/api/ ./internal/guestos/ ./internal/tpm/ ./internal/device/
+
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
+	$(GO) test -race -count=1 -timeout 20m $(RACE)
 
 # gofmt, go vet and staticcheck (pinned; fetched from the module proxy).
 lint:

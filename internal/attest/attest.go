@@ -29,10 +29,10 @@ import (
 	"github.com/google/go-tpm/legacy/tpm2"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/bundle"
 	"github.com/cmlproject/cml/internal/config"
-	"github.com/cmlproject/cml/internal/guestos"
+	"github.com/cmlproject/cml/internal/measurelog"
 	"github.com/cmlproject/cml/internal/sign"
-	"github.com/cmlproject/cml/internal/tpm"
 	"github.com/cmlproject/cml/internal/trust"
 )
 
@@ -77,7 +77,7 @@ func LoadReference(roots *trust.Store, dirs ...string) (*Reference, error) {
 			if err != nil {
 				return fmt.Errorf("reference %s: %w", p, err)
 			}
-			if filepath.Base(p) == guestos.ManifestFile {
+			if filepath.Base(p) == bundle.ManifestFile {
 				g, err := config.ParseGuestOS(p, text)
 				if err != nil {
 					return fmt.Errorf("reference %s: %w", p, err)
@@ -282,11 +282,11 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 	if !ok {
 		return v.add("log", false, "measurement PCR %d was not quoted", mp)
 	}
-	log, err := tpm.DecodeLog(a.GetEventLog())
+	log, err := measurelog.DecodeLog(a.GetEventLog())
 	if err != nil {
 		return v.add("log", false, "measurement log: %v", err)
 	}
-	if !bytes.Equal(tpm.Replay(log, mp), pv) {
+	if !bytes.Equal(measurelog.Replay(log, mp), pv) {
 		return v.add("log", false, "measurement log (%d events) does not replay to PCR %d: events inserted, removed, reordered or changed", len(log.Records), mp)
 	}
 	v.add("log", true, "%d events replay to PCR %d", len(log.Records), mp)
@@ -295,7 +295,7 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 	byUUID := map[string]int{}
 	// Starts of one container with one config log identical content;
 	// parse each distinct content once.
-	parsed := map[string]tpm.Event{}
+	parsed := map[string]measurelog.Event{}
 	ok = true
 	for _, r := range log.Records {
 		if int(r.Index) != mp {
@@ -334,19 +334,19 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 
 // parseRecord checks that a record's digest is the hash of its content
 // (the TLV encoding, as the device extended it) and parses the content.
-func parseRecord(r cel.Record, parsed map[string]tpm.Event) (tpm.Event, error) {
+func parseRecord(r cel.Record, parsed map[string]measurelog.Event) (measurelog.Event, error) {
 	b, err := r.Content.MarshalBinary()
 	if err != nil {
-		return tpm.Event{}, err
+		return measurelog.Event{}, err
 	}
 	sum := sha256.Sum256(b)
 	if !bytes.Equal(sum[:], r.Digests[crypto.SHA256]) {
-		return tpm.Event{}, fmt.Errorf("content does not match its digest")
+		return measurelog.Event{}, fmt.Errorf("content does not match its digest")
 	}
 	if e, ok := parsed[string(b)]; ok {
 		return e, nil
 	}
-	e, err := tpm.ParseEvent(r.Content)
+	e, err := measurelog.ParseEvent(r.Content)
 	if err != nil {
 		return e, err
 	}

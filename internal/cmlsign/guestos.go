@@ -17,8 +17,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/bundle"
 	"github.com/cmlproject/cml/internal/config"
-	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/sign"
 	"github.com/cmlproject/cml/internal/verity"
 )
@@ -90,7 +90,7 @@ func BuildGuestOS(r BuildRequest, key crypto.Signer, chain []*x509.Certificate) 
 	if err != nil {
 		return nil, err
 	}
-	mpath := filepath.Join(r.Out, guestos.ManifestFile)
+	mpath := filepath.Join(r.Out, bundle.ManifestFile)
 	// Check with the daemon's own parser so a bundle that builds installs.
 	if _, err := config.ParseGuestOS(mpath, text); err != nil {
 		return nil, err
@@ -152,7 +152,7 @@ func describeImage(img string, salt []byte) (*cmlv1.GuestOSMount, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.WriteFile(img+guestos.HashFileSuffix, t.HashFile(), 0o644); err != nil {
+	if err := os.WriteFile(img+bundle.HashFileSuffix, t.HashFile(), 0o644); err != nil {
 		return nil, err
 	}
 	return &cmlv1.GuestOSMount{

@@ -19,10 +19,10 @@ import (
 func TestInstallDoesNotBlockReaders(t *testing.T) {
 	p := testutil.NewPKI(t, "ecdsa-p256", "vendor")
 	s, _ := openStore(t, p)
-	if _, err := s.Install(t.Context(), bundle(t, p, "base", 1, 4), nil); err != nil {
+	if _, err := s.Install(t.Context(), makeBundle(t, p, "base", 1, 4), nil); err != nil {
 		t.Fatal(err)
 	}
-	src := bundle(t, p, "big", 1, 64)
+	src := makeBundle(t, p, "big", 1, 64)
 	called := false
 	progress := func(phase string, done, total uint64) {
 		if called || phase != "verify" {
@@ -64,7 +64,7 @@ func TestInstallRefusesNonRegularFiles(t *testing.T) {
 	for _, file := range []string{"root.img", ManifestFile} {
 		for _, kind := range []string{"fifo", "socket", "chardev", "symlink"} {
 			t.Run(file+"/"+kind, func(t *testing.T) {
-				src := bundle(t, p, "odd", 1, 2)
+				src := makeBundle(t, p, "odd", 1, 2)
 				path := filepath.Join(src, file)
 				os.Remove(path)
 				switch kind {

@@ -40,6 +40,7 @@ import (
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/atomicfile"
+	"github.com/cmlproject/cml/internal/bundle"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/sign"
@@ -49,10 +50,10 @@ import (
 
 // ManifestFile is the manifest's file name inside a guest OS directory;
 // its signature and the signer's chain are ManifestFile+".sig" and ".cert".
-const ManifestFile = "guestos.conf"
+const ManifestFile = bundle.ManifestFile
 
 // HashFileSuffix names an image's dm-verity hash file (image + suffix).
-const HashFileSuffix = ".verity"
+const HashFileSuffix = bundle.HashFileSuffix
 
 const (
 	stagingPrefix = ".staging-"

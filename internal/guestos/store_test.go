@@ -24,7 +24,7 @@ import (
 
 // bundle writes a signed guest OS directory with one random image of
 // blocks verity blocks.
-func bundle(t *testing.T, p *testutil.PKI, name string, version int, blocks int) string {
+func makeBundle(t *testing.T, p *testutil.PKI, name string, version int, blocks int) string {
 	dir := t.TempDir()
 	img := make([]byte, blocks*verity.BlockSize)
 	rand.Read(img)
@@ -108,7 +108,7 @@ func TestInstallRefusesTamperingAndLeavesNothing(t *testing.T) {
 		},
 	}
 	for name, tamper := range cases {
-		dir := bundle(t, p, "g", 1, 40)
+		dir := makeBundle(t, p, "g", 1, 40)
 		tamper(dir)
 		_, err := s.Install(ctx, dir, nil)
 		if err == nil {
@@ -123,7 +123,7 @@ func TestInstallRefusesTamperingAndLeavesNothing(t *testing.T) {
 		}
 		t.Logf("%s: %v", name, err)
 	}
-	if _, err := s.Install(ctx, bundle(t, p, "g", 1, 40), nil); err != nil {
+	if _, err := s.Install(ctx, makeBundle(t, p, "g", 1, 40), nil); err != nil {
 		t.Fatalf("intact bundle refused: %v", err)
 	}
 }
@@ -133,11 +133,11 @@ func TestRollbackProtectionSurvivesRemovalAndRestart(t *testing.T) {
 	s, ts := openStore(t, p)
 	ctx := context.Background()
 	for _, v := range []int{1, 3} {
-		if _, err := s.Install(ctx, bundle(t, p, "g", v, 3), nil); err != nil {
+		if _, err := s.Install(ctx, makeBundle(t, p, "g", v, 3), nil); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := s.Install(ctx, bundle(t, p, "g", 2, 3), nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+	if _, err := s.Install(ctx, makeBundle(t, p, "g", 2, 3), nil); !errors.Is(err, errdefs.ErrFailedPrecondition) {
 		t.Fatalf("downgrade to 2 below 3: %v", err)
 	}
 	if err := s.Remove("g", 3); err != nil {
@@ -147,10 +147,10 @@ func TestRollbackProtectionSurvivesRemovalAndRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s2.Install(ctx, bundle(t, p, "g", 2, 3), nil); err == nil || !strings.Contains(err.Error(), "rollback") {
+	if _, err := s2.Install(ctx, makeBundle(t, p, "g", 2, 3), nil); err == nil || !strings.Contains(err.Error(), "rollback") {
 		t.Fatalf("downgrade after removing the newer version and restarting: %v", err)
 	}
-	if _, err := s2.Install(ctx, bundle(t, p, "g", 3, 3), nil); err != nil {
+	if _, err := s2.Install(ctx, makeBundle(t, p, "g", 3, 3), nil); err != nil {
 		t.Fatalf("reinstalling the highest version: %v", err)
 	}
 	if g, err := s2.Get("g", 1); err != nil || g.Version() != 1 {
@@ -162,7 +162,7 @@ func TestCheckBeforeStart(t *testing.T) {
 	p := testutil.NewPKI(t, "ecdsa-p256", "vendor")
 	s, ts := openStore(t, p)
 	ctx := context.Background()
-	g, err := s.Install(ctx, bundle(t, p, "g", 1, 300), nil)
+	g, err := s.Install(ctx, makeBundle(t, p, "g", 1, 300), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,7 +223,7 @@ func TestDMVerityRefusesTamperedBlocks(t *testing.T) {
 	s, _ := openStore(t, p)
 	s.o.DMVerity = true
 	ctx := context.Background()
-	g, err := s.Install(ctx, bundle(t, p, "g", 1, 64), nil)
+	g, err := s.Install(ctx, makeBundle(t, p, "g", 1, 64), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
