@@ -351,11 +351,17 @@ func ParseDeviceRule(s string) (DeviceRule, error) {
 	return DeviceRule{Type: m[1], Major: num(m[2]), Minor: num(m[3]), Access: acc}, nil
 }
 
+// DeviceConfigVersion is the device.conf schema this cmld reads.
+const DeviceConfigVersion = 1
+
 // ParseDevice parses the device settings file (device.conf).
 func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 	d := &cmlv1.DeviceConfig{}
 	if err := parseText(source, text, d); err != nil {
 		return nil, err
+	}
+	if v := d.GetVersion(); v > DeviceConfigVersion {
+		return nil, errdefs.InvalidArgument("%s: field version: %d is newer than this cmld understands (%d)", source, v, DeviceConfigVersion)
 	}
 	if p := d.GetUpdateCaFile(); p != "" && p[0] != '/' {
 		return nil, errdefs.InvalidArgument("%s: field update_ca_file: %q is not an absolute path", source, p)

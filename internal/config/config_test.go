@@ -98,7 +98,11 @@ func TestParseDevice(t *testing.T) {
 	if d, _ := ParseDevice("device.conf", nil); d.GetMeasurementPcr() != 11 || d.GetProductName() != "CML device" {
 		t.Errorf("defaults: %v", d)
 	}
-	for _, bad := range []string{"measurement_pcr: 24\n", "serial: \"a\\nb\"\n", "product_name: \"" + strings.Repeat("x", 65) + "\"\n"} {
+	if _, err := ParseDevice("device.conf", []byte("version: 1\nstorage {}\nnetwork {}\naudit {}\nremote {}\n")); err != nil {
+		t.Errorf("version 1 with its sections: %v", err)
+	}
+	for _, bad := range []string{"measurement_pcr: 24\n", "serial: \"a\\nb\"\n", "product_name: \"" + strings.Repeat("x", 65) + "\"\n",
+		"version: 2\n", "storage { token: \"x\" }\n", "uplink: \"eth0\"\n"} {
 		if _, err := ParseDevice("device.conf", []byte(bad)); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("%q: %v", bad, err)
 		}

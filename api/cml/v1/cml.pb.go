@@ -339,7 +339,7 @@ func (x *DeviceCSRRequest_Key) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use DeviceCSRRequest_Key.Descriptor instead.
 func (DeviceCSRRequest_Key) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34, 0}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38, 0}
 }
 
 // ContainerConfig is a container's configuration file (protobuf text format).
@@ -897,8 +897,19 @@ type DeviceConfig struct {
 	Serial      *string `protobuf:"bytes,5,opt,name=serial" json:"serial,omitempty"`
 	// measurement_pcr is the PCR container starts are measured into.
 	MeasurementPcr *uint32 `protobuf:"varint,6,opt,name=measurement_pcr,json=measurementPcr,def=11" json:"measurement_pcr,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// version is the schema of this file: 1. A file without it is read as
+	// version 1; a newer version is refused rather than half understood.
+	Version *uint32 `protobuf:"varint,100,opt,name=version" json:"version,omitempty"`
+	// One section per subsystem. Their settings arrive with the subsystems
+	// (encrypted storage, network separation, the audit trail, remote
+	// management); until then a section must be empty, and an unknown
+	// field in one is an error like anywhere else.
+	Storage       *StorageSettings `protobuf:"bytes,101,opt,name=storage" json:"storage,omitempty"`
+	Network       *NetworkSettings `protobuf:"bytes,102,opt,name=network" json:"network,omitempty"`
+	Audit         *AuditSettings   `protobuf:"bytes,103,opt,name=audit" json:"audit,omitempty"`
+	Remote        *RemoteSettings  `protobuf:"bytes,104,opt,name=remote" json:"remote,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 // Default values for DeviceConfig fields.
@@ -981,6 +992,189 @@ func (x *DeviceConfig) GetMeasurementPcr() uint32 {
 	return Default_DeviceConfig_MeasurementPcr
 }
 
+func (x *DeviceConfig) GetVersion() uint32 {
+	if x != nil && x.Version != nil {
+		return *x.Version
+	}
+	return 0
+}
+
+func (x *DeviceConfig) GetStorage() *StorageSettings {
+	if x != nil {
+		return x.Storage
+	}
+	return nil
+}
+
+func (x *DeviceConfig) GetNetwork() *NetworkSettings {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
+func (x *DeviceConfig) GetAudit() *AuditSettings {
+	if x != nil {
+		return x.Audit
+	}
+	return nil
+}
+
+func (x *DeviceConfig) GetRemote() *RemoteSettings {
+	if x != nil {
+		return x.Remote
+	}
+	return nil
+}
+
+// StorageSettings configure encrypted container storage and tokens.
+type StorageSettings struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StorageSettings) Reset() {
+	*x = StorageSettings{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StorageSettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StorageSettings) ProtoMessage() {}
+
+func (x *StorageSettings) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StorageSettings.ProtoReflect.Descriptor instead.
+func (*StorageSettings) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{5}
+}
+
+// NetworkSettings configure the uplink, container links and flow policy.
+type NetworkSettings struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkSettings) Reset() {
+	*x = NetworkSettings{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkSettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkSettings) ProtoMessage() {}
+
+func (x *NetworkSettings) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkSettings.ProtoReflect.Descriptor instead.
+func (*NetworkSettings) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{6}
+}
+
+// AuditSettings configure the audit trail and its forwarding.
+type AuditSettings struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditSettings) Reset() {
+	*x = AuditSettings{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditSettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditSettings) ProtoMessage() {}
+
+func (x *AuditSettings) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditSettings.ProtoReflect.Descriptor instead.
+func (*AuditSettings) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{7}
+}
+
+// RemoteSettings configure the control API over mutual TLS.
+type RemoteSettings struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoteSettings) Reset() {
+	*x = RemoteSettings{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoteSettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoteSettings) ProtoMessage() {}
+
+func (x *RemoteSettings) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoteSettings.ProtoReflect.Descriptor instead.
+func (*RemoteSettings) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
+}
+
 // Container is the daemon's view of one container.
 type Container struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1013,7 +1207,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1025,7 +1219,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1038,7 +1232,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{5}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Container) GetUuid() string {
@@ -1149,7 +1343,7 @@ type ContainerRef struct {
 
 func (x *ContainerRef) Reset() {
 	*x = ContainerRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1161,7 +1355,7 @@ func (x *ContainerRef) String() string {
 func (*ContainerRef) ProtoMessage() {}
 
 func (x *ContainerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1174,7 +1368,7 @@ func (x *ContainerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRef.ProtoReflect.Descriptor instead.
 func (*ContainerRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{6}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ContainerRef) GetNameOrUuid() string {
@@ -1192,7 +1386,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1204,7 +1398,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1217,7 +1411,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{7}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
 }
 
 type ListResponse struct {
@@ -1229,7 +1423,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1241,7 +1435,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1254,7 +1448,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListResponse) GetContainers() []*Container {
@@ -1281,7 +1475,7 @@ type CreateRequest struct {
 
 func (x *CreateRequest) Reset() {
 	*x = CreateRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1487,7 @@ func (x *CreateRequest) String() string {
 func (*CreateRequest) ProtoMessage() {}
 
 func (x *CreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1500,7 @@ func (x *CreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRequest.ProtoReflect.Descriptor instead.
 func (*CreateRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{9}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *CreateRequest) GetConfig() *ContainerConfig {
@@ -1355,7 +1549,7 @@ type StopRequest struct {
 
 func (x *StopRequest) Reset() {
 	*x = StopRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1367,7 +1561,7 @@ func (x *StopRequest) String() string {
 func (*StopRequest) ProtoMessage() {}
 
 func (x *StopRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1380,7 +1574,7 @@ func (x *StopRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopRequest.ProtoReflect.Descriptor instead.
 func (*StopRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{10}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StopRequest) GetNameOrUuid() string {
@@ -1408,7 +1602,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1420,7 +1614,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1433,7 +1627,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *KillRequest) GetNameOrUuid() string {
@@ -1465,7 +1659,7 @@ type UpdateConfigRequest struct {
 
 func (x *UpdateConfigRequest) Reset() {
 	*x = UpdateConfigRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1477,7 +1671,7 @@ func (x *UpdateConfigRequest) String() string {
 func (*UpdateConfigRequest) ProtoMessage() {}
 
 func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1490,7 +1684,7 @@ func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConfigRequest.ProtoReflect.Descriptor instead.
 func (*UpdateConfigRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *UpdateConfigRequest) GetNameOrUuid() string {
@@ -1543,7 +1737,7 @@ type Empty struct {
 
 func (x *Empty) Reset() {
 	*x = Empty{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1555,7 +1749,7 @@ func (x *Empty) String() string {
 func (*Empty) ProtoMessage() {}
 
 func (x *Empty) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1568,7 +1762,7 @@ func (x *Empty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Empty.ProtoReflect.Descriptor instead.
 func (*Empty) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
 }
 
 // ExecStart is the first message of an exec stream.
@@ -1586,7 +1780,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1598,7 +1792,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1611,7 +1805,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ExecStart) GetNameOrUuid() string {
@@ -1671,7 +1865,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1683,7 +1877,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1696,7 +1890,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -1781,7 +1975,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1793,7 +1987,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1806,7 +2000,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -1837,7 +2031,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1849,7 +2043,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1862,7 +2056,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -1932,7 +2126,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1944,7 +2138,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1957,7 +2151,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *LogsRequest) GetNameOrUuid() string {
@@ -1983,7 +2177,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1995,7 +2189,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2008,7 +2202,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *LogsResponse) GetData() []byte {
@@ -2028,7 +2222,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2040,7 +2234,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2053,7 +2247,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *EventsRequest) GetNameOrUuid() string {
@@ -2073,7 +2267,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2085,7 +2279,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2098,7 +2292,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Event) GetTimeUnixNano() int64 {
@@ -2134,7 +2328,7 @@ type GuestOS struct {
 
 func (x *GuestOS) Reset() {
 	*x = GuestOS{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2146,7 +2340,7 @@ func (x *GuestOS) String() string {
 func (*GuestOS) ProtoMessage() {}
 
 func (x *GuestOS) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2159,7 +2353,7 @@ func (x *GuestOS) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOS.ProtoReflect.Descriptor instead.
 func (*GuestOS) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GuestOS) GetName() string {
@@ -2227,7 +2421,7 @@ type GuestOSListResponse struct {
 
 func (x *GuestOSListResponse) Reset() {
 	*x = GuestOSListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2239,7 +2433,7 @@ func (x *GuestOSListResponse) String() string {
 func (*GuestOSListResponse) ProtoMessage() {}
 
 func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2252,7 +2446,7 @@ func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSListResponse.ProtoReflect.Descriptor instead.
 func (*GuestOSListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GuestOSListResponse) GetGuestos() []*GuestOS {
@@ -2274,7 +2468,7 @@ type GuestOSInstallRequest struct {
 
 func (x *GuestOSInstallRequest) Reset() {
 	*x = GuestOSInstallRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2286,7 +2480,7 @@ func (x *GuestOSInstallRequest) String() string {
 func (*GuestOSInstallRequest) ProtoMessage() {}
 
 func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2299,7 +2493,7 @@ func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GuestOSInstallRequest) GetDir() string {
@@ -2330,7 +2524,7 @@ type GuestOSInstallProgress struct {
 
 func (x *GuestOSInstallProgress) Reset() {
 	*x = GuestOSInstallProgress{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2342,7 +2536,7 @@ func (x *GuestOSInstallProgress) String() string {
 func (*GuestOSInstallProgress) ProtoMessage() {}
 
 func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2355,7 +2549,7 @@ func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallProgress.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallProgress) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GuestOSInstallProgress) GetPhase() string {
@@ -2400,7 +2594,7 @@ type CA struct {
 
 func (x *CA) Reset() {
 	*x = CA{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2412,7 +2606,7 @@ func (x *CA) String() string {
 func (*CA) ProtoMessage() {}
 
 func (x *CA) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2425,7 +2619,7 @@ func (x *CA) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CA.ProtoReflect.Descriptor instead.
 func (*CA) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *CA) GetFingerprint() string {
@@ -2465,7 +2659,7 @@ type CAListResponse struct {
 
 func (x *CAListResponse) Reset() {
 	*x = CAListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2477,7 +2671,7 @@ func (x *CAListResponse) String() string {
 func (*CAListResponse) ProtoMessage() {}
 
 func (x *CAListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2490,7 +2684,7 @@ func (x *CAListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CAListResponse.ProtoReflect.Descriptor instead.
 func (*CAListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CAListResponse) GetCas() []*CA {
@@ -2509,7 +2703,7 @@ type CARegisterRequest struct {
 
 func (x *CARegisterRequest) Reset() {
 	*x = CARegisterRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2521,7 +2715,7 @@ func (x *CARegisterRequest) String() string {
 func (*CARegisterRequest) ProtoMessage() {}
 
 func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2534,7 +2728,7 @@ func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARegisterRequest.ProtoReflect.Descriptor instead.
 func (*CARegisterRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CARegisterRequest) GetPem() []byte {
@@ -2553,7 +2747,7 @@ type CARemoveRequest struct {
 
 func (x *CARemoveRequest) Reset() {
 	*x = CARemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2565,7 +2759,7 @@ func (x *CARemoveRequest) String() string {
 func (*CARemoveRequest) ProtoMessage() {}
 
 func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2578,7 +2772,7 @@ func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARemoveRequest.ProtoReflect.Descriptor instead.
 func (*CARemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CARemoveRequest) GetFingerprint() string {
@@ -2597,7 +2791,7 @@ type CRLLoadRequest struct {
 
 func (x *CRLLoadRequest) Reset() {
 	*x = CRLLoadRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2609,7 +2803,7 @@ func (x *CRLLoadRequest) String() string {
 func (*CRLLoadRequest) ProtoMessage() {}
 
 func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2622,7 +2816,7 @@ func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLLoadRequest.ProtoReflect.Descriptor instead.
 func (*CRLLoadRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CRLLoadRequest) GetPem() []byte {
@@ -2642,7 +2836,7 @@ type CRLLoadResponse struct {
 
 func (x *CRLLoadResponse) Reset() {
 	*x = CRLLoadResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2654,7 +2848,7 @@ func (x *CRLLoadResponse) String() string {
 func (*CRLLoadResponse) ProtoMessage() {}
 
 func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2667,7 +2861,7 @@ func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLLoadResponse.ProtoReflect.Descriptor instead.
 func (*CRLLoadResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CRLLoadResponse) GetIssuer() string {
@@ -2694,7 +2888,7 @@ type GuestOSRemoveRequest struct {
 
 func (x *GuestOSRemoveRequest) Reset() {
 	*x = GuestOSRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2706,7 +2900,7 @@ func (x *GuestOSRemoveRequest) String() string {
 func (*GuestOSRemoveRequest) ProtoMessage() {}
 
 func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2719,7 +2913,7 @@ func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSRemoveRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GuestOSRemoveRequest) GetName() string {
@@ -2761,7 +2955,7 @@ type DeviceIdentity struct {
 
 func (x *DeviceIdentity) Reset() {
 	*x = DeviceIdentity{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2773,7 +2967,7 @@ func (x *DeviceIdentity) String() string {
 func (*DeviceIdentity) ProtoMessage() {}
 
 func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2786,7 +2980,7 @@ func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceIdentity.ProtoReflect.Descriptor instead.
 func (*DeviceIdentity) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DeviceIdentity) GetDeviceUuid() string {
@@ -2859,7 +3053,7 @@ const (
 
 func (x *DeviceCSRRequest) Reset() {
 	*x = DeviceCSRRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2871,7 +3065,7 @@ func (x *DeviceCSRRequest) String() string {
 func (*DeviceCSRRequest) ProtoMessage() {}
 
 func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2884,7 +3078,7 @@ func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCSRRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DeviceCSRRequest) GetKey() DeviceCSRRequest_Key {
@@ -2903,7 +3097,7 @@ type DeviceCSRResponse struct {
 
 func (x *DeviceCSRResponse) Reset() {
 	*x = DeviceCSRResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2915,7 +3109,7 @@ func (x *DeviceCSRResponse) String() string {
 func (*DeviceCSRResponse) ProtoMessage() {}
 
 func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2928,7 +3122,7 @@ func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRResponse.ProtoReflect.Descriptor instead.
 func (*DeviceCSRResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DeviceCSRResponse) GetPem() []byte {
@@ -2951,7 +3145,7 @@ type DeviceCertRequest struct {
 
 func (x *DeviceCertRequest) Reset() {
 	*x = DeviceCertRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2963,7 +3157,7 @@ func (x *DeviceCertRequest) String() string {
 func (*DeviceCertRequest) ProtoMessage() {}
 
 func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2976,7 +3170,7 @@ func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCertRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCertRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DeviceCertRequest) GetPem() []byte {
@@ -3005,7 +3199,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3017,7 +3211,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3030,7 +3224,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *AttestRequest) GetNonce() []byte {
@@ -3057,7 +3251,7 @@ type PCRValue struct {
 
 func (x *PCRValue) Reset() {
 	*x = PCRValue{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3069,7 +3263,7 @@ func (x *PCRValue) String() string {
 func (*PCRValue) ProtoMessage() {}
 
 func (x *PCRValue) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3082,7 +3276,7 @@ func (x *PCRValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
 func (*PCRValue) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *PCRValue) GetIndex() uint32 {
@@ -3123,7 +3317,7 @@ type Attestation struct {
 
 func (x *Attestation) Reset() {
 	*x = Attestation{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3135,7 +3329,7 @@ func (x *Attestation) String() string {
 func (*Attestation) ProtoMessage() {}
 
 func (x *Attestation) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3148,7 +3342,7 @@ func (x *Attestation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attestation.ProtoReflect.Descriptor instead.
 func (*Attestation) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Attestation) GetQuote() []byte {
@@ -3272,7 +3466,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"init_param\x18\x15 \x03(\tR\tinitParam\x12\x19\n" +
 	"\binit_env\x18\x16 \x03(\tR\ainitEnv\x12\"\n" +
 	"\rmin_ram_limit\x18d \x01(\rR\vminRamLimit\x12 \n" +
-	"\vdescription\x18e \x01(\tR\vdescription\"\x90\x02\n" +
+	"\vdescription\x18e \x01(\tR\vdescription\"\xed\x03\n" +
 	"\fDeviceConfig\x129\n" +
 	"\x15locally_signed_images\x18\x01 \x01(\b:\x05falseR\x13locallySignedImages\x12+\n" +
 	"\x0esigned_configs\x18\x02 \x01(\b:\x04trueR\rsignedConfigs\x12$\n" +
@@ -3280,7 +3474,16 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\fproduct_name\x18\x04 \x01(\t:\n" +
 	"CML deviceR\vproductName\x12\x16\n" +
 	"\x06serial\x18\x05 \x01(\tR\x06serial\x12+\n" +
-	"\x0fmeasurement_pcr\x18\x06 \x01(\r:\x0211R\x0emeasurementPcr\"\xd0\x03\n" +
+	"\x0fmeasurement_pcr\x18\x06 \x01(\r:\x0211R\x0emeasurementPcr\x12\x18\n" +
+	"\aversion\x18d \x01(\rR\aversion\x121\n" +
+	"\astorage\x18e \x01(\v2\x17.cml.v1.StorageSettingsR\astorage\x121\n" +
+	"\anetwork\x18f \x01(\v2\x17.cml.v1.NetworkSettingsR\anetwork\x12+\n" +
+	"\x05audit\x18g \x01(\v2\x15.cml.v1.AuditSettingsR\x05audit\x12.\n" +
+	"\x06remote\x18h \x01(\v2\x16.cml.v1.RemoteSettingsR\x06remote\"\x11\n" +
+	"\x0fStorageSettings\"\x11\n" +
+	"\x0fNetworkSettings\"\x0f\n" +
+	"\rAuditSettings\"\x10\n" +
+	"\x0eRemoteSettings\"\xd0\x03\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
@@ -3516,7 +3719,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 }
 
 var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 40)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
@@ -3528,118 +3731,126 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(*GuestOSMount)(nil),           // 7: cml.v1.GuestOSMount
 	(*GuestOSConfig)(nil),          // 8: cml.v1.GuestOSConfig
 	(*DeviceConfig)(nil),           // 9: cml.v1.DeviceConfig
-	(*Container)(nil),              // 10: cml.v1.Container
-	(*ContainerRef)(nil),           // 11: cml.v1.ContainerRef
-	(*ListRequest)(nil),            // 12: cml.v1.ListRequest
-	(*ListResponse)(nil),           // 13: cml.v1.ListResponse
-	(*CreateRequest)(nil),          // 14: cml.v1.CreateRequest
-	(*StopRequest)(nil),            // 15: cml.v1.StopRequest
-	(*KillRequest)(nil),            // 16: cml.v1.KillRequest
-	(*UpdateConfigRequest)(nil),    // 17: cml.v1.UpdateConfigRequest
-	(*Empty)(nil),                  // 18: cml.v1.Empty
-	(*ExecStart)(nil),              // 19: cml.v1.ExecStart
-	(*ExecRequest)(nil),            // 20: cml.v1.ExecRequest
-	(*Resize)(nil),                 // 21: cml.v1.Resize
-	(*ExecResponse)(nil),           // 22: cml.v1.ExecResponse
-	(*LogsRequest)(nil),            // 23: cml.v1.LogsRequest
-	(*LogsResponse)(nil),           // 24: cml.v1.LogsResponse
-	(*EventsRequest)(nil),          // 25: cml.v1.EventsRequest
-	(*Event)(nil),                  // 26: cml.v1.Event
-	(*GuestOS)(nil),                // 27: cml.v1.GuestOS
-	(*GuestOSListResponse)(nil),    // 28: cml.v1.GuestOSListResponse
-	(*GuestOSInstallRequest)(nil),  // 29: cml.v1.GuestOSInstallRequest
-	(*GuestOSInstallProgress)(nil), // 30: cml.v1.GuestOSInstallProgress
-	(*CA)(nil),                     // 31: cml.v1.CA
-	(*CAListResponse)(nil),         // 32: cml.v1.CAListResponse
-	(*CARegisterRequest)(nil),      // 33: cml.v1.CARegisterRequest
-	(*CARemoveRequest)(nil),        // 34: cml.v1.CARemoveRequest
-	(*CRLLoadRequest)(nil),         // 35: cml.v1.CRLLoadRequest
-	(*CRLLoadResponse)(nil),        // 36: cml.v1.CRLLoadResponse
-	(*GuestOSRemoveRequest)(nil),   // 37: cml.v1.GuestOSRemoveRequest
-	(*DeviceIdentity)(nil),         // 38: cml.v1.DeviceIdentity
-	(*DeviceCSRRequest)(nil),       // 39: cml.v1.DeviceCSRRequest
-	(*DeviceCSRResponse)(nil),      // 40: cml.v1.DeviceCSRResponse
-	(*DeviceCertRequest)(nil),      // 41: cml.v1.DeviceCertRequest
-	(*AttestRequest)(nil),          // 42: cml.v1.AttestRequest
-	(*PCRValue)(nil),               // 43: cml.v1.PCRValue
-	(*Attestation)(nil),            // 44: cml.v1.Attestation
+	(*StorageSettings)(nil),        // 10: cml.v1.StorageSettings
+	(*NetworkSettings)(nil),        // 11: cml.v1.NetworkSettings
+	(*AuditSettings)(nil),          // 12: cml.v1.AuditSettings
+	(*RemoteSettings)(nil),         // 13: cml.v1.RemoteSettings
+	(*Container)(nil),              // 14: cml.v1.Container
+	(*ContainerRef)(nil),           // 15: cml.v1.ContainerRef
+	(*ListRequest)(nil),            // 16: cml.v1.ListRequest
+	(*ListResponse)(nil),           // 17: cml.v1.ListResponse
+	(*CreateRequest)(nil),          // 18: cml.v1.CreateRequest
+	(*StopRequest)(nil),            // 19: cml.v1.StopRequest
+	(*KillRequest)(nil),            // 20: cml.v1.KillRequest
+	(*UpdateConfigRequest)(nil),    // 21: cml.v1.UpdateConfigRequest
+	(*Empty)(nil),                  // 22: cml.v1.Empty
+	(*ExecStart)(nil),              // 23: cml.v1.ExecStart
+	(*ExecRequest)(nil),            // 24: cml.v1.ExecRequest
+	(*Resize)(nil),                 // 25: cml.v1.Resize
+	(*ExecResponse)(nil),           // 26: cml.v1.ExecResponse
+	(*LogsRequest)(nil),            // 27: cml.v1.LogsRequest
+	(*LogsResponse)(nil),           // 28: cml.v1.LogsResponse
+	(*EventsRequest)(nil),          // 29: cml.v1.EventsRequest
+	(*Event)(nil),                  // 30: cml.v1.Event
+	(*GuestOS)(nil),                // 31: cml.v1.GuestOS
+	(*GuestOSListResponse)(nil),    // 32: cml.v1.GuestOSListResponse
+	(*GuestOSInstallRequest)(nil),  // 33: cml.v1.GuestOSInstallRequest
+	(*GuestOSInstallProgress)(nil), // 34: cml.v1.GuestOSInstallProgress
+	(*CA)(nil),                     // 35: cml.v1.CA
+	(*CAListResponse)(nil),         // 36: cml.v1.CAListResponse
+	(*CARegisterRequest)(nil),      // 37: cml.v1.CARegisterRequest
+	(*CARemoveRequest)(nil),        // 38: cml.v1.CARemoveRequest
+	(*CRLLoadRequest)(nil),         // 39: cml.v1.CRLLoadRequest
+	(*CRLLoadResponse)(nil),        // 40: cml.v1.CRLLoadResponse
+	(*GuestOSRemoveRequest)(nil),   // 41: cml.v1.GuestOSRemoveRequest
+	(*DeviceIdentity)(nil),         // 42: cml.v1.DeviceIdentity
+	(*DeviceCSRRequest)(nil),       // 43: cml.v1.DeviceCSRRequest
+	(*DeviceCSRResponse)(nil),      // 44: cml.v1.DeviceCSRResponse
+	(*DeviceCertRequest)(nil),      // 45: cml.v1.DeviceCertRequest
+	(*AttestRequest)(nil),          // 46: cml.v1.AttestRequest
+	(*PCRValue)(nil),               // 47: cml.v1.PCRValue
+	(*Attestation)(nil),            // 48: cml.v1.Attestation
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
 	1,  // 1: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
 	6,  // 2: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
 	7,  // 3: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
-	3,  // 4: cml.v1.Container.state:type_name -> cml.v1.ContainerState
-	2,  // 5: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
-	10, // 6: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
-	5,  // 7: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
-	5,  // 8: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
-	19, // 9: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
-	21, // 10: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
-	10, // 11: cml.v1.Event.container:type_name -> cml.v1.Container
-	2,  // 12: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
-	27, // 13: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
-	27, // 14: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
-	31, // 15: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
-	4,  // 16: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
-	43, // 17: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
-	12, // 18: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	14, // 19: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	11, // 20: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	11, // 21: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	15, // 22: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	16, // 23: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	11, // 24: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	11, // 25: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	17, // 26: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	11, // 27: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	11, // 28: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	20, // 29: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	23, // 30: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	25, // 31: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	18, // 32: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	29, // 33: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	37, // 34: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	18, // 35: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	33, // 36: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	34, // 37: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	35, // 38: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	18, // 39: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
-	39, // 40: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
-	41, // 41: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
-	18, // 42: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
-	42, // 43: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
-	13, // 44: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	10, // 45: cml.v1.Control.Create:output_type -> cml.v1.Container
-	18, // 46: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	10, // 47: cml.v1.Control.Start:output_type -> cml.v1.Container
-	10, // 48: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	18, // 49: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	10, // 50: cml.v1.Control.State:output_type -> cml.v1.Container
-	5,  // 51: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	10, // 52: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	10, // 53: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	10, // 54: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	22, // 55: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	24, // 56: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	26, // 57: cml.v1.Control.Events:output_type -> cml.v1.Event
-	28, // 58: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	30, // 59: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	18, // 60: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	32, // 61: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	31, // 62: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	31, // 63: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	36, // 64: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	38, // 65: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	40, // 66: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	38, // 67: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	38, // 68: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	44, // 69: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	44, // [44:70] is the sub-list for method output_type
-	18, // [18:44] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	10, // 4: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
+	11, // 5: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
+	12, // 6: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
+	13, // 7: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
+	3,  // 8: cml.v1.Container.state:type_name -> cml.v1.ContainerState
+	2,  // 9: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
+	14, // 10: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
+	5,  // 11: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
+	5,  // 12: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
+	23, // 13: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
+	25, // 14: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
+	14, // 15: cml.v1.Event.container:type_name -> cml.v1.Container
+	2,  // 16: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
+	31, // 17: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
+	31, // 18: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
+	35, // 19: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
+	4,  // 20: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
+	47, // 21: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
+	16, // 22: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	18, // 23: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	15, // 24: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	15, // 25: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	19, // 26: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	20, // 27: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	15, // 28: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	15, // 29: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	21, // 30: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	15, // 31: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	15, // 32: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	24, // 33: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	27, // 34: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	29, // 35: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	22, // 36: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	33, // 37: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	41, // 38: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	22, // 39: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	37, // 40: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	38, // 41: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	39, // 42: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	22, // 43: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	43, // 44: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	45, // 45: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	22, // 46: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	46, // 47: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	17, // 48: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	14, // 49: cml.v1.Control.Create:output_type -> cml.v1.Container
+	22, // 50: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	14, // 51: cml.v1.Control.Start:output_type -> cml.v1.Container
+	14, // 52: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	22, // 53: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	14, // 54: cml.v1.Control.State:output_type -> cml.v1.Container
+	5,  // 55: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	14, // 56: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	14, // 57: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	14, // 58: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	26, // 59: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	28, // 60: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	30, // 61: cml.v1.Control.Events:output_type -> cml.v1.Event
+	32, // 62: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	34, // 63: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	22, // 64: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	36, // 65: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	35, // 66: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	35, // 67: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	40, // 68: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	42, // 69: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	44, // 70: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	42, // 71: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	42, // 72: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	48, // 73: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	48, // [48:74] is the sub-list for method output_type
+	22, // [22:48] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -3647,13 +3858,13 @@ func file_api_cml_v1_cml_proto_init() {
 	if File_api_cml_v1_cml_proto != nil {
 		return
 	}
-	file_api_cml_v1_cml_proto_msgTypes[15].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[19].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinEof)(nil),
 		(*ExecRequest_Resize)(nil),
 	}
-	file_api_cml_v1_cml_proto_msgTypes[17].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[21].OneofWrappers = []any{
 		(*ExecResponse_Stdout)(nil),
 		(*ExecResponse_Stderr)(nil),
 		(*ExecResponse_ExitStatus)(nil),
@@ -3664,7 +3875,7 @@ func file_api_cml_v1_cml_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   40,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
