@@ -5,7 +5,6 @@
 package bench
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"os"
@@ -13,13 +12,10 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
-	"github.com/cmlproject/cml/internal/oci"
 	"github.com/cmlproject/cml/internal/rootfs"
-	"github.com/cmlproject/cml/internal/seccomp"
 )
 
 // Options for Run.
@@ -113,124 +109,13 @@ func Run(o Options, w io.Writer) error {
 		return err
 	}
 
-	fmt.Fprintf(w, "container start latency, signed busybox guest OS, %d runs each (config signature and full image verity check before each start; user namespace, seccomp, cgroup limits)\n", o.Runs)
-	var cml []time.Duration
-	for i := 0; i < o.Runs; i++ {
-		t0 := time.Now()
-		if err := ctl("start", "bench"); err != nil {
-			return err
-		}
-		cml = append(cml, time.Since(t0))
-		if err := ctl("stop", "bench"); err != nil {
-			return err
-		}
-	}
-	bare, err := bareRunc(tmp, gos, o.Runs)
-	if err != nil {
-		return err
-	}
-	mc, mb := median(cml), median(bare)
-	fmt.Fprintf(w, "  (a) cmlctl start (until init runs)   median %7.1f ms\n", ms(mc))
-	fmt.Fprintf(w, "  (b) bare runc run --detach           median %7.1f ms\n", ms(mb))
-	fmt.Fprintf(w, "  ratio a/b                            %7.2f   (goal <= 1.5)\n", float64(mc)/float64(mb))
-
-	// Concurrency: N containers started at once.
-	var names []string
-	for i := 0; i < o.Parallel; i++ {
-		n := fmt.Sprintf("par%d", i)
-		if err := ctl("create", conf(n)); err != nil {
-			return err
-		}
-		names = append(names, n)
-	}
-	lat := make([]time.Duration, len(names))
-	var wg sync.WaitGroup
-	var firstErr error
-	var mu sync.Mutex
-	for i, n := range names {
-		wg.Add(1)
-		go func(i int, n string) {
-			defer wg.Done()
-			t0 := time.Now()
-			err := ctl("start", n)
-			lat[i] = time.Since(t0)
-			if err != nil {
-				mu.Lock()
-				firstErr = err
-				mu.Unlock()
-			}
-		}(i, n)
-	}
-	wg.Wait()
-	if firstErr != nil {
-		return firstErr
-	}
-	fmt.Fprintf(w, "  %d containers started at once         median %7.1f ms, max %.1f ms\n", len(names), ms(median(lat)), ms(maxOf(lat)))
-	for _, n := range names {
-		ctl("stop", n)
-	}
-	return nil
-}
-
-// bareRunc runs an equivalent bundle with runc directly: the same image
-// and overlay, the same isolation spec, no daemon.
-func bareRunc(tmp, gos string, runs int) ([]time.Duration, error) {
-	dir := filepath.Join(tmp, "bare")
-	if err := os.MkdirAll(dir, 0o711); err != nil {
-		return nil, err
-	}
-	rfs, err := rootfs.Mount(filepath.Join(dir, "mnt"), rootfs.Request{Image: filepath.Join(gos, "root.img"), FSType: "erofs", UIDBase: 1100000, IDCount: 65536, DataDir: filepath.Join(dir, "data")})
-	if err != nil {
-		return nil, err
-	}
-	spec := oci.Spec(oci.SpecOptions{
-		Hostname: "bare", Rootfs: rfs, Args: []string{"/sbin/init"}, Env: []string{"PATH=/bin:/sbin"},
-		UIDBase: 1100000, IDCount: 65536, NetNS: true, MemoryBytes: 64 << 20, PidsLimit: 1024,
-		Capabilities: oci.DefaultCapabilities, Seccomp: seccomp.Default(seccomp.Options{}), CgroupsPath: "/cmlbench/bare",
-	})
-	bundle := filepath.Join(dir, "bundle")
-	if err := oci.WriteBundle(bundle, spec); err != nil {
-		return nil, err
-	}
-	rt := &oci.Runtime{Binary: "runc", Root: filepath.Join(dir, "runc")}
-	ctx := context.Background()
-	devnull, _ := os.OpenFile(os.DevNull, os.O_RDWR, 0)
-	defer devnull.Close()
-	var out []time.Duration
-	for i := 0; i < runs; i++ {
-		id := fmt.Sprintf("bare%d", i)
-		t0 := time.Now()
-		cmd := exec.Command("runc", "--root", rt.Root, "run", "--detach", "--bundle", bundle, id)
-		// A file, not a pipe: the detached init inherits it and would keep
-		// a pipe open past runc's exit.
-		errf, _ := os.CreateTemp(dir, "stderr-")
-		cmd.Stdin, cmd.Stdout, cmd.Stderr = devnull, devnull, errf
-		err := cmd.Run()
-		errf.Close()
-		if err != nil {
-			b, _ := os.ReadFile(errf.Name())
-			return nil, fmt.Errorf("bare runc run: %v: %s", err, strings.TrimSpace(string(b)))
-		}
-		out = append(out, time.Since(t0))
-		rt.Delete(ctx, id, true)
-	}
-	return out, nil
+	return startLatency(w, tmp, gos, ctl, conf, sock, o)
 }
 
 func median(d []time.Duration) time.Duration {
 	s := append([]time.Duration(nil), d...)
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	return s[len(s)/2]
-}
-
-func maxOf(d []time.Duration) time.Duration {
-	m := d[0]
-	for _, x := range d {
-		if x > m {
-			m = x
-		}
-	}
-	return m
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -93,12 +93,20 @@ func (m *Manager) Start(ctx context.Context, ref string, so StartOptions) (*cmlv
 func (m *Manager) start(ctx context.Context, c *Container, gen uint64, s *Start) (_ *run, err error) {
 	defer s.finish()
 	rdir := s.RunDir
-	// Clear anything a previous run left (the recovery sweep normally has).
-	if err := m.o.Runtime.Delete(ctx, c.uuid, true); err != nil {
-		return nil, fmt.Errorf("container %s: %w", s.Name, err)
-	}
-	if err := m.releaseStages(ctx, c.uuid, m.o.Stages, nil); err != nil {
-		return nil, fmt.Errorf("container %s: clear previous run: %w", s.Name, err)
+	m.mu.Lock()
+	dirty := c.dirty
+	m.mu.Unlock()
+	if dirty {
+		// The last run's release failed: clear what it left first. (A
+		// clean previous run was released by its exit watcher, and
+		// recovery sweeps after a daemon restart, so the common start
+		// pays for no runtime call here.)
+		if err := m.release(ctx, c.uuid, nil); err != nil {
+			return nil, fmt.Errorf("container %s: clear previous run: %w", s.Name, err)
+		}
+		m.mu.Lock()
+		c.dirty = false
+		m.mu.Unlock()
 	}
 	os.RemoveAll(rdir)
 	if err := os.MkdirAll(rdir, 0o711); err != nil {
@@ -112,10 +120,16 @@ func (m *Manager) start(ctx context.Context, c *Container, gen uint64, s *Start)
 	defer func() {
 		if err != nil {
 			bg := context.WithoutCancel(ctx)
+			var rerr error
 			if runStarted {
-				m.o.Runtime.Delete(bg, c.uuid, true)
+				rerr = m.o.Runtime.Delete(bg, c.uuid, true)
 			}
-			m.releaseStages(bg, c.uuid, m.o.Stages, records)
+			if err := m.releaseStages(bg, c.uuid, m.o.Stages, records); err != nil || rerr != nil {
+				m.o.Log.Warn("release after a failed start", "container", s.Name, "err", errors.Join(rerr, err))
+				m.mu.Lock()
+				c.dirty = true
+				m.mu.Unlock()
+			}
 			os.RemoveAll(rdir)
 		}
 	}()
@@ -398,6 +412,9 @@ func (m *Manager) watch(c *Container, r *run, console *os.File) {
 		if c.gen == r.gen {
 			c.run = nil
 			c.exit, c.exited = exit, true
+		}
+		if err != nil {
+			c.dirty = true
 		}
 		if err != nil {
 			m.updateLocked(c, r.gen, Failed, "release after exit: "+err.Error())

@@ -93,6 +93,7 @@ type Container struct {
 	reason  string
 	gen     uint64 // run generation: each start begins a new one
 	removed bool
+	dirty   bool // a release failed: the next start clears up first
 	run     *run // non-nil while the container has runtime state
 	exit    reaper.Exit
 	exited  bool // exit is of a previous run

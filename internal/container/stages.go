@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sync"
 
@@ -53,27 +54,45 @@ func (v *VerifyStage) Prepare(ctx context.Context, s *Start) (any, error) {
 		}
 		return err
 	}
-	text, err := v.Configs.Recheck(s.Dir, s.Name, s.Config, s.Trust, s.Accepted)
-	if err != nil {
-		return nil, refuse(err)
+	// The config and the image are independent checks: run them at once.
+	type checked struct {
+		text []byte
+		err  error
 	}
-	s.GuestOS, s.ConfigText = g, text
+	cfgDone := make(chan checked, 1)
+	go func() {
+		text, err := v.Configs.Recheck(s.Dir, s.Name, s.Config, s.Trust, s.Accepted)
+		cfgDone <- checked{text, err}
+	}()
+	var (
+		rec   any
+		image string
+		undo  func()
+		ierr  error
+	)
 	if v.GuestOS.UsesDMVerity() {
 		name := verityName(s.ID)
-		img, err := v.GuestOS.OpenVerity(ctx, g, name)
-		if err != nil {
-			return nil, refuse(err)
+		image, ierr = v.GuestOS.OpenVerity(ctx, g, name)
+		rec, undo = verifyRecord{Verity: name}, func() { guestos.CloseVerity(name) }
+	} else {
+		var f *os.File
+		if f, ierr = v.GuestOS.Check(ctx, g); ierr == nil {
+			image, undo = fmt.Sprintf("/proc/self/fd/%d", f.Fd()), func() { f.Close() }
+			s.OnDone(func() { f.Close() })
 		}
-		s.Image = img
-		return verifyRecord{Verity: name}, nil
 	}
-	f, err := v.GuestOS.Check(ctx, g)
-	if err != nil {
-		return nil, refuse(err)
+	cfg := <-cfgDone
+	if cfg.err != nil {
+		if ierr == nil {
+			undo()
+		}
+		return nil, refuse(cfg.err)
 	}
-	s.OnDone(func() { f.Close() })
-	s.Image = fmt.Sprintf("/proc/self/fd/%d", f.Fd())
-	return nil, nil
+	if ierr != nil {
+		return nil, refuse(ierr)
+	}
+	s.GuestOS, s.ConfigText, s.Image = g, cfg.text, image
+	return rec, nil
 }
 
 // Release implements Stage: it closes the dm-verity mapping, if any.

@@ -124,11 +124,10 @@ func mountImage(image, fstype, target string) error {
 // file owners by base (TSF-ISO: each container sees its image owned by its
 // own root, and no two containers share an id).
 func idmapClone(src, dst string, base, count uint32) error {
-	nsfd, err := usernsFD(base, count)
+	nsfd, err := userns(base, count)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(nsfd)
 	tree, err := unix.OpenTree(unix.AT_FDCWD, src, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("open_tree: %w", err)

@@ -5,9 +5,49 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
+
+// namespaces caches one user namespace per id range: making one costs a
+// clone of the daemon (about a millisecond with a large heap) at every
+// start, and the namespace holds no process, only the mapping. A
+// container's range never changes while it exists, and the ranges are
+// bounded by the number of container slots.
+var namespaces struct {
+	sync.Mutex
+	fds map[[2]uint32]int
+}
+
+// userns returns a (cached) user namespace fd mapping 0..count-1 to
+// base..base+count-1. The caller must not close it.
+func userns(base, count uint32) (int, error) {
+	key := [2]uint32{base, count}
+	namespaces.Lock()
+	fd, ok := namespaces.fds[key]
+	namespaces.Unlock()
+	if ok {
+		return fd, nil
+	}
+	// Made without the lock: other containers' starts do not wait for
+	// this clone. Two starts racing for one range keep the first fd.
+	fd, err := usernsFD(base, count)
+	if err != nil {
+		return -1, err
+	}
+	namespaces.Lock()
+	defer namespaces.Unlock()
+	if have, ok := namespaces.fds[key]; ok {
+		unix.Close(fd)
+		return have, nil
+	}
+	if namespaces.fds == nil {
+		namespaces.fds = map[[2]uint32]int{}
+	}
+	namespaces.fds[key] = fd
+	return fd, nil
+}
 
 // usernsFD returns an fd of a new user namespace mapping 0..count-1 to
 // base..base+count-1, for idmapped mounts.
