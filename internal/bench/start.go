@@ -123,17 +123,7 @@ func startLatency(w io.Writer, tmp, gos string, ctl func(...string) error, conf 
 		fmt.Fprintf(w, "  a faster than podman start in %d of %d rounds; a/d median ratio %.2f\n", faster, o.Runs, medianRatio(times[0], times[3]))
 	}
 	// Where (a)'s time goes.
-	var parts []string
-	for _, st := range []string{"verify", "devices", "rootfs", "measure", "bundle", "runtime"} {
-		var ds []time.Duration
-		for _, m := range stages {
-			ds = append(ds, m[st])
-		}
-		if len(ds) > 0 {
-			parts = append(parts, fmt.Sprintf("%s %.1f", st, ms(median(ds))))
-		}
-	}
-	fmt.Fprintf(w, "  (a) per stage, median ms: %s; the runtime's share is runc run itself (bare: %.1f)\n", strings.Join(parts, ", "), ms(median(times[1])))
+	fmt.Fprintf(w, "  (a) per stage, median ms: %s; the runtime's share is runc run itself (bare: %.1f)\n", perStage(stages), ms(median(times[1])))
 
 	// Concurrency: N starts at once through the API against N bare runc
 	// runs at once, interleaved by round.
@@ -148,10 +138,19 @@ func startLatency(w io.Writer, tmp, gos string, ctl func(...string) error, conf 
 	}
 	rounds := max(3, o.Runs/4)
 	var apiAll, bareAll []time.Duration
+	var parStages []map[string]time.Duration
 	for r := 0; r < rounds; r++ {
-		d, err := together(n, func(i int) error { _, err := api.Start(ctx, ref(names[i])); return err })
+		uuids := make([]string, n)
+		d, err := together(n, func(i int) error {
+			c, err := api.Start(ctx, ref(names[i]))
+			uuids[i] = c.GetUuid()
+			return err
+		})
 		if err != nil {
 			return fmt.Errorf("concurrent API starts: %w", err)
+		}
+		for _, id := range uuids {
+			parStages = append(parStages, runTimings(filepath.Join(tmp, "run", "containers", id, "run.json")))
 		}
 		apiAll = append(apiAll, d)
 		together(n, func(i int) error { stop(names[i]); return nil })
@@ -165,7 +164,23 @@ func startLatency(w io.Writer, tmp, gos string, ctl func(...string) error, conf 
 	fmt.Fprintf(w, "  %d starts at once through the API, all running after   median %7.1f ms\n", n, ms(median(apiAll)))
 	fmt.Fprintf(w, "  %d bare runc runs at once, all running after           median %7.1f ms\n", n, ms(median(bareAll)))
 	fmt.Fprintf(w, "  ratio, median of %d per-round ratios                   %7.2f   goal <= 1.3\n", rounds, medianRatio(apiAll, bareAll))
+	fmt.Fprintf(w, "  concurrent API starts per stage, median ms: %s\n", perStage(parStages))
 	return nil
+}
+
+// perStage formats the median time of each stage over runs.
+func perStage(runs []map[string]time.Duration) string {
+	var parts []string
+	for _, st := range []string{"verify", "devices", "rootfs", "measure", "bundle", "runtime"} {
+		var ds []time.Duration
+		for _, m := range runs {
+			ds = append(ds, m[st])
+		}
+		if len(ds) > 0 {
+			parts = append(parts, fmt.Sprintf("%s %.1f", st, ms(median(ds))))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 // together runs f(0..n-1) at once and returns how long until all ended.
