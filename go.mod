@@ -6,8 +6,8 @@ require (
 	github.com/creack/pty v1.1.24
 	github.com/google/go-cmp v0.7.0
 	github.com/google/go-containerregistry v0.20.6
-	github.com/google/go-tpm v0.9.5
-	github.com/google/go-tpm-tools v0.4.5
+	github.com/google/go-tpm v0.9.8
+	github.com/google/go-tpm-tools v0.4.7
 	github.com/google/uuid v1.6.0
 	github.com/miekg/pkcs11 v1.1.1
 	github.com/opencontainers/runtime-spec v1.2.1
@@ -22,7 +22,7 @@ require (
 	github.com/containerd/stargz-snapshotter/estargz v0.16.3 // indirect
 	github.com/google/go-configfs-tsm v0.3.3-0.20240919001351-b4b5b84fdcbc // indirect
 	github.com/google/go-eventlog v0.0.2-0.20241003021507-01bb555f7cba // indirect
-	github.com/google/go-sev-guest v0.12.1 // indirect
+	github.com/google/go-sev-guest v0.14.0 // indirect
 	github.com/google/go-tdx-guest v0.3.2-0.20241009005452-097ee70d0843 // indirect
 	github.com/google/logger v1.1.1 // indirect
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
