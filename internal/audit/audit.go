@@ -39,6 +39,10 @@ type Event struct {
 	Outcome   string    `json:"outcome"`           // Success or Failure
 	Reason    string    `json:"reason,omitempty"`  // why it failed, or what happened
 	Details   string    `json:"details,omitempty"` // extra context, never secrets
+	// ExitCode and ExitSignal say how a container's init ended: an exit
+	// code (exit 130 is code 130) or the signal that killed it, never both.
+	ExitCode   *int `json:"exit_code,omitempty"`
+	ExitSignal int  `json:"exit_signal,omitempty"`
 }
 
 // Recorder takes audit events. Record must not block for long; a sink that

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/oci"
@@ -423,7 +424,13 @@ func (m *Manager) watch(c *Container, r *run, console *os.File) {
 		}
 		name := c.cfg.GetName()
 		m.mu.Unlock()
-		m.record(ctx, "container.exit", c.uuid, name, err, reason)
+		e := audit.Event{Type: "container", Operation: "container.exit", Object: name + "/" + c.uuid, Outcome: audit.Success, Reason: reason}
+		if exit.Known && exit.Signal != 0 {
+			e.ExitSignal = int(exit.Signal)
+		} else if exit.Known {
+			e.ExitCode = &exit.Code
+		}
+		m.recordEvent(ctx, e, err)
 		close(r.done)
 	}()
 }

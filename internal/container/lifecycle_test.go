@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/errdefs"
 )
 
@@ -77,6 +78,23 @@ func TestExitCodeAndSignalStayApart(t *testing.T) {
 		c, _ := f.m.State("a")
 		if c.GetExitStatus() != tc.status || c.GetExitSignal() != tc.signal || !strings.Contains(c.GetReason(), tc.reason) {
 			t.Errorf("%+v: status %d signal %d reason %q", tc.exit, c.GetExitStatus(), c.GetExitSignal(), c.GetReason())
+		}
+		// The audit record keeps them apart too.
+		var last audit.Event
+		for i := 0; i < 200 && last.Operation != "container.exit"; i++ {
+			f.audit.mu.Lock()
+			if n := len(f.audit.events); n > 0 {
+				last = f.audit.events[n-1]
+			}
+			f.audit.mu.Unlock()
+			time.Sleep(time.Millisecond)
+		}
+		code := -1
+		if last.ExitCode != nil {
+			code = *last.ExitCode
+		}
+		if int32(code) != tc.status || int32(last.ExitSignal) != tc.signal {
+			t.Errorf("%+v: audit exit_code %d exit_signal %d", tc.exit, code, last.ExitSignal)
 		}
 	}
 }

@@ -588,7 +588,11 @@ func (m *Manager) GuestOSUsers(name string, version uint64) []string {
 // subject is the caller in ctx, when a request caused the event. Its error
 // is returned so that an operation that must be audited can fail closed.
 func (m *Manager) record(ctx context.Context, op, id, name string, err error, reason string) error {
-	e := audit.Event{Type: "container", Operation: op, Subject: audit.SubjectFrom(ctx), Object: name + "/" + id, Outcome: audit.Success, Reason: reason}
+	return m.recordEvent(ctx, audit.Event{Type: "container", Operation: op, Subject: audit.SubjectFrom(ctx), Object: name + "/" + id, Outcome: audit.Success, Reason: reason}, err)
+}
+
+func (m *Manager) recordEvent(ctx context.Context, e audit.Event, err error) error {
+	op := e.Operation
 	if err != nil {
 		e.Outcome = audit.Failure
 		e.Reason = err.Error()
