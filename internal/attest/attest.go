@@ -25,7 +25,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/go-tpm-tools/cel"
 	"github.com/google/go-tpm/legacy/tpm2"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
@@ -334,7 +333,7 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 
 // parseRecord checks that a record's digest is the hash of its content
 // (the TLV encoding, as the device extended it) and parses the content.
-func parseRecord(r cel.Record, parsed map[string]measurelog.Event) (measurelog.Event, error) {
+func parseRecord(r measurelog.Record, parsed map[string]measurelog.Event) (measurelog.Event, error) {
 	b, err := r.Content.MarshalBinary()
 	if err != nil {
 		return measurelog.Event{}, err

@@ -18,13 +18,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-tpm-tools/cel"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/device"
+	"github.com/cmlproject/cml/internal/measurelog"
 	"github.com/cmlproject/cml/internal/sign"
 	"github.com/cmlproject/cml/internal/testutil"
 	"github.com/cmlproject/cml/internal/tpm"
@@ -164,17 +164,17 @@ func TestVerifyRejectsAttacks(t *testing.T) {
 	}
 	old := f.attest(t, []byte("older-nonce-0000"))
 	log, _ := tpm.DecodeLog(good.GetEventLog())
-	encode := func(recs []cel.Record) []byte {
+	encode := func(recs []measurelog.Record) []byte {
 		var b bytes.Buffer
-		(&cel.CEL{Records: recs}).EncodeCEL(&b)
+		(&measurelog.Log{Records: recs}).EncodeCEL(&b)
 		return b.Bytes()
 	}
 	// A forged record with a correct digest for its own content.
-	forged := cel.CEL{}
+	forged := measurelog.Log{}
 	ev := tpm.Event{Container: "evil", Name: "evil", GuestOS: "busybox", Version: 3, VerityRoot: rootA}
 	d, _ := ev.GenerateDigest(crypto.SHA256)
 	tlv, _ := ev.GetTLV()
-	forged.Records = append(forged.Records, cel.Record{RecNum: 99, Index: tpm.DefaultPCR, IndexType: cel.PCRTypeValue, Digests: map[crypto.Hash][]byte{crypto.SHA256: d}, Content: tlv})
+	forged.Records = append(forged.Records, measurelog.Record{RecNum: 99, Index: tpm.DefaultPCR, IndexType: measurelog.PCRTypeValue, Digests: map[crypto.Hash][]byte{crypto.SHA256: d}, Content: tlv})
 
 	otherCA := testutil.NewPKI(t, "ecdsa-p256", "other fleet")
 	cases := []struct {
@@ -188,11 +188,11 @@ func TestVerifyRejectsAttacks(t *testing.T) {
 		}, nonce, "nonce"},
 		{"wrong nonce", nil, []byte("another-nonce-00"), "nonce"},
 		{"event inserted", func(a *cmlv1.Attestation) {
-			a.EventLog = encode(append([]cel.Record{log.Records[0], forged.Records[0]}, log.Records[1:]...))
+			a.EventLog = encode(append([]measurelog.Record{log.Records[0], forged.Records[0]}, log.Records[1:]...))
 		}, nonce, "log"},
 		{"event removed", func(a *cmlv1.Attestation) { a.EventLog = encode(log.Records[1:]) }, nonce, "log"},
 		{"events reordered", func(a *cmlv1.Attestation) {
-			r := append([]cel.Record{}, log.Records...)
+			r := append([]measurelog.Record{}, log.Records...)
 			r[0], r[1] = r[1], r[0]
 			a.EventLog = encode(r)
 		}, nonce, "log"},

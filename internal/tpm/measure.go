@@ -21,7 +21,6 @@ import (
 	"os"
 	"sync"
 
-	"github.com/google/go-tpm-tools/cel"
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
 
@@ -54,7 +53,7 @@ type Measurer struct {
 	pcr     int
 	logPath string
 	mu      sync.Mutex
-	log     cel.CEL
+	log     measurelog.Log
 	resets  int
 }
 
@@ -69,7 +68,7 @@ func NewMeasurer(rw io.ReadWriteCloser, pcr int, logPath string) (*Measurer, err
 		return nil, err
 	}
 	if len(b) > 0 {
-		if m.log, err = cel.DecodeToCEL(bytes.NewBuffer(b)); err != nil {
+		if m.log, err = measurelog.DecodeLog(b); err != nil {
 			return nil, fmt.Errorf("measurement log %s: %w", logPath, err)
 		}
 	}
@@ -93,7 +92,7 @@ func (m *Measurer) sync() (reset bool, err error) {
 		return false, nil
 	}
 	if !bytes.Equal(cur, make([]byte, sha256.Size)) {
-		if n := len(m.log.Records); n > 0 && bytes.Equal(Replay(cel.CEL{Records: m.log.Records[:n-1]}, m.pcr), cur) {
+		if n := len(m.log.Records); n > 0 && bytes.Equal(Replay(measurelog.Log{Records: m.log.Records[:n-1]}, m.pcr), cur) {
 			// The log is written ahead of the PCR: its last record never
 			// reached the TPM (cmld died, or the extend failed, in between).
 			// Drop that record; the start it describes did not happen.
@@ -112,7 +111,7 @@ func (m *Measurer) sync() (reset bool, err error) {
 	if err := os.Rename(m.logPath, m.logPath+".old"); err != nil {
 		return false, err
 	}
-	m.log = cel.CEL{}
+	m.log = measurelog.Log{}
 	m.resets++
 	return true, nil
 }
@@ -203,25 +202,25 @@ func (m *Measurer) Measure(ctx context.Context, e Event) error {
 	return nil
 }
 
-type celRecord = cel.Record
+type celRecord = measurelog.Record
 
 // record builds the log record for e as the next one.
-func (m *Measurer) record(e Event) (cel.Record, error) {
+func (m *Measurer) record(e Event) (measurelog.Record, error) {
 	digest, err := e.GenerateDigest(crypto.SHA256)
 	if err != nil {
-		return cel.Record{}, err
+		return measurelog.Record{}, err
 	}
 	tlv, err := e.GetTLV()
 	if err != nil {
-		return cel.Record{}, err
+		return measurelog.Record{}, err
 	}
-	return cel.Record{RecNum: uint64(len(m.log.Records)), Index: uint8(m.pcr), IndexType: cel.PCRTypeValue,
+	return measurelog.Record{RecNum: uint64(len(m.log.Records)), Index: uint8(m.pcr), IndexType: measurelog.PCRTypeValue,
 		Digests: map[crypto.Hash][]byte{crypto.SHA256: digest}, Content: tlv}, nil
 }
 
 // rewrite replaces the log with records, atomically.
-func (m *Measurer) rewrite(records []cel.Record) error {
-	l := cel.CEL{Records: records}
+func (m *Measurer) rewrite(records []measurelog.Record) error {
+	l := measurelog.Log{Records: records}
 	var buf bytes.Buffer
 	if err := l.EncodeCEL(&buf); err != nil {
 		return err
