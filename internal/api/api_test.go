@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 
 	"google.golang.org/grpc"
@@ -16,28 +15,13 @@ import (
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/audit"
+	"github.com/cmlproject/cml/internal/audittest"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/oci"
 )
 
-type memAudit struct {
-	mu     sync.Mutex
-	events []audit.Event
-	fail   error
-}
-
-func (a *memAudit) Record(_ context.Context, e audit.Event) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.fail != nil {
-		return a.fail
-	}
-	a.events = append(a.events, e)
-	return nil
-}
-
-func newServer() (*Server, *memAudit, *bytes.Buffer) {
-	a := &memAudit{}
+func newServer() (*Server, *audittest.Recorder, *bytes.Buffer) {
+	a := &audittest.Recorder{}
 	var log bytes.Buffer
 	return &Server{Audit: a, Log: slog.New(slog.NewTextHandler(&log, nil))}, a, &log
 }
@@ -92,16 +76,16 @@ func TestInterceptorAuditsPlainReasons(t *testing.T) {
 	call(s, context.Background(), "/cml.v1.Control/Start", ref, func(context.Context, any) (any, error) {
 		return nil, errdefs.FailedPrecondition("container web is RUNNING")
 	})
-	if len(a.events) != 1 {
-		t.Fatalf("%d records", len(a.events))
+	if len(a.Events()) != 1 {
+		t.Fatalf("%d records", len(a.Events()))
 	}
-	e := a.events[0]
+	e := a.Events()[0]
 	if e.Operation != "control.Start" || e.Object != "web" || e.Outcome != audit.Failure || e.Reason != "container web is RUNNING" {
 		t.Errorf("record %+v", e)
 	}
 	// Queries are not audited.
 	call(s, context.Background(), "/cml.v1.Control/List", &cmlv1.ListRequest{}, func(context.Context, any) (any, error) { return nil, nil })
-	if len(a.events) != 1 {
+	if len(a.Events()) != 1 {
 		t.Error("a query was audited")
 	}
 }
@@ -111,7 +95,7 @@ func TestInterceptorAuditsPlainReasons(t *testing.T) {
 // running until a record can be written again.
 func TestInterceptorFailsClosedOnAudit(t *testing.T) {
 	s, a, _ := newServer()
-	a.fail = errors.New("no space left on device")
+	a.Fail(errors.New("no space left on device"))
 	ran := 0
 	h := func(context.Context, any) (any, error) { ran++; return &cmlv1.Empty{}, nil }
 	ref := &cmlv1.ContainerRef{NameOrUuid: ptr("web")}
@@ -127,12 +111,12 @@ func TestInterceptorFailsClosedOnAudit(t *testing.T) {
 	if err := call(s, context.Background(), "/cml.v1.Control/State", ref, h); err != nil {
 		t.Errorf("query refused: %v", err)
 	}
-	a.fail = nil
+	a.Fail(nil)
 	if err := call(s, context.Background(), "/cml.v1.Control/Remove", ref, h); err != nil {
 		t.Errorf("after the trail recovered: %v", err)
 	}
-	if a.events[0].Outcome != "requested" {
-		t.Errorf("recovery record %+v", a.events[0])
+	if a.Events()[0].Outcome != "requested" {
+		t.Errorf("recovery record %+v", a.Events()[0])
 	}
 }
 

@@ -16,7 +16,7 @@ import (
 	"time"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
-	"github.com/cmlproject/cml/internal/audit"
+	"github.com/cmlproject/cml/internal/audittest"
 	"github.com/cmlproject/cml/internal/containertest"
 	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/testutil"
@@ -24,39 +24,6 @@ import (
 	"github.com/cmlproject/cml/internal/trust"
 	"github.com/cmlproject/cml/internal/verity"
 )
-
-// memAudit keeps audit events in memory and fails on demand.
-type memAudit struct {
-	mu     sync.Mutex
-	events []audit.Event
-	fail   error
-}
-
-func (a *memAudit) Record(_ context.Context, e audit.Event) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.fail != nil {
-		return a.fail
-	}
-	a.events = append(a.events, e)
-	return nil
-}
-
-func (a *memAudit) setFail(err error) {
-	a.mu.Lock()
-	a.fail = err
-	a.mu.Unlock()
-}
-
-func (a *memAudit) ops() []string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	var out []string
-	for _, e := range a.events {
-		out = append(out, e.Operation+" "+e.Outcome)
-	}
-	return out
-}
 
 // fakeTPM records measurements.
 type fakeTPM struct {
@@ -169,7 +136,7 @@ type fixture struct {
 	t      *testing.T
 	m      *Manager
 	rt     *containertest.Runtime
-	audit  *memAudit
+	audit  *audittest.Recorder
 	tpm    *fakeTPM
 	probe  *probe // between devices and measure, where rootfs would be
 	events <-chan *cmlv1.Event
@@ -195,7 +162,7 @@ func newFixture(t *testing.T) *fixture {
 	if _, err := store.Install(t.Context(), guestOSBundle(t, p), nil); err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{t: t, rt: containertest.New(), audit: &memAudit{}, tpm: &fakeTPM{}, probe: newProbe("probe")}
+	f := &fixture{t: t, rt: containertest.New(), audit: &audittest.Recorder{}, tpm: &fakeTPM{}, probe: newProbe("probe")}
 	configs := Acceptor{Trust: ts}
 	f.m, err = New(Options{
 		StateDir: filepath.Join(state, "containers"),

@@ -82,11 +82,9 @@ func TestExitCodeAndSignalStayApart(t *testing.T) {
 		// The audit record keeps them apart too.
 		var last audit.Event
 		for i := 0; i < 200 && last.Operation != "container.exit"; i++ {
-			f.audit.mu.Lock()
-			if n := len(f.audit.events); n > 0 {
-				last = f.audit.events[n-1]
+			if evs := f.audit.Events(); len(evs) > 0 {
+				last = evs[len(evs)-1]
 			}
-			f.audit.mu.Unlock()
 			time.Sleep(time.Millisecond)
 		}
 		code := -1
@@ -197,7 +195,7 @@ func TestStartQueuedBehindRemove(t *testing.T) {
 	if err := <-updated; !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("update after remove: %v, want not found", err)
 	}
-	for _, op := range f.audit.ops() {
+	for _, op := range f.audit.Operations() {
 		if strings.HasPrefix(op, "container.verify") || strings.HasPrefix(op, "container.run") {
 			t.Errorf("removed container audited %s", op)
 		}
@@ -273,7 +271,7 @@ func TestCancelledStartMeasuresAndRunsNothing(t *testing.T) {
 func TestAuditFailsClosed(t *testing.T) {
 	f := newFixture(t)
 	f.create("a", "")
-	f.audit.setFail(errors.New("no space left on device"))
+	f.audit.Fail(errors.New("no space left on device"))
 	_, err := f.m.Start(t.Context(), "a", StartOptions{})
 	if !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Fatalf("start with a broken audit trail: %v", err)
@@ -287,7 +285,7 @@ func TestAuditFailsClosed(t *testing.T) {
 	if _, err := f.m.State("a"); err != nil {
 		t.Errorf("unaudited remove removed: %v", err)
 	}
-	f.audit.setFail(nil)
+	f.audit.Fail(nil)
 	if _, err := f.m.Start(t.Context(), "a", StartOptions{}); err != nil {
 		t.Fatal(err)
 	}

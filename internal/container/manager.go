@@ -40,6 +40,7 @@ import (
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/reaper"
+	"github.com/cmlproject/cml/internal/trust"
 )
 
 // Options configure a Manager.
@@ -338,6 +339,17 @@ func (m *Manager) checkConfig(source string, cfg *cmlv1.ContainerConfig) (*guest
 	return g, nil
 }
 
+// accept checks a config file's signature and its content against the
+// daemon's state.
+func (m *Manager) accept(f ConfigFile, now time.Time) (*cmlv1.ContainerConfig, trust.Result, *guestos.GuestOS, error) {
+	cfg, res, err := m.o.Configs.Accept(f, now)
+	if err != nil {
+		return nil, res, nil, err
+	}
+	g, err := m.checkConfig(f.Source, cfg)
+	return cfg, res, g, err
+}
+
 // reserveName claims name for a create or rename in flight; m.mu must be
 // held. self is the container being renamed (nil for a create).
 func (m *Manager) reserveNameLocked(name string, self *Container) error {
@@ -352,11 +364,7 @@ func (m *Manager) reserveNameLocked(name string, self *Container) error {
 // without the manager lock; the name and id range are reserved meanwhile.
 func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, error) {
 	now := m.o.Now()
-	cfg, res, err := m.o.Configs.Accept(f, now)
-	if err != nil {
-		return nil, err
-	}
-	g, err := m.checkConfig(f.Source, cfg)
+	cfg, res, g, err := m.accept(f, now)
 	if err != nil {
 		return nil, err
 	}
@@ -433,11 +441,7 @@ func (m *Manager) UpdateConfig(ctx context.Context, ref string, f ConfigFile) (*
 		f.Source = "config of " + ref
 	}
 	now := m.o.Now()
-	cfg, res, err := m.o.Configs.Accept(f, now)
-	if err != nil {
-		return nil, err
-	}
-	g, err := m.checkConfig(f.Source, cfg)
+	cfg, res, g, err := m.accept(f, now)
 	if err != nil {
 		return nil, err
 	}
