@@ -108,3 +108,14 @@ func TestParseDevice(t *testing.T) {
 		}
 	}
 }
+
+func TestValidSalt(t *testing.T) {
+	for s, want := range map[string]bool{
+		"": true, "00": true, strings.Repeat("ab", 256): true, "0123456789abcdef": true,
+		"0": false, "AB": false, "zz": false, strings.Repeat("ab", 257): false, "ab\n": false,
+	} {
+		if got := validSalt(s); got != want {
+			t.Errorf("validSalt(%q) = %t", s, got)
+		}
+	}
+}

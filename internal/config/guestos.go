@@ -14,7 +14,6 @@ const MaxMounts = 16
 
 var (
 	sha256Pattern = regexp.MustCompile(`^[0-9a-f]{64}$`)
-	saltPattern   = regexp.MustCompile(`^([0-9a-f]{2}){0,256}$`)
 )
 
 // ParseGuestOS parses and validates a guest OS manifest. Image file names
@@ -69,7 +68,7 @@ func ParseGuestOS(source string, text []byte) (*cmlv1.GuestOSConfig, error) {
 			if !sha256Pattern.MatchString(m.GetVerityRootHash()) {
 				v.fail("verity_root_hash", "%q is not a lower-case hex SHA-256", m.GetVerityRootHash())
 			}
-			if !saltPattern.MatchString(m.GetVeritySalt()) {
+			if !validSalt(m.GetVeritySalt()) {
 				v.fail("verity_salt", "%q is not lower-case hex of at most 256 bytes", m.GetVeritySalt())
 			}
 			if m.GetImageSize()%4096 != 0 {
@@ -95,4 +94,19 @@ func ParseGuestOS(source string, text []byte) (*cmlv1.GuestOSConfig, error) {
 		return nil, err
 	}
 	return g, nil
+}
+
+// validSalt accepts lower-case hex of whole bytes, at most 256 of them.
+// (As a regular expression, the bounded repetition compiles into 256
+// copies: half a millisecond at every start of every tool.)
+func validSalt(s string) bool {
+	if len(s)%2 != 0 || len(s) > 512 {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
