@@ -21,6 +21,7 @@ import (
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/oci"
+	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/seccomp"
 )
 
@@ -110,7 +111,12 @@ func (m *Manager) start(ctx context.Context, c *Container, gen uint64, s *Start)
 		m.mu.Unlock()
 	}
 	os.RemoveAll(rdir)
-	if err := os.MkdirAll(rdir, 0o711); err != nil {
+	if err := os.Mkdir(rdir, 0o700); err != nil {
+		return nil, err
+	}
+	// Only root and this container's id range may enter its run
+	// directory (root filesystem, console, bundle).
+	if err := rootfs.Private(rdir, s.UIDBase, s.IDCount); err != nil {
 		return nil, err
 	}
 	records, timings, err := m.prepare(ctx, s)

@@ -46,8 +46,7 @@ func Mount(dir string, r Request) (rootfs string, err error) {
 			return "", err
 		}
 	}
-	// Let the container's root traverse to the rootfs.
-	if err := os.Chmod(dir, 0o711); err != nil {
+	if err := Private(dir, r.UIDBase, r.IDCount); err != nil {
 		return "", err
 	}
 	defer func() {
@@ -95,6 +94,26 @@ func Mount(dir string, r Request) (rootfs string, err error) {
 		return "", fmt.Errorf("mount overlay: %w", err)
 	}
 	return rootfs, nil
+}
+
+// Private makes dir reachable by root and the container's own root only:
+// owned by the container's mapped root (the id range's first id) with mode
+// 0700 when the container has a user namespace, so its processes can
+// traverse to their root filesystem and no other local user can reach its
+// files, console or data (TSF-ISO); root's and 0700 otherwise.
+func Private(dir string, uidBase, idCount uint32) error {
+	uid := 0
+	if idCount > 0 {
+		uid = int(uidBase)
+	}
+	// cmld runs as root; unit tests of callers may not, and then own
+	// the directory themselves.
+	if os.Geteuid() == 0 {
+		if err := os.Chown(dir, uid, uid); err != nil {
+			return err
+		}
+	}
+	return os.Chmod(dir, 0o700)
 }
 
 func mountImage(image, fstype, target string) error {
