@@ -128,10 +128,11 @@ func mountImage(image, fstype, target string) error {
 			return fmt.Errorf("mount %s image: %w", fstype, err)
 		}
 	}
-	dev, err := attachLoop(image)
+	dev, lf, err := attachLoop(image)
 	if err != nil {
 		return err
 	}
+	defer lf.Close()
 	if err := unix.Mount(dev, target, fstype, flags, ""); err != nil {
 		detachLoop(dev)
 		return fmt.Errorf("mount %s image from %s: %w", fstype, dev, err)

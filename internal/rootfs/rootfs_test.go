@@ -49,3 +49,34 @@ func TestUnescape(t *testing.T) {
 		t.Errorf("unescape = %q", got)
 	}
 }
+
+// A state directory on tmpfs works: the loop device stays open until the
+// image is mounted (with autoclear, closing it first let the kernel tear
+// it down under the mount: "cannot find valid erofs superblock"). Run
+// several times, since it was a race.
+func TestMountFromTmpfs(t *testing.T) {
+	testutil.RequireRoot(t)
+	tmp := t.TempDir()
+	testutil.BusyboxRoot(t, filepath.Join(tmp, "src"))
+	state := filepath.Join(tmp, "state")
+	os.MkdirAll(state, 0o700)
+	if err := syscall.Mount("tmpfs", state, "tmpfs", 0, "size=64m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Unmount(state, syscall.MNT_DETACH) })
+	img := filepath.Join(state, "root.img")
+	testutil.MakeErofs(t, filepath.Join(tmp, "src"), img)
+	for i := 0; i < 5; i++ {
+		dir := filepath.Join(tmp, "run")
+		rootfs, err := Mount(dir, Request{Image: img, FSType: "erofs", UIDBase: 200000, IDCount: 65536, DataDir: filepath.Join(state, "data")})
+		if err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		if _, err := os.Stat(filepath.Join(rootfs, "bin", "busybox")); err != nil {
+			t.Error(err)
+		}
+		if err := Unmount(dir); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
