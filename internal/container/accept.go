@@ -9,7 +9,6 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
-	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/sign"
@@ -69,6 +68,7 @@ func (a Acceptor) Accept(f ConfigFile, at time.Time) (*cmlv1.ContainerConfig, tr
 func (a Acceptor) Recheck(dir, name string, want *cmlv1.ContainerConfig, level cmlv1.TrustLevel, accepted time.Time) ([]byte, error) {
 	f := ConfigFile{Source: "config of " + name}
 	var err error
+	dir = storedConfigDir(dir)
 	if f.Text, err = os.ReadFile(filepath.Join(dir, "config.conf")); err != nil {
 		return nil, errdefs.Integrity("%s: %v", f.Source, err)
 	}
@@ -82,21 +82,4 @@ func (a Acceptor) Recheck(dir, name string, want *cmlv1.ContainerConfig, level c
 		return nil, errdefs.Integrity("%s: stored config changed since it was accepted", f.Source)
 	}
 	return f.Text, nil
-}
-
-// writeConfigFiles stores the exact config bytes and their signature.
-func writeConfigFiles(dir string, f ConfigFile) error {
-	for name, b := range map[string][]byte{"config.conf": f.Text, "config.conf" + sign.SigSuffix: f.Sig, "config.conf" + sign.CertSuffix: f.Pem} {
-		p := filepath.Join(dir, name)
-		if len(b) == 0 && name != "config.conf" {
-			if err := os.Remove(p); err != nil && !os.IsNotExist(err) {
-				return err
-			}
-			continue
-		}
-		if err := atomicfile.Write(p, b, 0o600); err != nil {
-			return err
-		}
-	}
-	return nil
 }

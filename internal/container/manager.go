@@ -108,12 +108,14 @@ type Container struct {
 	accepted time.Time
 }
 
+// meta is what never changes about a container. (Containers stored
+// before versioned configs also kept their acceptance here.)
 type meta struct {
 	UUID     string           `json:"uuid"`
 	Slot     uint32           `json:"slot"`
 	Created  time.Time        `json:"created"`
-	Accepted time.Time        `json:"accepted"`
-	Trust    cmlv1.TrustLevel `json:"trust"`
+	Accepted time.Time        `json:"accepted,omitzero"`
+	Trust    cmlv1.TrustLevel `json:"trust,omitempty"`
 	Signer   string           `json:"signer,omitempty"`
 }
 
@@ -186,16 +188,21 @@ func (m *Manager) loadOne(id string) (*Container, error) {
 	if err := json.Unmarshal(mb, &md); err != nil {
 		return nil, fmt.Errorf("meta.json: %w", err)
 	}
-	text, err := os.ReadFile(filepath.Join(dir, "config.conf"))
+	cdir := storedConfigDir(dir)
+	text, err := os.ReadFile(filepath.Join(cdir, configFile))
 	if err != nil {
 		return nil, err
 	}
-	cfg, err := config.ParseContainer(filepath.Join(dir, "config.conf"), text)
+	cfg, err := config.ParseContainer(filepath.Join(cdir, configFile), text)
+	if err != nil {
+		return nil, err
+	}
+	acc, err := readAcceptance(dir, md)
 	if err != nil {
 		return nil, err
 	}
 	c := &Container{uuid: id, slot: md.Slot, created: md.Created, cfg: cfg, state: Stopped, console: newRing(m.o.ConsoleSize),
-		trust: md.Trust, signer: md.Signer, accepted: md.Accepted, gtrust: cmlv1.TrustLevel_SIGNED}
+		trust: acc.Trust, signer: acc.Signer, accepted: acc.Accepted, gtrust: cmlv1.TrustLevel_SIGNED}
 	if g, err := m.o.GuestOS.Get(cfg.GetGuestOs(), cfg.GetGuestosVersion()); err == nil {
 		c.gtrust = g.Installed.Level
 	}
@@ -407,10 +414,11 @@ func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, e
 			os.RemoveAll(tmp)
 		}
 	}()
-	if err := writeConfigFiles(tmp, f); err != nil {
+	acc := acceptance{Accepted: now.UTC(), Trust: res.Level, Signer: res.Signer}
+	if err := writeConfig(tmp, f, acc); err != nil {
 		return nil, err
 	}
-	md := meta{UUID: id, Slot: slot, Created: now.UTC(), Accepted: now.UTC(), Trust: res.Level, Signer: res.Signer}
+	md := meta{UUID: id, Slot: slot, Created: now.UTC()}
 	mb, _ := json.Marshal(md)
 	if err := atomicfile.Write(filepath.Join(tmp, "meta.json"), mb, 0o600); err != nil {
 		return nil, err
@@ -420,7 +428,7 @@ func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, e
 	}
 	ok = true
 	c := &Container{uuid: id, slot: slot, created: md.Created, cfg: cfg, state: Stopped, console: newRing(m.o.ConsoleSize),
-		trust: res.Level, signer: res.Signer, accepted: md.Accepted, gtrust: g.Installed.Level, reason: "created"}
+		trust: res.Level, signer: res.Signer, accepted: acc.Accepted, gtrust: g.Installed.Level, reason: "created"}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.containers[id] = c
@@ -456,28 +464,21 @@ func (m *Manager) UpdateConfig(ctx context.Context, ref string, f ConfigFile) (*
 		m.mu.Unlock()
 		return nil, err
 	}
-	md := meta{UUID: c.uuid, Slot: c.slot, Created: c.created, Accepted: now.UTC(), Trust: res.Level, Signer: res.Signer}
 	m.mu.Unlock()
 	defer func() {
 		m.mu.Lock()
 		delete(m.reserved, name)
 		m.mu.Unlock()
 	}()
-	dir := m.containerDir(c.uuid)
-	mb, _ := json.Marshal(md)
-	// Config first: a crash between the two leaves the new config with the
-	// old acceptance record, which the pre-start re-check then refuses
-	// rather than trusts.
-	if err := writeConfigFiles(dir, f); err != nil {
-		return nil, err
-	}
-	if err := atomicfile.Write(filepath.Join(dir, "meta.json"), mb, 0o600); err != nil {
-		return nil, err
+	// One unit: a failure leaves the old config, signature and acceptance.
+	acc := acceptance{Accepted: now.UTC(), Trust: res.Level, Signer: res.Signer}
+	if err := writeConfig(m.containerDir(c.uuid), f, acc); err != nil {
+		return nil, fmt.Errorf("container %s: store config: %w", ref, err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	c.cfg = cfg
-	c.trust, c.signer, c.accepted, c.gtrust = res.Level, res.Signer, md.Accepted, g.Installed.Level
+	c.trust, c.signer, c.accepted, c.gtrust = res.Level, res.Signer, acc.Accepted, g.Installed.Level
 	m.publishLocked(c)
 	return m.info(c), nil
 }

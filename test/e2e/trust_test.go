@@ -67,7 +67,7 @@ func TestSignedConfigs(t *testing.T) {
 	for _, e := range ents {
 		dir = filepath.Join(d.stateDir, "containers", e.Name())
 	}
-	cfg := filepath.Join(dir, "config.conf")
+	cfg := filepath.Join(dir, "config", "config.conf") // through the link to the current version
 	orig := mustRead(t, cfg)
 	os.WriteFile(cfg, append(orig, []byte("capabilities_keep: \"CAP_NET_RAW\"\n")...), 0o600)
 	d.refuse("does not match the signed file", "start", "signed")
