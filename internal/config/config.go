@@ -154,6 +154,9 @@ var (
 // "containers accessing host resources"). CAP_SYS_TIME is granted only
 // through allow_system_time (IAM-02).
 var deniedCaps = map[string]bool{
+	// CAP_MKNOD: with it, a container without a user namespace makes a
+	// node for any device its cgroup allows and reads the host's disks.
+	"CAP_MKNOD":     true,
 	"CAP_SYS_ADMIN": true, "CAP_SYS_MODULE": true, "CAP_SYS_RAWIO": true,
 	"CAP_SYS_PTRACE": true, "CAP_SYS_BOOT": true, "CAP_MAC_ADMIN": true,
 	"CAP_MAC_OVERRIDE": true, "CAP_BPF": true, "CAP_PERFMON": true,
@@ -216,8 +219,12 @@ func validateContainer(source string, text []byte, c *cmlv1.ContainerConfig) err
 		v.fail("allow_dev", "more than %d device rules", MaxDeviceRules)
 	}
 	for _, r := range c.GetAllowDev() {
-		if _, err := ParseDeviceRule(r); err != nil {
+		if d, err := ParseDeviceRule(r); err != nil {
 			v.fail("allow_dev", "%v", err)
+		} else if d.Major < 0 {
+			// "c *:*" opens every device of a kind to the container: the
+			// host's disks, memory, loop devices (CR 7.7, TSF-DEV).
+			v.fail("allow_dev", "%q: a wildcard major number would allow every %s device of the host; name the major", r, kind(d.Type))
 		}
 	}
 	for _, r := range c.GetAssignDev() {
@@ -324,6 +331,13 @@ func (d DeviceRule) String() string {
 		return strconv.FormatInt(n, 10)
 	}
 	return fmt.Sprintf("%s %s:%s %s", d.Type, f(d.Major), f(d.Minor), d.Access)
+}
+
+func kind(t string) string {
+	if t == "b" {
+		return "block"
+	}
+	return "character"
 }
 
 var devRulePattern = regexp.MustCompile(`^([cb]) (\*|[0-9]{1,7}):(\*|[0-9]{1,9}) ([rwm]{1,3})$`)

@@ -383,3 +383,43 @@ func TestConcurrentOperations(t *testing.T) {
 		}
 	}
 }
+
+// Item 6a: a device assigned exclusively is exclusive against every rule
+// of every running container, both ways, wildcard minors included.
+func TestDeviceExclusivityCoversAllowRules(t *testing.T) {
+	for _, tc := range []struct {
+		first, second string
+		conflict      bool
+	}{
+		{`assign_dev: "c 4:64 rwm"`, `assign_dev: "c 4:64 rwm"`, true},
+		{`assign_dev: "c 4:64 rwm"`, `allow_dev: "c 4:64 r"`, true},
+		{`assign_dev: "c 4:64 rwm"`, `allow_dev: "c 4:* rwm"`, true},
+		{`allow_dev: "c 4:64 rw"`, `assign_dev: "c 4:64 rwm"`, true},
+		{`allow_dev: "c 4:* rw"`, `assign_dev: "c 4:64 rwm"`, true},
+		{`assign_dev: "c 4:64 rwm"`, `allow_dev: "c 4:65 rwm"`, false},
+		{`assign_dev: "c 4:64 rwm"`, `allow_dev: "b 4:64 r"`, false},
+		{`allow_dev: "c 4:64 rw"`, `allow_dev: "c 4:64 rw"`, false},
+	} {
+		t.Run(tc.first+" then "+tc.second, func(t *testing.T) {
+			f := newFixture(t)
+			f.create("first", tc.first)
+			f.create("second", tc.second)
+			if _, err := f.m.Start(t.Context(), "first", StartOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			_, err := f.m.Start(t.Context(), "second", StartOptions{})
+			if tc.conflict && !errors.Is(err, errdefs.ErrFailedPrecondition) {
+				t.Errorf("second started beside first: %v", err)
+			}
+			if !tc.conflict && err != nil {
+				t.Errorf("second refused: %v", err)
+			}
+			if tc.conflict {
+				f.m.Stop(t.Context(), "first", 0)
+				if _, err := f.m.Start(t.Context(), "second", StartOptions{}); err != nil {
+					t.Errorf("second after first stopped: %v", err)
+				}
+			}
+		})
+	}
+}

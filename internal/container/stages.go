@@ -106,71 +106,108 @@ func (v *VerifyStage) Release(_ context.Context, id string, _ json.RawMessage) e
 // verityName names a container's dm-verity mapping (/dev/mapper/<name>).
 func verityName(id string) string { return "cml-" + id }
 
-// DeviceStage gives a container the devices its config assigns
-// exclusively (assign_dev), refusing any another running container holds
-// (TSF-DEV: exclusive means one container at most). It has its own lock;
-// nothing slow happens under it.
+// DeviceStage keeps exclusively assigned devices exclusive (TSF-DEV):
+// while a running container holds a device through assign_dev, no other
+// running container may have any rule (allow_dev or assign_dev, wildcard
+// minors included) that covers it, and a container whose rules cover a
+// device another running container holds does not start. It has its own
+// lock; nothing slow happens under it.
 type DeviceStage struct {
 	mu      sync.Mutex
-	holders map[string]holder // "c 4:1" -> holder
+	running map[string]deviceUse // by container id
 }
 
-type holder struct{ id, name string }
+// deviceUse is what one running container holds and may open.
+type deviceUse struct {
+	Name     string   `json:"name"`
+	Assigned []string `json:"assigned"`
+	Allowed  []string `json:"allowed"`
+}
 
 // NewDeviceStage returns a DeviceStage with no device assigned.
-func NewDeviceStage() *DeviceStage { return &DeviceStage{holders: map[string]holder{}} }
+func NewDeviceStage() *DeviceStage { return &DeviceStage{running: map[string]deviceUse{}} }
 
 // Name implements Stage.
 func (d *DeviceStage) Name() string { return "devices" }
 
-// deviceKey identifies a device for exclusive assignment.
+// overlap reports whether two device rules can match the same device.
+func overlap(a, b config.DeviceRule) bool {
+	return a.Type == b.Type && (a.Major < 0 || b.Major < 0 || a.Major == b.Major) && (a.Minor < 0 || b.Minor < 0 || a.Minor == b.Minor)
+}
+
+func parseRules(rules []string) []config.DeviceRule {
+	var out []config.DeviceRule
+	for _, r := range rules {
+		if d, err := config.ParseDeviceRule(r); err == nil {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// conflict returns a description of the first device that use a holds
+// and use b may open, or the other way round.
+func conflict(a, b deviceUse) (string, bool) {
+	for _, held := range parseRules(a.Assigned) {
+		for _, r := range parseRules(append(append([]string(nil), b.Assigned...), b.Allowed...)) {
+			if overlap(held, r) {
+				return deviceKey(held), true
+			}
+		}
+	}
+	return "", false
+}
+
+// deviceKey names a device for messages.
 func deviceKey(r config.DeviceRule) string { return fmt.Sprintf("%s %d:%d", r.Type, r.Major, r.Minor) }
 
 // Prepare implements Stage.
 func (d *DeviceStage) Prepare(_ context.Context, s *Start) (any, error) {
+	use := deviceUse{Name: s.Name, Assigned: s.Config.GetAssignDev(), Allowed: s.Config.GetAllowDev()}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var keys []string
-	for _, r := range s.Config.GetAssignDev() {
-		rule, _ := config.ParseDeviceRule(r)
-		k := deviceKey(rule)
-		if h, ok := d.holders[k]; ok && h.id != s.ID {
-			for _, k := range keys {
-				delete(d.holders, k)
-			}
-			return nil, errdefs.FailedPrecondition("device %s is assigned to running container %s", k, h.name)
+	for id, other := range d.running {
+		if id == s.ID {
+			continue
 		}
-		d.holders[k] = holder{s.ID, s.Name}
-		keys = append(keys, k)
+		if dev, ok := conflict(other, use); ok {
+			return nil, errdefs.FailedPrecondition("device %s is assigned to running container %s", dev, other.Name)
+		}
+		if dev, ok := conflict(use, other); ok {
+			return nil, errdefs.FailedPrecondition("device %s, which %s would hold exclusively, is open to running container %s", dev, s.Name, other.Name)
+		}
 	}
-	return keys, nil
+	d.running[s.ID] = use
+	return use, nil
 }
 
-// Release implements Stage: every device id holds is freed.
+// Release implements Stage.
 func (d *DeviceStage) Release(_ context.Context, id string, _ json.RawMessage) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for k, h := range d.holders {
-		if h.id == id {
-			delete(d.holders, k)
-		}
-	}
+	delete(d.running, id)
 	return nil
 }
 
 // Adopt implements Adopter: a re-adopted container keeps its devices.
 func (d *DeviceStage) Adopt(_ context.Context, id string, rec json.RawMessage) error {
-	var keys []string
-	if len(rec) > 0 {
-		if err := json.Unmarshal(rec, &keys); err != nil {
+	var use deviceUse
+	if len(rec) > 0 && json.Unmarshal(rec, &use) != nil {
+		// A run recorded before allow rules were tracked: its assigned
+		// device keys only.
+		if err := json.Unmarshal(rec, &use.Assigned); err != nil {
 			return err
 		}
+		for i, k := range use.Assigned {
+			use.Assigned[i] = k + " rwm"
+		}
+	}
+	if use.Name == "" {
+		use.Name = id
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for _, k := range keys {
-		d.holders[k] = holder{id: id, name: id}
-	}
+	d.running[id] = use
 	return nil
 }
 

@@ -1,7 +1,10 @@
 package e2e
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -110,22 +113,67 @@ func TestIsolationFromInside(t *testing.T) {
 	})
 }
 
-// TestDeviceCgroup: even a container that may create device nodes (no user
-// namespace, CAP_MKNOD kept) cannot open a device outside its allow list.
+// TestDeviceCgroup: the device cgroup is a second wall. Configs cannot
+// keep CAP_MKNOD (item 6b), so the test plays an attacker who gained it
+// anyway: `runc exec --cap CAP_MKNOD` from the host. Even then, a node
+// for a device outside the allow list does not open.
 func TestDeviceCgroup(t *testing.T) {
 	d := startDaemon(t)
 	d.installGuestOS()
-	d.create("dev", "userns: false\ncapabilities_keep: \"CAP_MKNOD\"\n")
+	d.create("dev", "userns: false\n")
 	d.must("start", "dev")
-	if out, code := d.exec("dev", "mknod /dev/zero2 c 1 5 && head -c 4 /dev/zero2 | wc -c"); code != 0 || strings.TrimSpace(out) != "4" {
-		t.Fatalf("control: an allowed device (1:5) does not open: %q exit %d", out, code)
+	id := strings.TrimSpace(d.must("state", "dev", "--output", "json"))
+	var st struct {
+		UUID string `json:"uuid"`
 	}
-	if _, code := d.exec("dev", "mknod /dev/mem2 c 1 1"); code != 0 {
-		t.Fatal("mknod of a node failed; cannot test the device cgroup")
+	if err := json.Unmarshal([]byte(id), &st); err != nil {
+		t.Fatal(err)
 	}
-	if out, code := d.exec("dev", "head -c 1 /dev/mem2 2>&1"); code == 0 {
+	attacker := func(script string) (string, error) {
+		out, err := exec.Command("runc", "--root", filepath.Join(d.run, "runtime"), "exec", "--cap", "CAP_MKNOD", st.UUID, "sh", "-c", script).CombinedOutput()
+		return string(out), err
+	}
+	if out, err := attacker("mknod /dev/zero2 c 1 5 && head -c 4 /dev/zero2 | wc -c"); err != nil || strings.TrimSpace(out) != "4" {
+		t.Fatalf("control: an allowed device (1:5) does not open: %q %v", out, err)
+	}
+	if out, err := attacker("mknod /dev/mem2 c 1 1"); err != nil {
+		t.Fatalf("mknod of a node failed; cannot test the device cgroup: %s", out)
+	}
+	if out, err := attacker("head -c 1 /dev/mem2"); err == nil {
 		t.Errorf("/dev/mem (1:1) opened inside the container: %q", out)
 	}
+	// Without the injected capability, the container cannot make nodes.
+	if _, code := d.exec("dev", "mknod /dev/zero3 c 1 5"); code == 0 {
+		t.Error("mknod succeeded without CAP_MKNOD")
+	}
+}
+
+// Item 6: the configs an attacker would need are refused: CAP_MKNOD kept,
+// wildcard majors; and an allow rule covering a device another running
+// container holds exclusively does not start (both ways).
+func TestDeviceRulesFromTheAttackersSide(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	// The build pipeline refuses to sign such configs (cmlsign validates
+	// first), so they are offered unsigned to a development device.
+	d.restartWithDevice("signed_configs: false\n")
+	unsigned := func(name, body string) string {
+		p := filepath.Join(d.root, name+".conf")
+		os.WriteFile(p, []byte(fmt.Sprintf("name: %q\nguest_os: \"busybox\"\n%s", name, body)), 0o644)
+		return p
+	}
+	d.refuse("CAP_MKNOD", "create", unsigned("mknod", "userns: false\ncapabilities_keep: \"CAP_MKNOD\"\n"))
+	d.refuse("wildcard major", "create", unsigned("allblock", "allow_dev: \"b *:* r\"\n"))
+	d.refuse("wildcard major", "create", unsigned("allchar", "allow_dev: \"c *:3 rwm\"\n"))
+	d.create("holder", "assign_dev: \"c 1:3 rwm\"\n")
+	d.create("snoop", "allow_dev: \"c 1:3 rwm\"\n")
+	d.create("snoopall", "allow_dev: \"c 1:* rwm\"\n")
+	d.must("start", "holder")
+	d.refuse("assigned to running container holder", "start", "snoop")
+	d.refuse("assigned to running container holder", "start", "snoopall")
+	d.must("stop", "holder")
+	d.must("start", "snoopall")
+	d.refuse("open to running container snoopall", "start", "holder")
 }
 
 // TestAssignDevExclusive: a device assigned exclusively is held by one
