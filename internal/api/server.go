@@ -60,6 +60,7 @@ var queries = map[string]bool{
 	"/cml.v1.Control/List": true, "/cml.v1.Control/State": true,
 	"/cml.v1.Control/GuestOSList": true, "/cml.v1.Control/Events": true,
 	"/cml.v1.Control/CAList": true, "/cml.v1.Control/DeviceInfo": true,
+	"/cml.v1.Control/CRLList": true,
 	// Attest only reads; a verifier watching a fleet polls it.
 	"/cml.v1.Control/Attest": true,
 }
@@ -89,6 +90,8 @@ func objectOf(req any) string {
 		return r.GetDir() + r.GetUrl()
 	case *cmlv1.CARemoveRequest:
 		return r.GetFingerprint()
+	case *cmlv1.CRLRemoveRequest:
+		return r.GetRef()
 	case *cmlv1.DeviceCSRRequest:
 		return r.GetKey().String()
 	case *cmlv1.DeviceCertRequest:
@@ -388,11 +391,34 @@ func (s *Server) CARemove(ctx context.Context, r *cmlv1.CARemoveRequest) (*cmlv1
 }
 
 func (s *Server) CRLLoad(ctx context.Context, r *cmlv1.CRLLoadRequest) (*cmlv1.CRLLoadResponse, error) {
-	issuer, n, err := s.Trust.AddCRL(r.GetPem())
+	c, err := s.Trust.AddCRL(r.GetPem(), r.GetIssuerChain())
 	if err != nil {
 		return nil, err
 	}
-	return &cmlv1.CRLLoadResponse{Issuer: proto.String(issuer), Revoked: proto.Uint32(uint32(n))}, nil
+	return &cmlv1.CRLLoadResponse{Issuer: proto.String(c.Issuer), Revoked: proto.Uint32(uint32(c.Revoked))}, nil
+}
+
+func crlInfo(c trust.CRL) *cmlv1.CRL {
+	return &cmlv1.CRL{Issuer: proto.String(c.Issuer), Number: proto.String(c.Number), ThisUpdateUnix: proto.Int64(c.ThisUpdate.Unix()),
+		NextUpdateUnix: proto.Int64(c.NextUpdate.Unix()), Revoked: proto.Uint32(uint32(c.Revoked)), Fingerprint: proto.String(c.Fingerprint)}
+}
+
+func (s *Server) CRLList(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.CRLListResponse, error) {
+	out := &cmlv1.CRLListResponse{}
+	for _, c := range s.Trust.CRLs() {
+		out.Crls = append(out.Crls, crlInfo(c))
+	}
+	return out, nil
+}
+
+// CRLRemove deletes a stored CRL (audited like every management call: it
+// can un-revoke certificates).
+func (s *Server) CRLRemove(ctx context.Context, r *cmlv1.CRLRemoveRequest) (*cmlv1.CRL, error) {
+	c, err := s.Trust.RemoveCRL(r.GetRef())
+	if err != nil {
+		return nil, err
+	}
+	return crlInfo(c), nil
 }
 
 func (s *Server) DeviceInfo(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.DeviceIdentity, error) {

@@ -30,6 +30,82 @@ import (
 	"github.com/cmlproject/cml/internal/sign"
 )
 
+// crlCmd is `ca crl`: load (also `ca crl <file>`), list and remove CRLs.
+func (a *app) crlCmd() *cobra.Command {
+	var issuer string
+	load := func(cmd *cobra.Command, args []string) error {
+		b, err := readLimited(args[0])
+		if err != nil {
+			return err
+		}
+		req := &cmlv1.CRLLoadRequest{Pem: b}
+		if issuer != "" {
+			if req.IssuerChain, err = readLimited(issuer); err != nil {
+				return err
+			}
+		}
+		c, ctx, cancel, err := a.call()
+		if err != nil {
+			return err
+		}
+		defer cancel()
+		x, err := c.CRLLoad(ctx, req)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(a.stdout, "loaded CRL of %s (%d revoked)\n", x.GetIssuer(), x.GetRevoked())
+		return nil
+	}
+	crl := &cobra.Command{
+		Use:   "crl <crl.pem> | crl load|list|remove",
+		Short: "Manage certificate revocation lists (one per trusted issuer)",
+		Args:  cobra.ExactArgs(1),
+		RunE:  load,
+	}
+	crl.Flags().StringVar(&issuer, "issuer", "", "PEM chain of an intermediate CA that issued the CRL, up to a trusted CA")
+	loadCmd := &cobra.Command{Use: "load <crl.pem>", Short: "Load a CRL signed by a trusted CA; a newer CRL number replaces the stored one", Args: cobra.ExactArgs(1), RunE: load}
+	loadCmd.Flags().StringVar(&issuer, "issuer", "", "PEM chain of an intermediate CA that issued the CRL, up to a trusted CA")
+	crl.AddCommand(loadCmd, &cobra.Command{
+		Use: "list", Short: "List the stored CRLs", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, ctx, cancel, err := a.call()
+			if err != nil {
+				return err
+			}
+			defer cancel()
+			x, err := c.CRLList(ctx, &cmlv1.Empty{})
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.json(x)
+			}
+			w := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "FINGERPRINT\tNUMBER\tREVOKED\tNEXT UPDATE\tISSUER")
+			for _, l := range x.GetCrls() {
+				fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", l.GetFingerprint()[:16], l.GetNumber(), l.GetRevoked(), time.Unix(l.GetNextUpdateUnix(), 0).UTC().Format(time.RFC3339), l.GetIssuer())
+			}
+			return w.Flush()
+		},
+	}, &cobra.Command{
+		Use: "remove <fingerprint-prefix|issuer>", Short: "Remove a stored CRL (audited: it can un-revoke certificates)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, ctx, cancel, err := a.call()
+			if err != nil {
+				return err
+			}
+			defer cancel()
+			x, err := c.CRLRemove(ctx, &cmlv1.CRLRemoveRequest{Ref: proto.String(args[0])})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "removed CRL %s of %s\n", x.GetFingerprint()[:16], x.GetIssuer())
+			return nil
+		},
+	})
+	return crl
+}
+
 // DefaultSocket is cmld's default control socket.
 const DefaultSocket = "/run/cml/control.sock"
 
@@ -651,25 +727,6 @@ func (a *app) caCmd() *cobra.Command {
 			fmt.Fprintf(a.stdout, "removed owner CA %s %s\n", x.GetFingerprint()[:16], x.GetSubject())
 			return nil
 		},
-	}, &cobra.Command{
-		Use: "crl <crl.pem>", Short: "Load a certificate revocation list", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			b, err := readLimited(args[0])
-			if err != nil {
-				return err
-			}
-			c, ctx, cancel, err := a.call()
-			if err != nil {
-				return err
-			}
-			defer cancel()
-			x, err := c.CRLLoad(ctx, &cmlv1.CRLLoadRequest{Pem: b})
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(a.stdout, "loaded CRL of %s (%d revoked)\n", x.GetIssuer(), x.GetRevoked())
-			return nil
-		},
-	})
+	}, a.crlCmd())
 	return ca
 }

@@ -191,7 +191,7 @@ func TestCheckBeforeStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := ts.AddCRL(crl); err != nil {
+	if _, err := ts.AddCRL(crl, nil); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Check(ctx, g); err == nil || !strings.Contains(err.Error(), "revoked") {

@@ -5,8 +5,11 @@
 // provisioning time (files written by the installer as root); the API cannot
 // change them. Owner CAs (NDR 3.13) are added and removed through the API and
 // kept in <dir>/owner. A signature chaining to a vendor CA is SIGNED, to an
-// owner CA LOCALLY_SIGNED. CRLs go to <dir>/crl; revocations only
-// accumulate, so loading an old CRL cannot un-revoke anybody.
+// owner CA LOCALLY_SIGNED. CRLs go to <dir>/crl, one per issuer: only a
+// CRL signed by a trusted CA (a root, or an intermediate whose chain to a
+// root comes with it) is accepted, and a newer CRL number replaces the
+// stored one; an older or equal number cannot replace it, so loading an
+// old CRL cannot un-revoke anybody.
 package trust
 
 import (
@@ -46,7 +49,7 @@ type Store struct {
 	mu     sync.RWMutex
 	vendor map[string]*x509.Certificate // by fingerprint
 	owner  map[string]*x509.Certificate
-	crls   []*x509.RevocationList
+	crls   map[string]*storedCRL // by the issuer's raw subject
 	roots  *x509.CertPool // vendor and owner CAs, rebuilt when they change
 	// Now returns the current time (tests move it).
 	Now func() time.Time
@@ -72,7 +75,7 @@ type Result struct {
 // Every file in vendor/ must be a PEM CA certificate: a store that cannot
 // be read in full is an error, not a smaller set of anchors.
 func Open(dir string) (*Store, error) {
-	s := &Store{dir: dir, vendor: map[string]*x509.Certificate{}, owner: map[string]*x509.Certificate{}, Now: time.Now}
+	s := &Store{dir: dir, vendor: map[string]*x509.Certificate{}, owner: map[string]*x509.Certificate{}, crls: map[string]*storedCRL{}, Now: time.Now}
 	for _, sub := range []string{"", "vendor", "owner", "crl"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
 			return nil, fmt.Errorf("trust store: %w", err)
@@ -92,6 +95,7 @@ func Open(dir string) (*Store, error) {
 			into[sign.Fingerprint(c)] = c
 		}
 	}
+	s.rebuildRoots()
 	paths, _ := filepath.Glob(filepath.Join(dir, "crl", "*.pem"))
 	for _, p := range paths {
 		b, err := os.ReadFile(p)
@@ -102,9 +106,18 @@ func Open(dir string) (*Store, error) {
 		if err != nil {
 			return nil, fmt.Errorf("trust store: %s: %w", p, err)
 		}
-		s.crls = append(s.crls, crl)
+		chain := storedChain(b)
+		// A CRL whose issuer is (no longer) trusted has no effect; one
+		// stored by an earlier version beside a newer one of the same
+		// issuer neither. Only the newest trusted one per issuer counts.
+		if _, err := s.crlIssuer(crl, chain); err != nil {
+			continue
+		}
+		if old := s.crls[string(crl.RawIssuer)]; old != nil && !newer(crl, old.crl) {
+			continue
+		}
+		s.crls[string(crl.RawIssuer)] = &storedCRL{crl: crl, chain: chain, file: p}
 	}
-	s.rebuildRoots()
 	return s, nil
 }
 
@@ -220,42 +233,192 @@ func (s *Store) RemoveOwnerCA(prefix string) (CA, error) {
 	return CA{Fingerprint: match[0], Subject: c.Subject.String(), NotAfter: c.NotAfter}, nil
 }
 
-// AddCRL stores a CRL. Its signature is checked now when its issuer is a
-// trusted root, and against the issuing certificate of each chain when it
-// is used, so a forged CRL can neither be loaded for a root nor revoke
-// anything.
-func (s *Store) AddCRL(b []byte) (issuer string, revoked int, err error) {
-	crl, err := sign.ParseRevocationList(b)
-	if err != nil {
-		return "", 0, err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	namesRoot, signedByRoot := false, false
-	for _, m := range []map[string]*x509.Certificate{s.vendor, s.owner} {
-		for _, c := range m {
-			if bytes.Equal(c.RawSubject, crl.RawIssuer) {
-				namesRoot = true
-				signedByRoot = signedByRoot || crl.CheckSignatureFrom(c) == nil
+// storedChain returns the certificates stored after a CRL in its file.
+func storedChain(b []byte) []*x509.Certificate {
+	var out []*x509.Certificate
+	for {
+		var blk *pem.Block
+		if blk, b = pem.Decode(b); blk == nil {
+			return out
+		}
+		if blk.Type == "CERTIFICATE" {
+			if c, err := x509.ParseCertificate(blk.Bytes); err == nil {
+				out = append(out, c)
 			}
 		}
 	}
-	if namesRoot && !signedByRoot {
-		return "", 0, errdefs.Integrity("CRL claims to be from %q but its signature does not verify", crl.Issuer.String())
+}
+
+// storedCRL is the CRL of one issuer, with the chain that made its
+// issuer trusted when it was not a root.
+type storedCRL struct {
+	crl   *x509.RevocationList
+	chain []*x509.Certificate
+	file  string
+}
+
+// CRL describes one stored CRL.
+type CRL struct {
+	Issuer      string
+	Number      string
+	ThisUpdate  time.Time
+	NextUpdate  time.Time
+	Revoked     int
+	Fingerprint string
+}
+
+func (c *storedCRL) info() CRL {
+	sum := sha256.Sum256(c.crl.Raw)
+	out := CRL{Issuer: c.crl.Issuer.String(), ThisUpdate: c.crl.ThisUpdate, NextUpdate: c.crl.NextUpdate, Revoked: len(c.crl.RevokedCertificateEntries), Fingerprint: hex.EncodeToString(sum[:])}
+	if c.crl.Number != nil {
+		out.Number = c.crl.Number.String()
 	}
-	if len(s.crls) >= MaxCRLs {
-		return "", 0, errdefs.FailedPrecondition("already %d CRLs", MaxCRLs)
+	return out
+}
+
+// newer reports whether a has a higher CRL number than b.
+func newer(a, b *x509.RevocationList) bool {
+	return a.Number != nil && (b.Number == nil || a.Number.Cmp(b.Number) > 0)
+}
+
+// crlIssuer finds the trusted CA that signed crl: a root, or a CA
+// certificate in chain whose own chain leads to a root.
+func (s *Store) crlIssuer(crl *x509.RevocationList, chain []*x509.Certificate) (*x509.Certificate, error) {
+	for _, m := range []map[string]*x509.Certificate{s.vendor, s.owner} {
+		for _, c := range m {
+			if bytes.Equal(c.RawSubject, crl.RawIssuer) && crl.CheckSignatureFrom(c) == nil {
+				return c, nil
+			}
+		}
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain {
+		inter.AddCert(c)
+	}
+	for _, c := range chain {
+		if !bytes.Equal(c.RawSubject, crl.RawIssuer) || !c.IsCA || crl.CheckSignatureFrom(c) != nil {
+			continue
+		}
+		if _, err := c.Verify(x509.VerifyOptions{Roots: s.roots, Intermediates: inter, CurrentTime: s.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+			return c, nil
+		}
+	}
+	return nil, errdefs.Integrity("CRL of %s: its issuer is not a trusted CA, or its signature does not verify (an intermediate CA's CRL needs its chain: --issuer)", quote(crl.Issuer.String()))
+}
+
+// quote renders a client-chosen string for a message, bounded.
+func quote(s string) string {
+	if len(s) > 128 {
+		s = s[:128] + "..."
+	}
+	return fmt.Sprintf("%q", s)
+}
+
+// AddCRL stores a CRL signed by a trusted CA, replacing the stored CRL of
+// the same issuer when its CRL number is higher. chainPEM carries the
+// issuer's certificate chain when the issuer is an intermediate CA.
+// Loading the stored CRL again is not an error.
+func (s *Store) AddCRL(b, chainPEM []byte) (CRL, error) {
+	crl, err := sign.ParseRevocationList(b)
+	if err != nil {
+		return CRL{}, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "CRL")
+	}
+	var chain []*x509.Certificate
+	if len(chainPEM) > 0 {
+		if chain, err = sign.ParseCertificates(chainPEM); err != nil {
+			return CRL{}, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "CRL issuer chain")
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	issuer, err := s.crlIssuer(crl, chain)
+	if err != nil {
+		return CRL{}, err
+	}
+	key := string(crl.RawIssuer)
+	old := s.crls[key]
+	if old != nil {
+		if bytes.Equal(old.crl.Raw, crl.Raw) {
+			return old.info(), nil
+		}
+		if !newer(crl, old.crl) {
+			return CRL{}, errdefs.FailedPrecondition("CRL of %s: number %s is not newer than the stored CRL's %s", quote(crl.Issuer.String()), numberOf(crl), numberOf(old.crl))
+		}
+	} else if len(s.crls) >= MaxCRLs {
+		return CRL{}, errdefs.FailedPrecondition("already %d CRLs (one per issuer); remove one first", MaxCRLs)
+	}
+	// Keep the issuer's chain with an intermediate's CRL, so it can be
+	// checked again when the store is opened.
+	keep := []*x509.Certificate(nil)
+	if !s.isRoot(issuer) {
+		keep = chain
+	}
+	body := pemCRL(crl)
+	for _, c := range keep {
+		body = append(body, sign.EncodeCertificates(c)...)
 	}
 	sum := sha256.Sum256(crl.Raw)
-	name := hex.EncodeToString(sum[:]) + ".pem"
-	if _, err := os.Stat(filepath.Join(s.dir, "crl", name)); err == nil {
-		return crl.Issuer.String(), len(crl.RevokedCertificateEntries), nil
+	file := filepath.Join(s.dir, "crl", hex.EncodeToString(sum[:])+".pem")
+	if err := atomicfile.Write(file, body, 0o600); err != nil {
+		return CRL{}, err
 	}
-	if err := atomicfile.Write(filepath.Join(s.dir, "crl", name), pemCRL(crl), 0o600); err != nil {
-		return "", 0, err
+	if old != nil && old.file != file {
+		os.Remove(old.file)
 	}
-	s.crls = append(s.crls, crl)
-	return crl.Issuer.String(), len(crl.RevokedCertificateEntries), nil
+	c := &storedCRL{crl: crl, chain: keep, file: file}
+	s.crls[key] = c
+	return c.info(), nil
+}
+
+func numberOf(c *x509.RevocationList) string {
+	if c.Number == nil {
+		return "(none)"
+	}
+	return c.Number.String()
+}
+
+func (s *Store) isRoot(c *x509.Certificate) bool {
+	fp := sign.Fingerprint(c)
+	return s.vendor[fp] != nil || s.owner[fp] != nil
+}
+
+// CRLs lists the stored CRLs by issuer.
+func (s *Store) CRLs() []CRL {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var out []CRL
+	for _, c := range s.crls {
+		out = append(out, c.info())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Issuer < out[j].Issuer })
+	return out
+}
+
+// RemoveCRL deletes the CRL named by a fingerprint prefix (at least 8 hex
+// digits) or by its issuer's exact subject.
+func (s *Store) RemoveCRL(ref string) (CRL, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var match []string
+	for k, c := range s.crls {
+		info := c.info()
+		if (len(ref) >= 8 && strings.HasPrefix(info.Fingerprint, strings.ToLower(ref))) || info.Issuer == ref {
+			match = append(match, k)
+		}
+	}
+	switch len(match) {
+	case 0:
+		return CRL{}, errdefs.NotFound("no stored CRL matches %s", quote(ref))
+	case 1:
+	default:
+		return CRL{}, errdefs.InvalidArgument("%s matches %d CRLs; give more of the fingerprint", quote(ref), len(match))
+	}
+	c := s.crls[match[0]]
+	if err := os.Remove(c.file); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return CRL{}, err
+	}
+	delete(s.crls, match[0])
+	return c.info(), nil
 }
 
 // Verify checks sig over msg with the signer chain in chainPEM (leaf first)
@@ -344,8 +507,9 @@ func (s *Store) Verify(msg, sig, chainPEM []byte, at time.Time) (Result, error) 
 func (s *Store) checkRevoked(chain []*x509.Certificate, at time.Time) error {
 	for i := 0; i+1 < len(chain); i++ {
 		c, issuer := chain[i], chain[i+1]
-		for _, crl := range s.crls {
-			if !bytes.Equal(crl.RawIssuer, issuer.RawSubject) || crl.CheckSignatureFrom(issuer) != nil {
+		if stored := s.crls[string(issuer.RawSubject)]; stored != nil {
+			crl := stored.crl
+			if crl.CheckSignatureFrom(issuer) != nil {
 				continue
 			}
 			for _, e := range crl.RevokedCertificateEntries {

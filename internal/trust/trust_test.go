@@ -77,7 +77,7 @@ func TestLevelsRevocationAndChains(t *testing.T) {
 		t.Fatalf("intermediate chain: %v", err)
 	}
 	crl, _ := sign.RevocationList(vendor.Root, vendor.RootKey, []*x509.Certificate{inter}, 1, now.Add(-time.Minute), time.Hour)
-	if _, n, err := ts.AddCRL(crl); err != nil || n != 1 {
+	if c, err := ts.AddCRL(crl, nil); err != nil || c.Revoked != 1 {
 		t.Fatalf("CRL: %v", err)
 	}
 	if _, err := ts.Verify(msg, sig, chain, now); err == nil || !strings.Contains(err.Error(), "revoked") {
@@ -85,7 +85,7 @@ func TestLevelsRevocationAndChains(t *testing.T) {
 	}
 	// A CRL claiming to be the vendor root's, signed by someone else.
 	forged, _ := sign.RevocationList(vendor.Root, owner.RootKey, []*x509.Certificate{vendor.Signer}, 2, now, time.Hour)
-	if _, _, err := ts.AddCRL(forged); err == nil {
+	if _, err := ts.AddCRL(forged, nil); err == nil {
 		t.Fatal("forged CRL loaded")
 	}
 	if _, err := ts.Verify(msg, mustSign(t, vendor, msg), sign.EncodeCertificates(vendor.Signer), now); err != nil {

@@ -166,6 +166,23 @@ func TestRevocationAndOwnerCAs(t *testing.T) {
 	d.must("remove", "local")
 	d.must("guestos", "remove", "busybox", "1")
 	d.refuse("revoked", "guestos", "install", guestOSDir)
+
+	// CRL poisoning (item 5): a CRL from a CA the device does not trust is
+	// refused; the stored CRL is listed; removing it is audited and
+	// un-revokes the signer.
+	stranger := testutil.NewPKI(t, "ecdsa-p256", "stranger")
+	bogus, _ := sign.RevocationList(stranger.Root, stranger.RootKey, nil, 1, time.Now(), time.Hour)
+	bogusPath := filepath.Join(d.root, "bogus-crl.pem")
+	os.WriteFile(bogusPath, bogus, 0o644)
+	d.refuse("not a trusted CA", "ca", "crl", "load", bogusPath)
+	if out := d.must("ca", "crl", "list"); strings.Count(out, "\n") != 2 || !strings.Contains(out, "CML development") {
+		t.Errorf("ca crl list:\n%s", out)
+	}
+	d.must("ca", "crl", "remove", mustCert(t, filepath.Join(pkiDir, "root-ca.pem")).Subject.String())
+	if !d.hasAudit("control.CRLRemove", "success", "") {
+		t.Error("CRL removal not audited")
+	}
+	d.must("guestos", "install", guestOSDir)
 }
 
 func mustCert(t *testing.T, p string) *x509.Certificate {

@@ -339,7 +339,7 @@ func (x *DeviceCSRRequest_Key) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use DeviceCSRRequest_Key.Descriptor instead.
 func (DeviceCSRRequest_Key) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38, 0}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41, 0}
 }
 
 // ContainerConfig is a container's configuration file (protobuf text format).
@@ -2783,8 +2783,11 @@ func (x *CARemoveRequest) GetFingerprint() string {
 }
 
 type CRLLoadRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Pem           []byte                 `protobuf:"bytes,1,opt,name=pem" json:"pem,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Pem   []byte                 `protobuf:"bytes,1,opt,name=pem" json:"pem,omitempty"`
+	// issuer_chain holds the certificates of a CRL issuer that is not itself
+	// a trusted root (an intermediate CA), up to a trusted root, as PEM.
+	IssuerChain   []byte `protobuf:"bytes,2,opt,name=issuer_chain,json=issuerChain" json:"issuer_chain,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2822,6 +2825,13 @@ func (*CRLLoadRequest) Descriptor() ([]byte, []int) {
 func (x *CRLLoadRequest) GetPem() []byte {
 	if x != nil {
 		return x.Pem
+	}
+	return nil
+}
+
+func (x *CRLLoadRequest) GetIssuerChain() []byte {
+	if x != nil {
+		return x.IssuerChain
 	}
 	return nil
 }
@@ -2878,6 +2888,184 @@ func (x *CRLLoadResponse) GetRevoked() uint32 {
 	return 0
 }
 
+// CRL is one stored certificate revocation list: one per issuer.
+type CRL struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Issuer *string                `protobuf:"bytes,1,opt,name=issuer" json:"issuer,omitempty"`
+	// number is the CRL number extension (decimal); a newer CRL of the same
+	// issuer replaces an older one.
+	Number         *string `protobuf:"bytes,2,opt,name=number" json:"number,omitempty"`
+	ThisUpdateUnix *int64  `protobuf:"varint,3,opt,name=this_update_unix,json=thisUpdateUnix" json:"this_update_unix,omitempty"`
+	NextUpdateUnix *int64  `protobuf:"varint,4,opt,name=next_update_unix,json=nextUpdateUnix" json:"next_update_unix,omitempty"`
+	Revoked        *uint32 `protobuf:"varint,5,opt,name=revoked" json:"revoked,omitempty"`
+	// fingerprint is the SHA-256 of the CRL (hex).
+	Fingerprint   *string `protobuf:"bytes,6,opt,name=fingerprint" json:"fingerprint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CRL) Reset() {
+	*x = CRL{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CRL) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CRL) ProtoMessage() {}
+
+func (x *CRL) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CRL.ProtoReflect.Descriptor instead.
+func (*CRL) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *CRL) GetIssuer() string {
+	if x != nil && x.Issuer != nil {
+		return *x.Issuer
+	}
+	return ""
+}
+
+func (x *CRL) GetNumber() string {
+	if x != nil && x.Number != nil {
+		return *x.Number
+	}
+	return ""
+}
+
+func (x *CRL) GetThisUpdateUnix() int64 {
+	if x != nil && x.ThisUpdateUnix != nil {
+		return *x.ThisUpdateUnix
+	}
+	return 0
+}
+
+func (x *CRL) GetNextUpdateUnix() int64 {
+	if x != nil && x.NextUpdateUnix != nil {
+		return *x.NextUpdateUnix
+	}
+	return 0
+}
+
+func (x *CRL) GetRevoked() uint32 {
+	if x != nil && x.Revoked != nil {
+		return *x.Revoked
+	}
+	return 0
+}
+
+func (x *CRL) GetFingerprint() string {
+	if x != nil && x.Fingerprint != nil {
+		return *x.Fingerprint
+	}
+	return ""
+}
+
+type CRLListResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Crls          []*CRL                 `protobuf:"bytes,1,rep,name=crls" json:"crls,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CRLListResponse) Reset() {
+	*x = CRLListResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CRLListResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CRLListResponse) ProtoMessage() {}
+
+func (x *CRLListResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CRLListResponse.ProtoReflect.Descriptor instead.
+func (*CRLListResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *CRLListResponse) GetCrls() []*CRL {
+	if x != nil {
+		return x.Crls
+	}
+	return nil
+}
+
+// CRLRemoveRequest names a CRL by a prefix of its fingerprint (at least
+// 8 hex digits) or by its issuer's exact subject.
+type CRLRemoveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ref           *string                `protobuf:"bytes,1,opt,name=ref" json:"ref,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CRLRemoveRequest) Reset() {
+	*x = CRLRemoveRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CRLRemoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CRLRemoveRequest) ProtoMessage() {}
+
+func (x *CRLRemoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CRLRemoveRequest.ProtoReflect.Descriptor instead.
+func (*CRLRemoveRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *CRLRemoveRequest) GetRef() string {
+	if x != nil && x.Ref != nil {
+		return *x.Ref
+	}
+	return ""
+}
+
 type GuestOSRemoveRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
@@ -2888,7 +3076,7 @@ type GuestOSRemoveRequest struct {
 
 func (x *GuestOSRemoveRequest) Reset() {
 	*x = GuestOSRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2900,7 +3088,7 @@ func (x *GuestOSRemoveRequest) String() string {
 func (*GuestOSRemoveRequest) ProtoMessage() {}
 
 func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2913,7 +3101,7 @@ func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSRemoveRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *GuestOSRemoveRequest) GetName() string {
@@ -2955,7 +3143,7 @@ type DeviceIdentity struct {
 
 func (x *DeviceIdentity) Reset() {
 	*x = DeviceIdentity{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2967,7 +3155,7 @@ func (x *DeviceIdentity) String() string {
 func (*DeviceIdentity) ProtoMessage() {}
 
 func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2980,7 +3168,7 @@ func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceIdentity.ProtoReflect.Descriptor instead.
 func (*DeviceIdentity) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DeviceIdentity) GetDeviceUuid() string {
@@ -3053,7 +3241,7 @@ const (
 
 func (x *DeviceCSRRequest) Reset() {
 	*x = DeviceCSRRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3065,7 +3253,7 @@ func (x *DeviceCSRRequest) String() string {
 func (*DeviceCSRRequest) ProtoMessage() {}
 
 func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3078,7 +3266,7 @@ func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCSRRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DeviceCSRRequest) GetKey() DeviceCSRRequest_Key {
@@ -3097,7 +3285,7 @@ type DeviceCSRResponse struct {
 
 func (x *DeviceCSRResponse) Reset() {
 	*x = DeviceCSRResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3109,7 +3297,7 @@ func (x *DeviceCSRResponse) String() string {
 func (*DeviceCSRResponse) ProtoMessage() {}
 
 func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3122,7 +3310,7 @@ func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRResponse.ProtoReflect.Descriptor instead.
 func (*DeviceCSRResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *DeviceCSRResponse) GetPem() []byte {
@@ -3145,7 +3333,7 @@ type DeviceCertRequest struct {
 
 func (x *DeviceCertRequest) Reset() {
 	*x = DeviceCertRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3157,7 +3345,7 @@ func (x *DeviceCertRequest) String() string {
 func (*DeviceCertRequest) ProtoMessage() {}
 
 func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3170,7 +3358,7 @@ func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCertRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCertRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DeviceCertRequest) GetPem() []byte {
@@ -3199,7 +3387,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3211,7 +3399,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3224,7 +3412,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *AttestRequest) GetNonce() []byte {
@@ -3251,7 +3439,7 @@ type PCRValue struct {
 
 func (x *PCRValue) Reset() {
 	*x = PCRValue{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3263,7 +3451,7 @@ func (x *PCRValue) String() string {
 func (*PCRValue) ProtoMessage() {}
 
 func (x *PCRValue) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3276,7 +3464,7 @@ func (x *PCRValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
 func (*PCRValue) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *PCRValue) GetIndex() uint32 {
@@ -3317,7 +3505,7 @@ type Attestation struct {
 
 func (x *Attestation) Reset() {
 	*x = Attestation{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3329,7 +3517,7 @@ func (x *Attestation) String() string {
 func (*Attestation) ProtoMessage() {}
 
 func (x *Attestation) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3342,7 +3530,7 @@ func (x *Attestation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attestation.ProtoReflect.Descriptor instead.
 func (*Attestation) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *Attestation) GetQuote() []byte {
@@ -3604,12 +3792,24 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x11CARegisterRequest\x12\x10\n" +
 	"\x03pem\x18\x01 \x01(\fR\x03pem\"3\n" +
 	"\x0fCARemoveRequest\x12 \n" +
-	"\vfingerprint\x18\x01 \x01(\tR\vfingerprint\"\"\n" +
+	"\vfingerprint\x18\x01 \x01(\tR\vfingerprint\"E\n" +
 	"\x0eCRLLoadRequest\x12\x10\n" +
-	"\x03pem\x18\x01 \x01(\fR\x03pem\"C\n" +
+	"\x03pem\x18\x01 \x01(\fR\x03pem\x12!\n" +
+	"\fissuer_chain\x18\x02 \x01(\fR\vissuerChain\"C\n" +
 	"\x0fCRLLoadResponse\x12\x16\n" +
 	"\x06issuer\x18\x01 \x01(\tR\x06issuer\x12\x18\n" +
-	"\arevoked\x18\x02 \x01(\rR\arevoked\"D\n" +
+	"\arevoked\x18\x02 \x01(\rR\arevoked\"\xc5\x01\n" +
+	"\x03CRL\x12\x16\n" +
+	"\x06issuer\x18\x01 \x01(\tR\x06issuer\x12\x16\n" +
+	"\x06number\x18\x02 \x01(\tR\x06number\x12(\n" +
+	"\x10this_update_unix\x18\x03 \x01(\x03R\x0ethisUpdateUnix\x12(\n" +
+	"\x10next_update_unix\x18\x04 \x01(\x03R\x0enextUpdateUnix\x12\x18\n" +
+	"\arevoked\x18\x05 \x01(\rR\arevoked\x12 \n" +
+	"\vfingerprint\x18\x06 \x01(\tR\vfingerprint\"2\n" +
+	"\x0fCRLListResponse\x12\x1f\n" +
+	"\x04crls\x18\x01 \x03(\v2\v.cml.v1.CRLR\x04crls\"$\n" +
+	"\x10CRLRemoveRequest\x12\x10\n" +
+	"\x03ref\x18\x01 \x01(\tR\x03ref\"D\n" +
 	"\x14GuestOSRemoveRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\"\xb9\x02\n" +
@@ -3672,7 +3872,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xa7\v\n" +
+	"\x06FAILED\x10\a2\x8e\f\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -3697,7 +3897,9 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	".cml.v1.CA\x12/\n" +
 	"\bCARemove\x12\x17.cml.v1.CARemoveRequest\x1a\n" +
 	".cml.v1.CA\x12:\n" +
-	"\aCRLLoad\x12\x16.cml.v1.CRLLoadRequest\x1a\x17.cml.v1.CRLLoadResponse\x123\n" +
+	"\aCRLLoad\x12\x16.cml.v1.CRLLoadRequest\x1a\x17.cml.v1.CRLLoadResponse\x121\n" +
+	"\aCRLList\x12\r.cml.v1.Empty\x1a\x17.cml.v1.CRLListResponse\x122\n" +
+	"\tCRLRemove\x12\x18.cml.v1.CRLRemoveRequest\x1a\v.cml.v1.CRL\x123\n" +
 	"\n" +
 	"DeviceInfo\x12\r.cml.v1.Empty\x1a\x16.cml.v1.DeviceIdentity\x12@\n" +
 	"\tDeviceCSR\x12\x18.cml.v1.DeviceCSRRequest\x1a\x19.cml.v1.DeviceCSRResponse\x12?\n" +
@@ -3719,7 +3921,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 }
 
 var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
@@ -3762,14 +3964,17 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(*CARemoveRequest)(nil),        // 38: cml.v1.CARemoveRequest
 	(*CRLLoadRequest)(nil),         // 39: cml.v1.CRLLoadRequest
 	(*CRLLoadResponse)(nil),        // 40: cml.v1.CRLLoadResponse
-	(*GuestOSRemoveRequest)(nil),   // 41: cml.v1.GuestOSRemoveRequest
-	(*DeviceIdentity)(nil),         // 42: cml.v1.DeviceIdentity
-	(*DeviceCSRRequest)(nil),       // 43: cml.v1.DeviceCSRRequest
-	(*DeviceCSRResponse)(nil),      // 44: cml.v1.DeviceCSRResponse
-	(*DeviceCertRequest)(nil),      // 45: cml.v1.DeviceCertRequest
-	(*AttestRequest)(nil),          // 46: cml.v1.AttestRequest
-	(*PCRValue)(nil),               // 47: cml.v1.PCRValue
-	(*Attestation)(nil),            // 48: cml.v1.Attestation
+	(*CRL)(nil),                    // 41: cml.v1.CRL
+	(*CRLListResponse)(nil),        // 42: cml.v1.CRLListResponse
+	(*CRLRemoveRequest)(nil),       // 43: cml.v1.CRLRemoveRequest
+	(*GuestOSRemoveRequest)(nil),   // 44: cml.v1.GuestOSRemoveRequest
+	(*DeviceIdentity)(nil),         // 45: cml.v1.DeviceIdentity
+	(*DeviceCSRRequest)(nil),       // 46: cml.v1.DeviceCSRRequest
+	(*DeviceCSRResponse)(nil),      // 47: cml.v1.DeviceCSRResponse
+	(*DeviceCertRequest)(nil),      // 48: cml.v1.DeviceCertRequest
+	(*AttestRequest)(nil),          // 49: cml.v1.AttestRequest
+	(*PCRValue)(nil),               // 50: cml.v1.PCRValue
+	(*Attestation)(nil),            // 51: cml.v1.Attestation
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
@@ -3792,65 +3997,70 @@ var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	31, // 17: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
 	31, // 18: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
 	35, // 19: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
-	4,  // 20: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
-	47, // 21: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
-	16, // 22: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	18, // 23: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	15, // 24: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	15, // 25: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	19, // 26: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	20, // 27: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	15, // 28: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	15, // 29: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	21, // 30: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	15, // 31: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	15, // 32: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	24, // 33: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	27, // 34: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	29, // 35: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	22, // 36: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	33, // 37: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	41, // 38: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	22, // 39: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	37, // 40: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	38, // 41: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	39, // 42: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	22, // 43: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
-	43, // 44: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
-	45, // 45: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
-	22, // 46: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
-	46, // 47: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
-	17, // 48: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	14, // 49: cml.v1.Control.Create:output_type -> cml.v1.Container
-	22, // 50: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	14, // 51: cml.v1.Control.Start:output_type -> cml.v1.Container
-	14, // 52: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	22, // 53: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	14, // 54: cml.v1.Control.State:output_type -> cml.v1.Container
-	5,  // 55: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	14, // 56: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	14, // 57: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	14, // 58: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	26, // 59: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	28, // 60: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	30, // 61: cml.v1.Control.Events:output_type -> cml.v1.Event
-	32, // 62: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	34, // 63: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	22, // 64: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	36, // 65: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	35, // 66: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	35, // 67: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	40, // 68: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	42, // 69: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	44, // 70: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	42, // 71: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	42, // 72: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	48, // 73: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	48, // [48:74] is the sub-list for method output_type
-	22, // [22:48] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	41, // 20: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
+	4,  // 21: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
+	50, // 22: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
+	16, // 23: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	18, // 24: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	15, // 25: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	15, // 26: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	19, // 27: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	20, // 28: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	15, // 29: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	15, // 30: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	21, // 31: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	15, // 32: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	15, // 33: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	24, // 34: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	27, // 35: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	29, // 36: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	22, // 37: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	33, // 38: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	44, // 39: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	22, // 40: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	37, // 41: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	38, // 42: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	39, // 43: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	22, // 44: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
+	43, // 45: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
+	22, // 46: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	46, // 47: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	48, // 48: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	22, // 49: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	49, // 50: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	17, // 51: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	14, // 52: cml.v1.Control.Create:output_type -> cml.v1.Container
+	22, // 53: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	14, // 54: cml.v1.Control.Start:output_type -> cml.v1.Container
+	14, // 55: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	22, // 56: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	14, // 57: cml.v1.Control.State:output_type -> cml.v1.Container
+	5,  // 58: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	14, // 59: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	14, // 60: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	14, // 61: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	26, // 62: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	28, // 63: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	30, // 64: cml.v1.Control.Events:output_type -> cml.v1.Event
+	32, // 65: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	34, // 66: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	22, // 67: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	36, // 68: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	35, // 69: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	35, // 70: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	40, // 71: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	42, // 72: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	41, // 73: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	45, // 74: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	47, // 75: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	45, // 76: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	45, // 77: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	51, // 78: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	51, // [51:79] is the sub-list for method output_type
+	23, // [23:51] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -3875,7 +4085,7 @@ func file_api_cml_v1_cml_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   44,
+			NumMessages:   47,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -51,6 +51,8 @@ const (
 	Control_CARegister_FullMethodName        = "/cml.v1.Control/CARegister"
 	Control_CARemove_FullMethodName          = "/cml.v1.Control/CARemove"
 	Control_CRLLoad_FullMethodName           = "/cml.v1.Control/CRLLoad"
+	Control_CRLList_FullMethodName           = "/cml.v1.Control/CRLList"
+	Control_CRLRemove_FullMethodName         = "/cml.v1.Control/CRLRemove"
 	Control_DeviceInfo_FullMethodName        = "/cml.v1.Control/DeviceInfo"
 	Control_DeviceCSR_FullMethodName         = "/cml.v1.Control/DeviceCSR"
 	Control_DeviceCert_FullMethodName        = "/cml.v1.Control/DeviceCert"
@@ -85,6 +87,8 @@ type ControlClient interface {
 	CARegister(ctx context.Context, in *CARegisterRequest, opts ...grpc.CallOption) (*CA, error)
 	CARemove(ctx context.Context, in *CARemoveRequest, opts ...grpc.CallOption) (*CA, error)
 	CRLLoad(ctx context.Context, in *CRLLoadRequest, opts ...grpc.CallOption) (*CRLLoadResponse, error)
+	CRLList(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*CRLListResponse, error)
+	CRLRemove(ctx context.Context, in *CRLRemoveRequest, opts ...grpc.CallOption) (*CRL, error)
 	DeviceInfo(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*DeviceIdentity, error)
 	DeviceCSR(ctx context.Context, in *DeviceCSRRequest, opts ...grpc.CallOption) (*DeviceCSRResponse, error)
 	DeviceCert(ctx context.Context, in *DeviceCertRequest, opts ...grpc.CallOption) (*DeviceIdentity, error)
@@ -340,6 +344,26 @@ func (c *controlClient) CRLLoad(ctx context.Context, in *CRLLoadRequest, opts ..
 	return out, nil
 }
 
+func (c *controlClient) CRLList(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*CRLListResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CRLListResponse)
+	err := c.cc.Invoke(ctx, Control_CRLList_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) CRLRemove(ctx context.Context, in *CRLRemoveRequest, opts ...grpc.CallOption) (*CRL, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CRL)
+	err := c.cc.Invoke(ctx, Control_CRLRemove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *controlClient) DeviceInfo(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*DeviceIdentity, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DeviceIdentity)
@@ -417,6 +441,8 @@ type ControlServer interface {
 	CARegister(context.Context, *CARegisterRequest) (*CA, error)
 	CARemove(context.Context, *CARemoveRequest) (*CA, error)
 	CRLLoad(context.Context, *CRLLoadRequest) (*CRLLoadResponse, error)
+	CRLList(context.Context, *Empty) (*CRLListResponse, error)
+	CRLRemove(context.Context, *CRLRemoveRequest) (*CRL, error)
 	DeviceInfo(context.Context, *Empty) (*DeviceIdentity, error)
 	DeviceCSR(context.Context, *DeviceCSRRequest) (*DeviceCSRResponse, error)
 	DeviceCert(context.Context, *DeviceCertRequest) (*DeviceIdentity, error)
@@ -494,6 +520,12 @@ func (UnimplementedControlServer) CARemove(context.Context, *CARemoveRequest) (*
 }
 func (UnimplementedControlServer) CRLLoad(context.Context, *CRLLoadRequest) (*CRLLoadResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method CRLLoad not implemented")
+}
+func (UnimplementedControlServer) CRLList(context.Context, *Empty) (*CRLListResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CRLList not implemented")
+}
+func (UnimplementedControlServer) CRLRemove(context.Context, *CRLRemoveRequest) (*CRL, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CRLRemove not implemented")
 }
 func (UnimplementedControlServer) DeviceInfo(context.Context, *Empty) (*DeviceIdentity, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method DeviceInfo not implemented")
@@ -877,6 +909,42 @@ func _Control_CRLLoad_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_CRLList_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).CRLList(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_CRLList_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).CRLList(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_CRLRemove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CRLRemoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).CRLRemove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_CRLRemove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).CRLRemove(ctx, req.(*CRLRemoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Control_DeviceInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(Empty)
 	if err := dec(in); err != nil {
@@ -1041,6 +1109,14 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CRLLoad",
 			Handler:    _Control_CRLLoad_Handler,
+		},
+		{
+			MethodName: "CRLList",
+			Handler:    _Control_CRLList_Handler,
+		},
+		{
+			MethodName: "CRLRemove",
+			Handler:    _Control_CRLRemove_Handler,
 		},
 		{
 			MethodName: "DeviceInfo",
