@@ -50,7 +50,7 @@ type Store struct {
 	vendor map[string]*x509.Certificate // by fingerprint
 	owner  map[string]*x509.Certificate
 	crls   map[string]*storedCRL // by the issuer's raw subject
-	roots  *x509.CertPool // vendor and owner CAs, rebuilt when they change
+	roots  *x509.CertPool        // vendor and owner CAs, rebuilt when they change
 	// Now returns the current time (tests move it).
 	Now func() time.Time
 }
