@@ -524,7 +524,18 @@ func (s *Server) Exec(stream cmlv1.Control_ExecServer) error {
 		return errdefs.InvalidArgument("exec: the first message must be start")
 	}
 	code, err := s.exec(ctx, stream, start)
-	s.audit(ctx, "/cml.v1.Control/Exec", objectOf(start), err)
+	// The outcome is the real one: a process the runtime could not start
+	// is a failure, and a process that ran has its exit code recorded.
+	e := audit.Event{Type: "management", Operation: operationOf("/cml.v1.Control/Exec"), Subject: subject(ctx), Object: objectOf(start), Outcome: audit.Success}
+	if err != nil {
+		e.Outcome, e.Reason = audit.Failure, reasonOf(err)
+	} else {
+		e.ExitCode = &code
+	}
+	if aerr := s.Audit.Record(ctx, e); aerr != nil {
+		s.auditBroken.Store(true)
+		s.Log.Error("audit record failed", "operation", e.Operation, "err", aerr)
+	}
 	if err != nil {
 		return err
 	}

@@ -106,6 +106,10 @@ func (a *app) crlCmd() *cobra.Command {
 	return crl
 }
 
+// ExecFailed is cmlctl exec's exit status when the command could not be
+// run at all (refused, not started by the runtime, connection lost).
+const ExecFailed = 125
+
 // DefaultSocket is cmld's default control socket.
 const DefaultSocket = "/run/cml/control.sock"
 
@@ -584,7 +588,7 @@ func (a *app) execCmd() *cobra.Command {
 	var tty bool
 	var env []string
 	cmd := &cobra.Command{
-		Use: "exec [--tty] <name|uuid> -- <command> [args...]", Short: "Run a command in a running container", Args: cobra.MinimumNArgs(2),
+		Use: "exec [--tty] <name|uuid> -- <command> [args...]", Short: "Run a command in a running container; exit status is the command's, or 125 when it could not be run", Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client()
 			if err != nil {
@@ -592,6 +596,12 @@ func (a *app) execCmd() *cobra.Command {
 			}
 			code, err := a.exec(c, args[0], args[1:], env, tty)
 			a.code = code
+			if err != nil {
+				// The command did not run (or its outcome is unknown):
+				// 125, never a code the command itself could have
+				// returned, as docker and podman do.
+				a.code = ExecFailed
+			}
 			return err
 		},
 	}

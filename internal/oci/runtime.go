@@ -41,6 +41,11 @@ type State struct {
 // is of class errdefs.ErrNotFound.
 var ErrNotExist = errdefs.NotFound("container does not exist in the runtime")
 
+// ErrExecNotStarted is of class FailedPrecondition: the runtime could not
+// start the process (it never ran), as opposed to a process that ran and
+// exited non-zero.
+var ErrExecNotStarted = errdefs.FailedPrecondition("the process did not start")
+
 // waitDelay bounds how long a runtime command may take to go away after it
 // was cancelled, or to release its output after it exited (a process it
 // left behind may hold the pipes): a stuck runtime must not hang cmld.
@@ -223,7 +228,14 @@ func (r *Runtime) Exec(ctx context.Context, id string, p *specs.Process, dir str
 		return -1, err
 	}
 	f.Close()
-	args := []string{"exec", "--process", f.Name()}
+	// The pid file tells runc's own failures (a fork refused at the pids
+	// limit, say) from the command's exit status: runc writes it once the
+	// process runs.
+	pidFile := f.Name() + ".pid"
+	logFile := f.Name() + ".log"
+	defer os.Remove(pidFile)
+	defer os.Remove(logFile)
+	args := []string{"--log", logFile, "--log-format", "json", "exec", "--process", f.Name(), "--pid-file", pidFile}
 	if sio.TTY {
 		args = append(args, "--tty")
 	}
@@ -237,6 +249,9 @@ func (r *Runtime) Exec(ctx context.Context, id string, p *specs.Process, dir str
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
 	}
 	err = cmd.Run()
+	if _, perr := os.Stat(pidFile); perr != nil && err != nil {
+		return -1, fmt.Errorf("%w: %s", ErrExecNotStarted, failure(ctx, filepath.Base(r.Binary)+" exec", runtimeError(logFile, err)))
+	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -139,4 +140,61 @@ func TestCancelledStartsLeaveNoZombies(t *testing.T) {
 	}
 	d.must("start", "z")
 	d.must("stop", "z")
+}
+
+// Item 7: concurrent execs at a pids limit: those the runtime could not
+// start are audited as failures and exit 125; those that ran exit with
+// the command's own status and are audited with it.
+func TestExecOutcomeIsReal(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	d.create("tight", "pids_limit: 12\n")
+	d.must("start", "tight")
+	const n = 30
+	codes := make([]int, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			_, codes[i] = d.ctlWithin(60*time.Second, "exec", "tight", "--", "sh", "-c", "sleep 1; exit 3")
+		}(i)
+	}
+	wg.Wait()
+	// The command may also run and fail on its own (its shell cannot fork
+	// sleep: exit 2); what matters is that every outcome is told apart
+	// and audited as it was.
+	cli := map[string]int{}
+	for _, c := range codes {
+		if c == 125 {
+			cli["failure"]++
+		} else {
+			cli[fmt.Sprintf("success %d", c)]++
+		}
+	}
+	audited := map[string]int{}
+	for _, l := range d.auditLines() {
+		if !strings.Contains(l, `"operation":"control.Exec"`) {
+			continue
+		}
+		var e struct {
+			Outcome  string `json:"outcome"`
+			ExitCode *int   `json:"exit_code"`
+		}
+		json.Unmarshal([]byte(l), &e)
+		switch {
+		case e.Outcome == "failure" && e.ExitCode == nil:
+			audited["failure"]++
+		case e.Outcome == "success" && e.ExitCode != nil:
+			audited[fmt.Sprintf("success %d", *e.ExitCode)]++
+		default:
+			t.Errorf("exec audit record: %s", l)
+		}
+	}
+	if fmt.Sprint(cli) != fmt.Sprint(audited) {
+		t.Errorf("cmlctl outcomes %v, audited %v", cli, audited)
+	}
+	if cli["failure"] == 0 {
+		t.Log("the runtime refused no exec this time; that path was not exercised")
+	}
 }
