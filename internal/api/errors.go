@@ -7,6 +7,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/errdefs"
 )
 
@@ -56,5 +57,9 @@ func (s *Server) toStatus(err error) error {
 		s.Log.Error("internal error", "ref", ref, "err", err)
 		return status.Errorf(code, "internal error (daemon log reference %d)", ref)
 	}
-	return status.Error(code, err.Error())
+	// A message may quote client-chosen values; none is sent back whole.
+	return status.Error(code, audit.Bound(err.Error(), maxMessage))
 }
+
+// maxMessage bounds an error message sent to a client.
+const maxMessage = 512

@@ -14,6 +14,7 @@ import (
 	"os"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // Outcome of an audited operation.
@@ -71,8 +72,33 @@ func OpenFile(path string, now func() time.Time) (*FileSink, error) {
 	return &FileSink{f: f, now: now}, nil
 }
 
+// Bounds on the text fields of a record: values a client chose (names,
+// paths, arguments) are kept to a prefix, so a 60,000-byte name cannot
+// make a 60,000-byte record.
+const (
+	MaxObject = 256
+	MaxReason = 1024
+)
+
+// Bound shortens s to at most max bytes (on a UTF-8 boundary), marking the
+// cut with how much was left out.
+func Bound(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	cut := max
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s... (%d bytes)", s[:cut], len(s))
+}
+
 // Record appends e, filling in the time if unset.
 func (s *FileSink) Record(_ context.Context, e Event) error {
+	e.Operation = Bound(e.Operation, 64)
+	e.Object = Bound(e.Object, MaxObject)
+	e.Reason = Bound(e.Reason, MaxReason)
+	e.Details = Bound(e.Details, MaxReason)
 	if e.Time.IsZero() {
 		e.Time = s.now()
 	}

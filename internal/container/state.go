@@ -2,6 +2,7 @@ package container
 
 import (
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/audit"
 )
 
 // State is a container's lifecycle state (the API's enum).
@@ -70,7 +71,7 @@ func (m *Manager) updateLocked(c *Container, gen uint64, to State, reason string
 	if c.removed || (gen != 0 && c.gen != gen) || !allowed(c.state, to) {
 		return false
 	}
-	c.state, c.reason = to, reason
+	c.state, c.reason = to, audit.Bound(reason, audit.MaxReason)
 	m.publishLocked(c)
 	return true
 }

@@ -214,3 +214,27 @@ func editManifest(t *testing.T, dir, old, new string) {
 	}
 	os.WriteFile(p, []byte(strings.Replace(string(b), old, new, 1)), 0o644)
 }
+
+// Item 9: values an attacker sizes (a 60,000-byte name, a 60,000-byte
+// path) are not echoed whole into errors or the audit trail.
+func TestHugeValuesAreNotEchoed(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	huge := strings.Repeat("n", 60000)
+	for _, args := range [][]string{
+		{"start", huge},
+		{"remove", huge},
+		{"guestos", "install", "/" + huge},
+		{"ca", "crl", "remove", huge},
+	} {
+		msg := d.refuse("", args...)
+		if len(msg) > 1024 {
+			t.Errorf("cmlctl %s: error of %d bytes", args[0], len(msg))
+		}
+	}
+	for _, l := range d.auditLines() {
+		if len(l) > 4096 {
+			t.Errorf("audit record of %d bytes: %.200s...", len(l), l)
+		}
+	}
+}
