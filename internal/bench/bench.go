@@ -25,8 +25,11 @@ type Options struct {
 	Script   string
 	// VerifyMiB sizes the image of the verification throughput figure.
 	VerifyMiB int
-	// Only runs one part: "verify", "attest" or "start"; empty runs all.
+	// Only runs one part: "verify", "attest", "start" or "console"; empty
+	// runs all.
 	Only string
+	// ConsoleMiB is how much a container floods its console with.
+	ConsoleMiB int
 }
 
 // Run runs the benchmark and prints its report to w.
@@ -52,7 +55,7 @@ func Run(o Options, w io.Writer) error {
 			return fmt.Errorf("attestation: %w", err)
 		}
 	}
-	if o.Only != "" && o.Only != "start" {
+	if o.Only != "" && o.Only != "start" && o.Only != "console" {
 		return nil
 	}
 	// A signed busybox guest OS and configs under a throwaway PKI whose
@@ -99,9 +102,9 @@ func Run(o Options, w io.Writer) error {
 	if err := ctl("guestos", "install", gos); err != nil {
 		return err
 	}
-	conf := func(name string) string {
+	conf := func(name string, extra ...string) string {
 		p := filepath.Join(tmp, name+".conf")
-		os.WriteFile(p, []byte(fmt.Sprintf("name: %q\nguest_os: \"busybox\"\nram_limit: 64\nstop_timeout: 1\n", name)), 0o644)
+		os.WriteFile(p, []byte(fmt.Sprintf("name: %q\nguest_os: \"busybox\"\nram_limit: 64\nstop_timeout: 1\n%s", name, strings.Join(extra, ""))), 0o644)
 		exec.Command(filepath.Join(bin, "cmlsign"), "config", "--key", filepath.Join(pki, "signer.key"), "--cert", filepath.Join(pki, "signer.pem"), p).Run()
 		return p
 	}
@@ -109,7 +112,15 @@ func Run(o Options, w io.Writer) error {
 		return err
 	}
 
-	return startLatency(w, tmp, gos, ctl, conf, sock, o)
+	if o.Only == "" || o.Only == "start" {
+		if err := startLatency(w, tmp, gos, ctl, conf, sock, o); err != nil {
+			return err
+		}
+	}
+	if o.Only == "" || o.Only == "console" {
+		return consoleFlood(w, ctl, conf, cmld.Process.Pid, o.ConsoleMiB)
+	}
+	return nil
 }
 
 func median(d []time.Duration) time.Duration {

@@ -37,7 +37,7 @@ type candidate struct {
 // start` (what a user types) and `podman start` of an equivalent busybox
 // container (the peer a user would otherwise pick). Ratios are the median
 // of per-round ratios, so machine noise that hits a whole round cancels.
-func startLatency(w io.Writer, tmp, gos string, ctl func(...string) error, conf func(string) string, sock string, o Options) error {
+func startLatency(w io.Writer, tmp, gos string, ctl func(...string) error, conf func(string, ...string) string, sock string, o Options) error {
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err

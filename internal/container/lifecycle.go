@@ -389,10 +389,12 @@ func (m *Manager) watch(c *Container, r *run, console *os.File) {
 		defer close(consoleDone)
 		defer console.Close()
 		buf := make([]byte, 32<<10)
+		limit := newLimiter(m.o.ConsoleRate, m.o.ConsoleRate)
 		for {
 			n, err := console.Read(buf)
 			if n > 0 {
 				c.console.Write(buf[:n])
+				limit.take(n)
 			}
 			if err != nil {
 				return

@@ -64,6 +64,10 @@ type Options struct {
 	CgroupParent string
 	// ConsoleSize bounds each container's console ring buffer.
 	ConsoleSize int
+	// ConsoleRate is how many bytes per second of a container's console
+	// output cmld reads (default 1 MiB/s, with a burst of as much); a
+	// container writing faster blocks on its full console pipe.
+	ConsoleRate int
 	// Configs accepts configs at create and update.
 	Configs Acceptor
 	// Stages is the start pipeline, in order.
@@ -138,6 +142,9 @@ func New(o Options) (*Manager, error) {
 	}
 	if o.ConsoleSize == 0 {
 		o.ConsoleSize = 256 << 10
+	}
+	if o.ConsoleRate == 0 {
+		o.ConsoleRate = 1 << 20
 	}
 	if o.Runtime == nil || o.Exits == nil || o.Audit == nil || o.GuestOS == nil {
 		return nil, fmt.Errorf("container manager needs a runtime, an exit source, an audit recorder and a guest OS store")
