@@ -27,6 +27,7 @@ import (
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/config"
+	"github.com/cmlproject/cml/internal/safefile"
 	"github.com/cmlproject/cml/internal/sign"
 )
 
@@ -225,18 +226,7 @@ func (a *app) listCmd() *cobra.Command {
 type configFile struct{ text, sig, cert []byte }
 
 func readConfig(path string) (*configFile, error) {
-	read := func(p string, max int64) ([]byte, error) {
-		f, err := os.Open(p)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		b, err := io.ReadAll(io.LimitReader(f, max+1))
-		if err == nil && int64(len(b)) > max {
-			err = fmt.Errorf("%s is larger than %d bytes", p, max)
-		}
-		return b, err
-	}
+	read := safefile.ReadFile
 	text, err := read(path, config.MaxFileSize)
 	if err != nil {
 		return nil, err

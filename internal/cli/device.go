@@ -4,8 +4,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"io"
-	"os"
 	"strconv"
 	"strings"
 
@@ -15,6 +13,7 @@ import (
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/atomicfile"
+	"github.com/cmlproject/cml/internal/safefile"
 	"github.com/cmlproject/cml/internal/sign"
 )
 
@@ -190,10 +189,5 @@ func (a *app) write(path string, b []byte) error {
 }
 
 func readLimited(p string) ([]byte, error) {
-	f, err := os.Open(p)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	return io.ReadAll(io.LimitReader(f, 4<<20))
+	return safefile.ReadFile(p, 4<<20)
 }

@@ -43,6 +43,7 @@ import (
 	"github.com/cmlproject/cml/internal/bundle"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/errdefs"
+	"github.com/cmlproject/cml/internal/safefile"
 	"github.com/cmlproject/cml/internal/sign"
 	"github.com/cmlproject/cml/internal/trust"
 	"github.com/cmlproject/cml/internal/verity"
@@ -218,7 +219,7 @@ func (s *Store) versionDir(name string, version uint64) string {
 // readBounded reads a regular file (not following a final symlink) of at
 // most max bytes.
 func readBounded(path string, max int64) ([]byte, error) {
-	f, _, err := openRegular(path)
+	f, _, err := safefile.Open(path)
 	if err != nil {
 		return nil, err
 	}
@@ -231,29 +232,6 @@ func readBounded(path string, max int64) ([]byte, error) {
 		return nil, fmt.Errorf("%s is larger than %d bytes", path, max)
 	}
 	return b, nil
-}
-
-// openRegular opens a file a client named, for reading, only if it is a
-// regular file: no symlink is followed and the open does not block (a FIFO
-// or a device in a bundle would otherwise hang the open for ever).
-func openRegular(path string) (*os.File, os.FileInfo, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
-	if err != nil {
-		if errors.Is(err, unix.ELOOP) {
-			return nil, nil, fmt.Errorf("%s is a symbolic link, not a regular file", filepath.Base(path))
-		}
-		return nil, nil, err
-	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	if !st.Mode().IsRegular() {
-		f.Close()
-		return nil, nil, fmt.Errorf("%s is not a regular file (%s)", filepath.Base(path), st.Mode().Type())
-	}
-	return f, st, nil
 }
 
 // Install installs the guest OS in srcDir: manifest, its signature and
@@ -601,7 +579,7 @@ func (s *Store) checkImage(g *GuestOS, m *cmlv1.GuestOSMount) (*os.File, error) 
 // bytes; the destination is what later runs, so nobody can swap the source
 // between check and use.
 func copyVerified(ctx context.Context, src, dst string, m *cmlv1.GuestOSMount, progress func(uint64)) error {
-	in, st, err := openRegular(src)
+	in, st, err := safefile.Open(src)
 	if err != nil {
 		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "image %s", m.GetImageFile())
 	}
