@@ -165,3 +165,22 @@ func TestLegacyConfigLayout(t *testing.T) {
 		t.Fatalf("start after the update: %v", err)
 	}
 }
+
+// Item 11: a create retried after a lost connection (the identical config
+// and signature) reports the container that exists as success; another
+// config under the same name is still refused.
+func TestCreateRetryIsSafe(t *testing.T) {
+	f := newFixture(t)
+	text := []byte("name: \"a\"\nguest_os: \"busybox\"\n")
+	first, err := f.m.Create(t.Context(), ConfigFile{Source: "a", Text: text})
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := f.m.Create(t.Context(), ConfigFile{Source: "a", Text: text})
+	if err != nil || again.GetUuid() != first.GetUuid() {
+		t.Errorf("retry: %v %v", again, err)
+	}
+	if _, err := f.m.Create(t.Context(), ConfigFile{Source: "a", Text: []byte("name: \"a\"\nguest_os: \"busybox\"\nstop_timeout: 3\n")}); err == nil {
+		t.Error("a different config under an existing name was accepted")
+	}
+}

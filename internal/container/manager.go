@@ -19,7 +19,9 @@
 package container
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -40,6 +42,7 @@ import (
 	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/guestos"
 	"github.com/cmlproject/cml/internal/reaper"
+	"github.com/cmlproject/cml/internal/sign"
 	"github.com/cmlproject/cml/internal/trust"
 )
 
@@ -364,6 +367,22 @@ func (m *Manager) accept(f ConfigFile, now time.Time) (*cmlv1.ContainerConfig, t
 	return cfg, res, g, err
 }
 
+// sameConfig reports whether c's stored config is exactly f: the same
+// bytes, signature and chain.
+func (m *Manager) sameConfig(c *Container, f ConfigFile) bool {
+	dir := storedConfigDir(m.containerDir(c.uuid))
+	for name, want := range map[string][]byte{configFile: f.Text, configFile + sign.SigSuffix: f.Sig, configFile + sign.CertSuffix: f.Pem} {
+		got, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return false
+		}
+		if !bytes.Equal(got, want) {
+			return false
+		}
+	}
+	return true
+}
+
 // reserveName claims name for a create or rename in flight; m.mu must be
 // held. self is the container being renamed (nil for a create).
 func (m *Manager) reserveNameLocked(name string, self *Container) error {
@@ -385,7 +404,13 @@ func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, e
 	name := cfg.GetName()
 	m.mu.Lock()
 	if err := m.reserveNameLocked(name, nil); err != nil {
+		existing, _ := m.lookupLocked(name)
 		m.mu.Unlock()
+		// A client that lost its connection retries: the identical
+		// config (and signature) already stored is success, not an error.
+		if existing != nil && m.sameConfig(existing, f) {
+			return m.State(existing.uuid)
+		}
 		return nil, err
 	}
 	used := map[uint32]bool{}

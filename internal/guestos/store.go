@@ -265,6 +265,12 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	// copying and hashing gigabytes must not stall starts, lists and
 	// other installs.
 	final := s.versionDir(cfg.GetName(), cfg.GetVersion())
+	// A client that lost its connection retries: the identical signed
+	// manifest already installed is success, not an error. (Its images
+	// were verified at that install and are verified before every start.)
+	if g, err := s.load(cfg.GetName(), cfg.GetVersion()); err == nil && bytes.Equal(g.manifest, text) {
+		return g, nil
+	}
 	if err := s.reserve(id, cfg); err != nil {
 		return nil, err
 	}

@@ -191,8 +191,12 @@ func TestBadGuestOS(t *testing.T) {
 		})
 	}
 	d.installGuestOS()
-	d.refuse("already installed", "guestos", "install", guestOSDir)
-	d.create("user", "")
+	// Retrying the identical install (a client that lost its connection)
+	// is success; item 11.
+	d.installGuestOS()
+	userConf := d.signedConfig("user", "name: \"user\"\nguest_os: \"busybox\"\n")
+	d.must("create", userConf)
+	d.must("create", userConf) // the identical signed config again: success
 	d.refuse("used by container(s) user", "guestos", "remove", "busybox", "1")
 }
 
