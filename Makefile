@@ -6,7 +6,7 @@ PROTOC_GEN_GO := v1.36.12
 PROTOC_GEN_GO_GRPC := v1.5.1
 STATICCHECK := v0.8.2
 
-.PHONY: all build deps demo test test-unit bench generate lint clean
+.PHONY: all build deps demo test test-unit bench fuzz generate lint clean
 
 all: build
 
@@ -30,6 +30,11 @@ RACE := ./internal/container/ ./internal/reaper/ ./internal/api/ ./internal/gues
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
 	$(GO) test -race -count=1 -timeout 20m $(RACE)
+	@GO=$(GO) FUZZTIME=2s scripts/fuzz.sh
+
+# Every parser of outside input fuzzed for a minute each.
+fuzz:
+	@GO=$(GO) FUZZTIME=$${FUZZTIME:-60s} scripts/fuzz.sh
 
 # gofmt, go vet and staticcheck (pinned; fetched from the module proxy).
 lint:

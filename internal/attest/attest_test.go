@@ -49,7 +49,7 @@ type fixture struct {
 	vf            *Verifier
 }
 
-func newFixture(t *testing.T, rw io.ReadWriteCloser) *fixture {
+func newFixture(t testing.TB, rw io.ReadWriteCloser) *fixture {
 	t.Helper()
 	f := &fixture{vendor: testutil.NewPKI(t, "ecdsa-p256", "vendor"), fleet: testutil.NewPKI(t, "ecdsa-p256", "fleet")}
 	keys, err := tpm.EnsureKeys(rw)
@@ -96,7 +96,7 @@ func newFixture(t *testing.T, rw io.ReadWriteCloser) *fixture {
 
 // issueAK has ca certify the device's attestation key from its CSR, as
 // cmlsign pki device does.
-func (f *fixture) issueAK(t *testing.T, ca *testutil.PKI, notAfter time.Time, akUsage bool) []byte {
+func (f *fixture) issueAK(t testing.TB, ca *testutil.PKI, notAfter time.Time, akUsage bool) []byte {
 	t.Helper()
 	b, err := f.id.CSR(cmlv1.DeviceCSRRequest_ATTESTATION)
 	if err != nil {
@@ -118,7 +118,7 @@ func (f *fixture) issueAK(t *testing.T, ca *testutil.PKI, notAfter time.Time, ak
 	return sign.EncodeCertificates(c)
 }
 
-func (f *fixture) start(t *testing.T, uuid, name, verityRoot string, cfg []byte) {
+func (f *fixture) start(t testing.TB, uuid, name, verityRoot string, cfg []byte) {
 	t.Helper()
 	sum := sha256.Sum256(cfg)
 	if err := f.m.Measure(t.Context(), tpm.Event{Container: uuid, Name: name, GuestOS: "busybox", Version: 3, VerityRoot: verityRoot, ConfigSHA256: hex.EncodeToString(sum[:])}); err != nil {
@@ -126,7 +126,7 @@ func (f *fixture) start(t *testing.T, uuid, name, verityRoot string, cfg []byte)
 	}
 }
 
-func (f *fixture) attest(t *testing.T, nonce []byte) *cmlv1.Attestation {
+func (f *fixture) attest(t testing.TB, nonce []byte) *cmlv1.Attestation {
 	t.Helper()
 	a, err := f.id.Attest(nonce, nil)
 	if err != nil {

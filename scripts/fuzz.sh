@@ -1,0 +1,23 @@
+#!/bin/sh
+# Run every fuzz target of a parser that takes outside input, each for
+# FUZZTIME (default 2s, as in make test; make fuzz runs them longer).
+# A crash leaves its input under <package>/testdata/fuzz/<target>/: commit
+# it with the fix, so it stays a regression test of the normal test run.
+set -eu
+t=${FUZZTIME:-2s}
+GO=${GO:-go}
+for pair in \
+	internal/config:FuzzParseContainer \
+	internal/config:FuzzParseGuestOS \
+	internal/config:FuzzParseDevice \
+	internal/config:FuzzParseDeviceRule \
+	internal/sign:FuzzParseRevocationList \
+	internal/measurelog:FuzzDecodeLog \
+	internal/attest:FuzzVerify \
+	internal/cmlsign:FuzzExtractTar; do
+	pkg=${pair%%:*}
+	target=${pair#*:}
+	echo "fuzz $target ($pkg, $t)"
+	$GO test -run '^$' -fuzz "^$target\$" -fuzztime "$t" "./$pkg/" >/tmp/cml-fuzz.$$ 2>&1 || { cat /tmp/cml-fuzz.$$; rm -f /tmp/cml-fuzz.$$; exit 1; }
+done
+rm -f /tmp/cml-fuzz.$$
