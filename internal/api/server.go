@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/creack/pty"
+	"golang.org/x/term"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -582,9 +583,21 @@ func (s *Server) exec(ctx context.Context, stream cmlv1.Control_ExecServer, star
 			return -1, fmt.Errorf("exec: allocate terminal: %w", err)
 		}
 		defer ptmx.Close()
-		if start.GetRows() > 0 && start.GetCols() > 0 {
-			pty.Setsize(ptmx, &pty.Winsize{Rows: uint16(start.GetRows()), Cols: uint16(start.GetCols())})
+		// The terminal cmld allocates only carries bytes to runc, which
+		// makes the container's own terminal: raw, so it neither echoes
+		// nor translates anything itself (echo of a NUL runc writes at
+		// start showed as a stray "^@").
+		if _, err := term.MakeRaw(int(tty.Fd())); err != nil {
+			tty.Close()
+			return -1, fmt.Errorf("exec: terminal: %w", err)
 		}
+		// A client without a terminal of its own sends no size: give the
+		// classic 24x80 rather than 0x0, which makes stty and editors fail.
+		rows, cols := uint16(24), uint16(80)
+		if start.GetRows() > 0 && start.GetCols() > 0 {
+			rows, cols = uint16(start.GetRows()), uint16(start.GetCols())
+		}
+		pty.Setsize(ptmx, &pty.Winsize{Rows: rows, Cols: cols})
 		stdin = ptmx
 		opts.IO = oci.ExecIO{Stdin: tty, Stdout: tty, Stderr: tty, TTY: true}
 		go func() {

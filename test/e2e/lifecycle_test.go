@@ -224,3 +224,20 @@ func TestAuditTrail(t *testing.T) {
 		t.Errorf("audit trail lacks create (%v) or failed start (%v):\n%s", sawCreate, sawFailure, strings.Join(d.auditLines(), "\n"))
 	}
 }
+
+// Item 8: exec --tty gives the process a real terminal with a size (24x80
+// when the client has no terminal of its own) and adds nothing to the
+// output.
+func TestExecTTY(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	d.create("t", "")
+	d.must("start", "t")
+	out := d.must("exec", "--tty", "t", "--", "sh", "-c", "tty; stty size")
+	if !strings.HasPrefix(out, "/dev/pts/") || !strings.Contains(out, "24 80") {
+		t.Errorf("exec --tty: %q", out)
+	}
+	if strings.ContainsRune(out, 0) || strings.Contains(out, "^@") {
+		t.Errorf("stray NUL in %q", out)
+	}
+}
