@@ -35,8 +35,12 @@ import (
 	"github.com/cmlproject/cml/internal/trust"
 )
 
-// MaxAnswer bounds an attestation a verifier will parse.
-const MaxAnswer = 8 << 20
+// MaxAnswer bounds an attestation a verifier will parse: a measurement
+// log of up to measurelog.MaxLog and the rest.
+const MaxAnswer = measurelog.MaxLog + 1<<20
+
+// maxParsed bounds the cache of parsed event contents.
+const maxParsed = 4096
 
 // Reference is what a verifier trusts: signed guest OS versions and signed
 // configs, each verified against the reference trust roots when loaded.
@@ -281,14 +285,22 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 	if !ok {
 		return v.add("log", false, "measurement PCR %d was not quoted", mp)
 	}
-	log, err := measurelog.DecodeLog(a.GetEventLog())
-	if err != nil {
+	// Walked, not decoded: a device that started containers for years has
+	// a long log, and the verifier holds no more than its bytes.
+	replay, events := make([]byte, sha256.Size), 0
+	if err := measurelog.Walk(a.GetEventLog(), func(r measurelog.Record) error {
+		if int(r.Index) == mp {
+			replay = measurelog.Extend(replay, r.Digests[crypto.SHA256])
+			events++
+		}
+		return nil
+	}); err != nil {
 		return v.add("log", false, "measurement log: %v", err)
 	}
-	if !bytes.Equal(measurelog.Replay(log, mp), pv) {
-		return v.add("log", false, "measurement log (%d events) does not replay to PCR %d: events inserted, removed, reordered or changed", len(log.Records), mp)
+	if !bytes.Equal(replay, pv) {
+		return v.add("log", false, "measurement log (%d events) does not replay to PCR %d: events inserted, removed, reordered or changed", events, mp)
 	}
-	v.add("log", true, "%d events replay to PCR %d", len(log.Records), mp)
+	v.add("log", true, "%d events replay to PCR %d", events, mp)
 
 	// 7. Every measured start maps to a trusted guest OS and config.
 	byUUID := map[string]int{}
@@ -296,14 +308,20 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 	// parse each distinct content once.
 	parsed := map[string]measurelog.Event{}
 	ok = true
-	for _, r := range log.Records {
+	measurelog.Walk(a.GetEventLog(), func(r measurelog.Record) error {
 		if int(r.Index) != mp {
-			continue
+			return nil
+		}
+		// Distinct contents are few (one per container and config);
+		// a log of all-distinct events must not grow the cache without
+		// end.
+		if len(parsed) > maxParsed {
+			clear(parsed)
 		}
 		e, err := parseRecord(r, parsed)
 		if err != nil {
 			ok = v.add("log", false, "event %d: %v", r.RecNum, err)
-			continue
+			return nil
 		}
 		i, seen := byUUID[e.Container]
 		if !seen {
@@ -327,7 +345,8 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 			c.Detail = img + "; " + cfg
 		}
 		ok = ok && c.OK
-	}
+		return nil
+	})
 	return ok
 }
 

@@ -50,6 +50,12 @@ type fixture struct {
 }
 
 func newFixture(t testing.TB, rw io.ReadWriteCloser) *fixture {
+	return newFixtureWithLog(t, rw, nil)
+}
+
+// newFixtureWithLog lets prefill write a measurement log (and extend the
+// PCR to match) before the device opens it.
+func newFixtureWithLog(t testing.TB, rw io.ReadWriteCloser, prefill func(logPath string)) *fixture {
 	t.Helper()
 	f := &fixture{vendor: testutil.NewPKI(t, "ecdsa-p256", "vendor"), fleet: testutil.NewPKI(t, "ecdsa-p256", "fleet")}
 	keys, err := tpm.EnsureKeys(rw)
@@ -57,6 +63,9 @@ func newFixture(t testing.TB, rw io.ReadWriteCloser) *fixture {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
+	if prefill != nil {
+		prefill(filepath.Join(dir, "log.cel"))
+	}
 	if f.m, err = tpm.NewMeasurer(rw, tpm.DefaultPCR, filepath.Join(dir, "log.cel")); err != nil {
 		t.Fatal(err)
 	}

@@ -107,6 +107,10 @@ func (a *app) crlCmd() *cobra.Command {
 	return crl
 }
 
+// maxAnswer bounds a reply cmlctl takes: a measurement log of 256 MiB
+// and the rest (as cmlverify's attest.MaxAnswer).
+const maxAnswer = 257 << 20
+
 // ExecFailed is cmlctl exec's exit status when the command could not be
 // run at all (refused, not started by the runtime, connection lost).
 const ExecFailed = 125
@@ -126,7 +130,10 @@ type app struct {
 
 func (a *app) client() (cmlv1.ControlClient, error) {
 	if a.conn == nil {
-		conn, err := grpc.NewClient("unix://"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		// Attestation answers carry the whole measurement log (up to 256
+		// MiB for a device that ran for years).
+		conn, err := grpc.NewClient("unix://"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxAnswer)))
 		if err != nil {
 			return nil, err
 		}

@@ -115,55 +115,80 @@ func (l Log) EncodeCEL(buf *bytes.Buffer) error {
 	return nil
 }
 
-// MaxLog bounds a measurement log a verifier will parse.
-const MaxLog = 4 << 20
+// MaxLog bounds a measurement log a verifier will parse: about 800,000
+// starts. Walk never holds more than one record beyond the log's bytes.
+const MaxLog = 256 << 20
 
-// DecodeLog parses a CEL-encoded measurement log. Only PCR records with a
-// SHA-256 digest are accepted; anything malformed is an error, never a
-// partial log.
+// DecodeLog parses a CEL-encoded measurement log into records. Only PCR
+// records with a SHA-256 digest are accepted; anything malformed is an
+// error, never a partial log. (Long logs are better walked.)
 func DecodeLog(b []byte) (Log, error) {
-	if len(b) > MaxLog {
-		return Log{}, fmt.Errorf("measurement log of %d bytes exceeds %d", len(b), MaxLog)
-	}
 	var l Log
-	for len(b) > 0 {
+	err := Walk(b, func(r Record) error {
+		l.Records = append(l.Records, r)
+		return nil
+	})
+	if err != nil {
+		return Log{}, err
+	}
+	return l, nil
+}
+
+// Walk calls fn for each record of the CEL-encoded log b, in order,
+// without keeping them: memory stays bounded whatever the log's length.
+// A malformed record ends the walk with an error.
+func Walk(b []byte, fn func(Record) error) error {
+	if len(b) > MaxLog {
+		return fmt.Errorf("measurement log of %d bytes exceeds %d", len(b), MaxLog)
+	}
+	for n := 0; len(b) > 0; n++ {
 		var fields [4]TLV
 		for i := range fields {
 			var err error
 			if fields[i], b, err = nextTLV(b); err != nil {
-				return Log{}, fmt.Errorf("record %d: %w", len(l.Records), err)
+				return fmt.Errorf("record %d: %w", n, err)
 			}
 		}
 		num, idx, dig, content := fields[0], fields[1], fields[2], fields[3]
 		if num.Type != recnumType || len(num.Value) != 8 {
-			return Log{}, fmt.Errorf("record %d: bad record number field", len(l.Records))
+			return fmt.Errorf("record %d: bad record number field", n)
 		}
 		if idx.Type != PCRTypeValue || len(idx.Value) != 1 {
-			return Log{}, fmt.Errorf("record %d: not a PCR record", len(l.Records))
+			return fmt.Errorf("record %d: not a PCR record", n)
 		}
 		if dig.Type != digestsType {
-			return Log{}, fmt.Errorf("record %d: bad digests field", len(l.Records))
+			return fmt.Errorf("record %d: bad digests field", n)
 		}
 		r := Record{RecNum: binary.BigEndian.Uint64(num.Value), Index: idx.Value[0], IndexType: idx.Type, Digests: map[crypto.Hash][]byte{}, Content: content}
 		for rest := dig.Value; len(rest) > 0; {
 			var d TLV
 			var err error
 			if d, rest, err = nextTLV(rest); err != nil {
-				return Log{}, fmt.Errorf("record %d: digests: %w", len(l.Records), err)
+				return fmt.Errorf("record %d: digests: %w", n, err)
 			}
 			if d.Type == algSHA256 {
 				if len(d.Value) != sha256.Size {
-					return Log{}, fmt.Errorf("record %d: SHA-256 digest of %d bytes", len(l.Records), len(d.Value))
+					return fmt.Errorf("record %d: SHA-256 digest of %d bytes", n, len(d.Value))
 				}
 				r.Digests[crypto.SHA256] = d.Value
 			}
 		}
 		if r.Digests[crypto.SHA256] == nil {
-			return Log{}, fmt.Errorf("record %d: no SHA-256 digest", len(l.Records))
+			return fmt.Errorf("record %d: no SHA-256 digest", n)
 		}
-		l.Records = append(l.Records, r)
+		if err := fn(r); err != nil {
+			return err
+		}
 	}
-	return l, nil
+	return nil
+}
+
+// Extend returns the PCR value after extending v with digest.
+func Extend(v, digest []byte) []byte {
+	h := sha256.New()
+	h.Write(v)
+	h.Write(digest)
+	return h.Sum(nil)
 }
 
 // Event is one measured container start: enough for a verifier to map it
@@ -225,10 +250,7 @@ func Replay(l Log, pcr int) []byte {
 		if int(r.Index) != pcr || r.IndexType != PCRTypeValue {
 			continue
 		}
-		h := sha256.New()
-		h.Write(v)
-		h.Write(r.Digests[crypto.SHA256])
-		v = h.Sum(nil)
+		v = Extend(v, r.Digests[crypto.SHA256])
 	}
 	return v
 }

@@ -24,7 +24,6 @@ import (
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
 
-	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/measurelog"
 )
 
@@ -53,8 +52,15 @@ type Measurer struct {
 	pcr     int
 	logPath string
 	mu      sync.Mutex
-	log     measurelog.Log
-	resets  int
+	// The log lives in its file, not in memory (a device measures for
+	// years): what is kept is its length, where its last record starts,
+	// and the PCR values it replays to with and without that record.
+	count      int
+	size       int64
+	lastStart  int64
+	replay     []byte
+	prevReplay []byte
+	resets     int
 }
 
 // NewMeasurer opens the measurement log at logPath against the TPM rw.
@@ -62,15 +68,22 @@ type Measurer struct {
 // unless the PCR is still zero (the TPM was reset, e.g. by a reboot): then
 // the old log is kept as logPath.old and a new one starts.
 func NewMeasurer(rw io.ReadWriteCloser, pcr int, logPath string) (*Measurer, error) {
-	m := &Measurer{rw: rw, pcr: pcr, logPath: logPath}
+	m := &Measurer{rw: rw, pcr: pcr, logPath: logPath, replay: make([]byte, sha256.Size)}
 	b, err := os.ReadFile(logPath)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
-	if len(b) > 0 {
-		if m.log, err = measurelog.DecodeLog(b); err != nil {
-			return nil, fmt.Errorf("measurement log %s: %w", logPath, err)
+	var off int64
+	if err := measurelog.Walk(b, func(r measurelog.Record) error {
+		enc, err := encodeRecord(r)
+		if err != nil {
+			return err
 		}
+		m.add(r, off, int64(len(enc)))
+		off += int64(len(enc))
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("measurement log %s: %w", logPath, err)
 	}
 	if _, err := m.sync(); err != nil {
 		return nil, err
@@ -88,20 +101,23 @@ func (m *Measurer) sync() (reset bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	if bytes.Equal(Replay(m.log, m.pcr), cur) {
+	if bytes.Equal(m.replay, cur) {
 		return false, nil
 	}
 	if !bytes.Equal(cur, make([]byte, sha256.Size)) {
-		if n := len(m.log.Records); n > 0 && bytes.Equal(Replay(measurelog.Log{Records: m.log.Records[:n-1]}, m.pcr), cur) {
+		if m.count > 0 && bytes.Equal(m.prevReplay, cur) {
 			// The log is written ahead of the PCR: its last record never
 			// reached the TPM (cmld died, or the extend failed, in between).
 			// Drop that record; the start it describes did not happen.
-			if err := m.rewrite(m.log.Records[:n-1]); err != nil {
-				return false, err
+			if err := os.Truncate(m.logPath, m.lastStart); err != nil {
+				return false, fmt.Errorf("repair measurement log: %w", err)
 			}
+			m.count--
+			m.size, m.replay = m.lastStart, m.prevReplay
+			m.prevReplay = nil // one record at most
 			return false, nil
 		}
-		if len(m.log.Records) == 0 {
+		if m.count == 0 {
 			// Something else measures into this PCR on this host (for
 			// example systemd-stub measures unified kernel images into 11).
 			return false, fmt.Errorf("PCR %d already holds measurements cmld did not make (another component of this host uses it): choose a PCR nothing else extends with measurement_pcr in device.conf", m.pcr)
@@ -111,9 +127,27 @@ func (m *Measurer) sync() (reset bool, err error) {
 	if err := os.Rename(m.logPath, m.logPath+".old"); err != nil {
 		return false, err
 	}
-	m.log = measurelog.Log{}
+	m.count, m.size, m.lastStart, m.replay, m.prevReplay = 0, 0, 0, make([]byte, sha256.Size), nil
 	m.resets++
 	return true, nil
+}
+
+// add accounts for record r of n bytes at offset off, as the log's last.
+// Records of another PCR (measurement_pcr was changed) stay in the log but
+// do not count towards the replay.
+func (m *Measurer) add(r measurelog.Record, off, n int64) {
+	m.prevReplay, m.lastStart = m.replay, off
+	if int(r.Index) == m.pcr {
+		m.replay = measurelog.Extend(m.replay, r.Digests[crypto.SHA256])
+	}
+	m.size = off + n
+	m.count++
+}
+
+func encodeRecord(r measurelog.Record) ([]byte, error) {
+	var buf bytes.Buffer
+	err := r.EncodeCELR(&buf)
+	return buf.Bytes(), err
 }
 
 // Check compares the log with the PCR now, starting the log over when the
@@ -198,7 +232,7 @@ func (m *Measurer) Measure(ctx context.Context, e Event) error {
 		}
 		return fmt.Errorf("extend PCR %d: %w", m.pcr, err)
 	}
-	m.log.Records = append(m.log.Records, rec)
+	m.add(rec, st.Size(), int64(buf.Len()))
 	return nil
 }
 
@@ -214,22 +248,8 @@ func (m *Measurer) record(e Event) (measurelog.Record, error) {
 	if err != nil {
 		return measurelog.Record{}, err
 	}
-	return measurelog.Record{RecNum: uint64(len(m.log.Records)), Index: uint8(m.pcr), IndexType: measurelog.PCRTypeValue,
+	return measurelog.Record{RecNum: uint64(m.count), Index: uint8(m.pcr), IndexType: measurelog.PCRTypeValue,
 		Digests: map[crypto.Hash][]byte{crypto.SHA256: digest}, Content: tlv}, nil
-}
-
-// rewrite replaces the log with records, atomically.
-func (m *Measurer) rewrite(records []measurelog.Record) error {
-	l := measurelog.Log{Records: records}
-	var buf bytes.Buffer
-	if err := l.EncodeCEL(&buf); err != nil {
-		return err
-	}
-	if err := atomicfile.Write(m.logPath, buf.Bytes(), 0o600); err != nil {
-		return fmt.Errorf("repair measurement log: %w", err)
-	}
-	m.log = l
-	return nil
 }
 
 // Attest quotes the selected PCRs with nonce and returns the quote with
@@ -241,18 +261,30 @@ func (m *Measurer) Attest(k *Keys, nonce []byte, pcrs []int) (*Quote, []byte, er
 	if err != nil {
 		return nil, nil, err
 	}
-	var buf bytes.Buffer
-	if err := m.log.EncodeCEL(&buf); err != nil {
-		return nil, nil, err
-	}
-	return q, buf.Bytes(), nil
+	log, err := m.readLog()
+	return q, log, err
 }
 
 // Log returns the measurement log, CEL-encoded.
 func (m *Measurer) Log() ([]byte, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var buf bytes.Buffer
-	err := m.log.EncodeCEL(&buf)
-	return buf.Bytes(), err
+	return m.readLog()
+}
+
+// readLog reads the part of the log file the PCR covers; m.mu is held.
+func (m *Measurer) readLog() ([]byte, error) {
+	if m.size == 0 {
+		return nil, nil
+	}
+	f, err := os.Open(m.logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b := make([]byte, m.size)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("read measurement log: %w", err)
+	}
+	return b, nil
 }

@@ -79,8 +79,8 @@ func TestLogAheadOfPCRIsRepaired(t *testing.T) {
 	if err != nil {
 		t.Fatalf("a log one record ahead of the PCR was refused: %v", err)
 	}
-	if len(m2.log.Records) != 3 {
-		t.Errorf("repaired log has %d records, want 3", len(m2.log.Records))
+	if m2.count != 3 {
+		t.Errorf("repaired log has %d records, want 3", m2.count)
 	}
 	if now, _ := os.ReadFile(logPath); !bytes.Equal(now, good) {
 		t.Error("repair did not restore the log")
