@@ -308,6 +308,7 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 	// parse each distinct content once.
 	parsed := map[string]measurelog.Event{}
 	ok = true
+	bad := 0
 	measurelog.Walk(a.GetEventLog(), func(r measurelog.Record) error {
 		if int(r.Index) != mp {
 			return nil
@@ -320,7 +321,12 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 		}
 		e, err := parseRecord(r, parsed)
 		if err != nil {
-			ok = v.add("log", false, "event %d: %v", r.RecNum, err)
+			// Reported for the first few; a verdict stays small whatever
+			// the device sent.
+			if bad++; bad <= 8 {
+				v.add("log", false, "event %d: %v", r.RecNum, err)
+			}
+			ok = false
 			return nil
 		}
 		i, seen := byUUID[e.Container]
@@ -347,6 +353,9 @@ func (vf *Verifier) verify(v *Verdict, a *cmlv1.Attestation, nonce []byte) bool 
 		ok = ok && c.OK
 		return nil
 	})
+	if bad > 8 {
+		v.add("log", false, "%d events in all could not be read", bad)
+	}
 	return ok
 }
 
