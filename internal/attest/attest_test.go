@@ -369,7 +369,7 @@ func TestReadAnswerBounds(t *testing.T) {
 	}
 	big := filepath.Join(dir, "big.json")
 	os.WriteFile(big, append(b, make([]byte, MaxAnswer)...), 0o600)
-	if _, err := ReadAnswer(big); err == nil || !strings.Contains(err.Error(), "exceeds") {
+	if _, err := ReadAnswer(big); err == nil || !strings.Contains(err.Error(), "larger than") {
 		t.Errorf("oversized answer: %v", err)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/safefile"
 	"github.com/cmlproject/cml/internal/sign"
 	"github.com/cmlproject/cml/internal/trust"
 )
@@ -227,17 +228,9 @@ func parsePCRs(s string) ([]uint32, error) {
 // ReadAnswer reads a saved answer (protojson, as cmlctl device attest
 // writes it), bounded and strictly parsed.
 func ReadAnswer(p string) (*cmlv1.Attestation, error) {
-	f, err := os.Open(p)
+	b, err := safefile.ReadFile(p, MaxAnswer)
 	if err != nil {
 		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, MaxAnswer+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > MaxAnswer {
-		return nil, fmt.Errorf("answer %s exceeds %d bytes", p, MaxAnswer)
 	}
 	a := &cmlv1.Attestation{}
 	if err := protojson.Unmarshal(bytes.TrimSpace(b), a); err != nil {

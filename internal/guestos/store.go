@@ -216,24 +216,6 @@ func (s *Store) versionDir(name string, version uint64) string {
 	return filepath.Join(s.dir, name, strconv.FormatUint(version, 10))
 }
 
-// readBounded reads a regular file (not following a final symlink) of at
-// most max bytes.
-func readBounded(path string, max int64) ([]byte, error) {
-	f, _, err := safefile.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, max+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > max {
-		return nil, fmt.Errorf("%s is larger than %d bytes", path, max)
-	}
-	return b, nil
-}
-
 // Install installs the guest OS in srcDir: manifest, its signature and
 // chain, and the images it names. It returns the installed guest OS, or an
 // error and leaves the store unchanged.
@@ -242,15 +224,15 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 		progress = func(string, uint64, uint64) {}
 	}
 	mpath := filepath.Join(srcDir, ManifestFile)
-	text, err := readBounded(mpath, config.MaxFileSize)
+	text, err := safefile.ReadFile(mpath, config.MaxFileSize)
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "guest OS manifest")
 	}
-	sig, err := readBounded(mpath+sign.SigSuffix, sign.MaxSignatureSize)
+	sig, err := safefile.ReadFile(mpath+sign.SigSuffix, sign.MaxSignatureSize)
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrIntegrity, err, "guest OS manifest signature")
 	}
-	chain, err := readBounded(mpath+sign.CertSuffix, sign.MaxChainSize)
+	chain, err := safefile.ReadFile(mpath+sign.CertSuffix, sign.MaxChainSize)
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrIntegrity, err, "guest OS signer certificate")
 	}
@@ -472,8 +454,8 @@ func (s *Store) Check(ctx context.Context, g *GuestOS) (*os.File, error) {
 func (s *Store) checkManifest(g *GuestOS) error {
 	id := fmt.Sprintf("guestos %s %d", g.Name(), g.Version())
 	mpath := filepath.Join(g.Dir, ManifestFile)
-	sig, err1 := readBounded(mpath+sign.SigSuffix, sign.MaxSignatureSize)
-	chain, err2 := readBounded(mpath+sign.CertSuffix, sign.MaxChainSize)
+	sig, err1 := safefile.ReadFile(mpath+sign.SigSuffix, sign.MaxSignatureSize)
+	chain, err2 := safefile.ReadFile(mpath+sign.CertSuffix, sign.MaxChainSize)
 	if err := errors.Join(err1, err2); err != nil {
 		return errdefs.Wrap(errdefs.ErrIntegrity, err, "%s: manifest", id)
 	}
@@ -573,7 +555,7 @@ func (s *Store) checkImage(g *GuestOS, m *cmlv1.GuestOSMount) (*os.File, error) 
 		f.Close()
 		return nil, errdefs.Integrity("image %s: missing, not a regular file, or its size changed", m.GetImageFile())
 	}
-	ref, _ := readBounded(g.ImagePath(m)+HashFileSuffix, verity.HashFileSize(int64(m.GetImageSize())))
+	ref, _ := safefile.ReadFile(g.ImagePath(m)+HashFileSuffix, verity.HashFileSize(int64(m.GetImageSize())))
 	if err := verity.Check(f, st.Size(), salt, root, ref, s.o.Workers); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("image %s: %w", m.GetImageFile(), err)
@@ -642,7 +624,7 @@ func syncDir(dir string) {
 // load reads an installed guest OS from its store directory.
 func (s *Store) load(name string, version uint64) (*GuestOS, error) {
 	dir := s.versionDir(name, version)
-	text, err := readBounded(filepath.Join(dir, ManifestFile), config.MaxFileSize)
+	text, err := safefile.ReadFile(filepath.Join(dir, ManifestFile), config.MaxFileSize)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, errdefs.NotFound("guestos %s %d is not installed", name, version)
@@ -661,7 +643,7 @@ func (s *Store) load(name string, version uint64) (*GuestOS, error) {
 		total += m.GetImageSize()
 	}
 	g := &GuestOS{Config: cfg, Dir: dir, Size: total, manifest: text}
-	b, err := readBounded(filepath.Join(dir, installFile), 4096)
+	b, err := safefile.ReadFile(filepath.Join(dir, installFile), 4096)
 	if err != nil || json.Unmarshal(b, &g.Installed) != nil {
 		return nil, errdefs.Integrity("guestos %s %d: install record is missing or damaged", name, version)
 	}
