@@ -6,7 +6,7 @@ PROTOC_GEN_GO := v1.36.12
 PROTOC_GEN_GO_GRPC := v1.5.1
 STATICCHECK := v0.8.2
 
-.PHONY: all build deps demo test test-unit bench fuzz generate lint clean
+.PHONY: all build deps demo test test-unit test-vm bench fuzz generate lint clean
 
 all: build
 
@@ -31,6 +31,12 @@ test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
 	$(GO) test -race -count=1 -timeout 20m $(RACE)
 	@GO=$(GO) FUZZTIME=2s scripts/fuzz.sh
+	@GO=$(GO) scripts/vm-test.sh
+
+# The tests this kernel cannot run (device-mapper, a kernel TPM, pure
+# cgroup v2), inside QEMU booting Debian's own kernel; part of make test.
+test-vm: deps
+	@GO=$(GO) scripts/vm-test.sh
 
 # Every parser of outside input fuzzed for a minute each.
 fuzz:

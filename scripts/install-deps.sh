@@ -6,7 +6,8 @@ need=""
 for pair in runc:runc busybox:busybox-static mkfs.erofs:erofs-utils mksquashfs:squashfs-tools \
 	protoc:protobuf-compiler gcc:gcc veritysetup:cryptsetup-bin \
 	openssl:openssl softhsm2-util:softhsm2 pkcs11-tool:opensc \
-	swtpm:swtpm swtpm_setup:swtpm-tools tpm2_checkquote:tpm2-tools; do
+	swtpm:swtpm swtpm_setup:swtpm-tools tpm2_checkquote:tpm2-tools \
+	qemu-system-x86_64:qemu-system-x86; do
 	bin=${pair%%:*}
 	pkg=${pair#*:}
 	command -v "$bin" >/dev/null 2>&1 || need="$need $pkg"

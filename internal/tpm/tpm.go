@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cmlproject/cml/internal/errdefs"
 )
 
@@ -158,7 +160,17 @@ func (c *Conn) Close() error {
 
 // OpenDevice opens a kernel TPM resource manager such as /dev/tpmrm0.
 func OpenDevice(path string) (*Conn, error) {
-	dial := func() (io.ReadWriteCloser, error) { return os.OpenFile(path, os.O_RDWR, 0) }
+	// Blocking, and kept away from Go's poller: opened non-blocking, the
+	// kernel's TPM device runs a command asynchronously and a read before
+	// the answer returns 0 bytes (EOF), not EAGAIN. The kernel enforces
+	// its own command timeouts on this path; Timeout applies to sockets.
+	dial := func() (io.ReadWriteCloser, error) {
+		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, &os.PathError{Op: "open", Path: path, Err: err}
+		}
+		return os.NewFile(uintptr(fd), path), nil
+	}
 	f, err := dial()
 	if err != nil {
 		return nil, err

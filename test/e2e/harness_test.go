@@ -14,8 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpmutil"
+
 	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/testutil"
+	"github.com/cmlproject/cml/internal/tpm"
 )
 
 var (
@@ -32,6 +36,14 @@ func TestMain(m *testing.M) {
 	tmp, err := os.MkdirTemp("", "cml-e2e-")
 	if err != nil {
 		panic(err)
+	}
+	// The VM lane (scripts/vm-test.sh) has no Go toolchain inside: it
+	// hands over binaries, PKI and guest OS built on the host.
+	if dir := os.Getenv("CML_E2E_PREBUILT"); dir != "" {
+		binDir, pkiDir, guestOSDir = filepath.Join(dir, "bin"), filepath.Join(dir, "pki"), filepath.Join(dir, "guestos")
+		code := m.Run()
+		os.RemoveAll(tmp)
+		os.Exit(code)
 	}
 	binDir = filepath.Join(tmp, "bin")
 	build := exec.Command("go", "build", "-o", binDir+"/", "github.com/cmlproject/cml/cmd/...")
@@ -95,8 +107,43 @@ func startDaemon(t *testing.T) *daemon {
 	d.socket = filepath.Join(d.run, "control.sock")
 	t.Cleanup(d.cleanup)
 	d.provision()
+	if kernelTPM() {
+		// A kernel TPM keeps its PCRs across daemons; every test starts
+		// a new device state, so each measures into the resettable
+		// PCR 23, reset first (a restart within a test keeps it).
+		resetPCR(t, kernelTPMPCR)
+		os.WriteFile(filepath.Join(d.stateDir, "device.conf"), []byte(deviceConfForTPM("")), 0o600)
+	}
 	d.start()
 	return d
+}
+
+// kernelTPMPCR is the PCR tests measure into on a host with a kernel TPM.
+const kernelTPMPCR = 23
+
+func kernelTPM() bool {
+	_, err := os.Stat(tpm.DevicePath)
+	return err == nil
+}
+
+// deviceConfForTPM adds the test PCR to a device.conf on a kernel TPM.
+func deviceConfForTPM(text string) string {
+	if kernelTPM() && !strings.Contains(text, "measurement_pcr") {
+		text += fmt.Sprintf("measurement_pcr: %d\n", kernelTPMPCR)
+	}
+	return text
+}
+
+func resetPCR(t *testing.T, pcr int) {
+	t.Helper()
+	f, err := os.OpenFile(tpm.DevicePath, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := tpm2.PCRReset(f, tpmutil.Handle(pcr)); err != nil {
+		t.Fatalf("reset PCR %d: %v", pcr, err)
+	}
 }
 
 // provision installs the test PKI's root as the device's vendor CA, as the
