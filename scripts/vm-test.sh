@@ -29,8 +29,13 @@ mkdir -p "$out/dl" "$share/prebuilt/bin" "$share/results" "$root" "$out/tpm"
 
 # 1. Debian's kernel, resolved through the meta package so security
 # updates are followed.
-pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-[ -n "$pkg" ] || { log "cannot resolve linux-image-amd64 (run apt-get update)"; exit 1; }
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+pkg=$(resolve)
+if [ -z "$pkg" ]; then
+	apt-get update -qq >/dev/null
+	pkg=$(resolve)
+fi
+[ -n "$pkg" ] || { log "cannot resolve linux-image-amd64 from apt"; exit 1; }
 if [ ! -f "$out/dl/$pkg.deb" ]; then
 	log "downloading $pkg"
 	(cd "$out/dl" && apt-get download "$pkg" >/dev/null 2>&1 && mv "$pkg"_*.deb "$pkg.deb")
