@@ -67,10 +67,15 @@ libs() {
 		cp -L "$l" "$root$l"
 	done
 }
-for tool in runc veritysetup openssl; do
+for tool in runc veritysetup openssl tpm2_checkquote tpm2_pcrread; do
 	p=$(command -v "$tool")
-	cp "$p" "$root/usr/bin/"
+	cp "$p" "$root/usr/bin/$tool"
 	libs "$p"
+done
+# tpm2-tools load their TPM access library by name at run time.
+for l in /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0*; do
+	mkdir -p "$root$(dirname "$l")"
+	cp -L "$l" "$root$l"
 done
 for b in "$share"/*.test "$share"/prebuilt/bin/*; do
 	libs "$b"

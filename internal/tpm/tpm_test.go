@@ -6,6 +6,7 @@ import (
 	"crypto"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -21,6 +22,8 @@ import (
 
 	"github.com/google/go-tpm-tools/simulator"
 	"github.com/google/go-tpm/legacy/tpm2"
+
+	"github.com/cmlproject/cml/internal/sign"
 )
 
 func sim(t *testing.T) *Conn {
@@ -318,13 +321,45 @@ func TestKernelTPM(t *testing.T) {
 	if err := m.Measure(t.Context(), Event{Container: "kernel-tpm-test"}); err != nil {
 		t.Fatal(err)
 	}
-	q, log, err := m.Attest(k, []byte("kernel-tpm-nonce"), []int{16})
+	nonce := []byte("kernel-tpm-nonce")
+	q, log, err := m.Attest(k, nonce, []int{16})
 	if err != nil {
 		t.Fatal(err)
 	}
 	l, _ := DecodeLog(log)
 	if !bytes.Equal(Replay(l, 16), q.PCRs[16]) {
 		t.Fatal("log does not replay to the quoted PCR")
+	}
+	// tpm2-tools, an independent verifier, accepts the kernel TPM's quote
+	// (and refuses it for another nonce).
+	if _, err := exec.LookPath("tpm2_checkquote"); err != nil {
+		t.Log("tpm2_checkquote not installed: independent check skipped")
+		return
+	}
+	dir := t.TempDir()
+	pub, err := sign.PublicKeyPEM(k.Attestation.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n, b := range map[string][]byte{"ak.pem": pub, "quote.bin": q.Attest, "sig.bin": q.Signature} {
+		os.WriteFile(filepath.Join(dir, n), b, 0o600)
+	}
+	if out, err := exec.Command("tpm2_pcrread", "-T", "device:"+DevicePath, "sha256:16", "-o", filepath.Join(dir, "pcrs.bin")).CombinedOutput(); err != nil {
+		t.Fatalf("tpm2_pcrread: %v\n%s", err, out)
+	}
+	check := func(n []byte) error {
+		out, err := exec.Command("tpm2_checkquote", "-u", filepath.Join(dir, "ak.pem"), "-m", filepath.Join(dir, "quote.bin"),
+			"-s", filepath.Join(dir, "sig.bin"), "-f", filepath.Join(dir, "pcrs.bin"), "-l", "sha256:16", "-g", "sha256", "-q", hex.EncodeToString(n)).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	}
+	if err := check(nonce); err != nil {
+		t.Fatalf("tpm2_checkquote rejects the kernel TPM's quote: %v", err)
+	}
+	if check([]byte("another-nonce-00")) == nil {
+		t.Fatal("tpm2_checkquote accepted a wrong nonce")
 	}
 }
 
