@@ -95,6 +95,10 @@ func ensure(rw io.ReadWriter, h tpmutil.Handle, tmpl tpm2.Public, parent tpmutil
 	}
 	defer tpm2.FlushContext(rw, loaded)
 	if err := tpm2.EvictControl(rw, "", tpm2.HandleOwner, loaded, h); err != nil {
+		// Another process made the same key meanwhile: use that one.
+		if pub, _, _, rerr := tpm2.ReadPublic(rw, h); rerr == nil && pub.MatchesTemplate(tmpl) {
+			return client.LoadCachedKey(rw, h, client.NullSession{})
+		}
 		return nil, fmt.Errorf("persist at %#x: %w", uint32(h), err)
 	}
 	return client.LoadCachedKey(rw, h, client.NullSession{})

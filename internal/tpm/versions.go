@@ -41,11 +41,15 @@ func OpenVersions(rw io.ReadWriter) (*Versions, error) {
 	pub, err := tpm2.NVReadPublic(rw, VersionsIndex)
 	if err != nil {
 		attrs := tpm2.AttrOwnerWrite | tpm2.AttrOwnerRead | tpm2.AttrNoDA
-		if err := tpm2.NVDefineSpace(rw, tpm2.HandleOwner, VersionsIndex, "", "", nil, attrs, versionsSize); err != nil {
-			return nil, fmt.Errorf("define NV index %#x: %w", uint32(VersionsIndex), err)
+		derr := tpm2.NVDefineSpace(rw, tpm2.HandleOwner, VersionsIndex, "", "", nil, attrs, versionsSize)
+		if derr == nil {
+			v.table = make([]byte, versionsSize)
+			return v, v.write()
 		}
-		v.table = make([]byte, versionsSize)
-		return v, v.write()
+		// Another process defined it meanwhile: read that one.
+		if pub, err = tpm2.NVReadPublic(rw, VersionsIndex); err != nil {
+			return nil, fmt.Errorf("define NV index %#x: %w", uint32(VersionsIndex), derr)
+		}
 	}
 	if pub.DataSize != versionsSize {
 		return nil, fmt.Errorf("NV index %#x has %d bytes, not CML's %d (refusing to reuse it)", uint32(VersionsIndex), pub.DataSize, versionsSize)

@@ -118,8 +118,15 @@ func startDaemon(t *testing.T) *daemon {
 	return d
 }
 
-// kernelTPMPCR is the PCR tests measure into on a host with a kernel TPM.
-const kernelTPMPCR = 23
+// kernelTPMPCR is the PCR tests measure into on a host with a kernel TPM:
+// 23, or CML_E2E_PCR (16, the other resettable one) when two test
+// processes share the TPM.
+var kernelTPMPCR = func() int {
+	if os.Getenv("CML_E2E_PCR") == "16" {
+		return 16
+	}
+	return 23
+}()
 
 func kernelTPM() bool {
 	_, err := os.Stat(tpm.DevicePath)
