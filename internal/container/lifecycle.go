@@ -196,11 +196,12 @@ func (m *Manager) start(ctx context.Context, c *Container, gen uint64, s *Start)
 	if err != nil {
 		return nil, err
 	}
-	since := time.Now()
-	rec.Timings = append(rec.Timings, Timing{Stage: "runtime", Took: since.Sub(t0)})
+	rec.Timings = append(rec.Timings, Timing{Stage: "runtime", Took: time.Since(t0)})
 	writeRunRecord(rdir, rec)
 	m.o.Log.Debug("container started", "container", s.Name, "pid", pid, "timings", rec.Timings)
-	r := &run{gen: gen, pid: pid, since: since, process: *spec.Process, records: records, exited: make(chan struct{}), done: make(chan struct{})}
+	// since is when the runtime began: an init that died (and was reaped)
+	// before runc returned still has its status claimed.
+	r := &run{gen: gen, pid: pid, since: t0, process: *spec.Process, records: records, exited: make(chan struct{}), done: make(chan struct{})}
 	// A start that cannot be audited does not stay running.
 	if err := m.record(ctx, "container.run", c.uuid, s.Name, nil, fmt.Sprintf("init pid %d, guestos %s %d", pid, s.GuestOS.Name(), s.GuestOS.Version())); err != nil {
 		return nil, fmt.Errorf("container %s: %w", s.Name, err)
