@@ -531,17 +531,20 @@ func (m *Manager) Remove(ctx context.Context, ref string) error {
 		return errdefs.FailedPrecondition("container %s is %s; stop it first", name, s)
 	}
 	m.mu.Unlock()
-	// Stages with per-container state (a wrapped key, later) go first: a
-	// failure there keeps the container whole.
+	// Recorded before anything irreversible happens: a removal the trail
+	// cannot hold does not happen.
+	if err := m.record(ctx, "container.remove", c.uuid, name, nil, ""); err != nil {
+		return err
+	}
+	// Stages with per-container state (a wrapped key, later) go next: a
+	// failure there keeps the container's files.
 	for _, st := range m.o.Stages {
 		if r, ok := st.(Remover); ok {
 			if err := r.Remove(ctx, c.uuid); err != nil {
+				m.record(ctx, "container.remove", c.uuid, name, err, "stage "+st.Name())
 				return fmt.Errorf("container %s: remove %s: %w", name, st.Name(), err)
 			}
 		}
-	}
-	if err := m.record(ctx, "container.remove", c.uuid, name, nil, ""); err != nil {
-		return err
 	}
 	// Rename out of the way first so a crash cannot leave half a container.
 	trash, err := os.MkdirTemp(m.o.StateDir, ".remove-")
