@@ -78,15 +78,11 @@ func (a *app) crlCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return a.json(x)
-			}
-			w := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "FINGERPRINT\tNUMBER\tREVOKED\tNEXT UPDATE\tISSUER")
+			var rows [][]string
 			for _, l := range x.GetCrls() {
-				fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", l.GetFingerprint()[:16], l.GetNumber(), l.GetRevoked(), time.Unix(l.GetNextUpdateUnix(), 0).UTC().Format(time.RFC3339), l.GetIssuer())
+				rows = append(rows, []string{l.GetFingerprint()[:16], l.GetNumber(), strconv.Itoa(int(l.GetRevoked())), time.Unix(l.GetNextUpdateUnix(), 0).UTC().Format(time.RFC3339), l.GetIssuer()})
 			}
-			return w.Flush()
+			return a.table(x, "FINGERPRINT\tNUMBER\tREVOKED\tNEXT UPDATE\tISSUER", rows)
 		},
 	}, &cobra.Command{
 		Use: "remove <fingerprint-prefix|issuer>", Short: "Remove a stored CRL (audited: it can un-revoke certificates)", Args: cobra.ExactArgs(1),
@@ -185,6 +181,20 @@ func (a *app) call() (cmlv1.ControlClient, context.Context, context.CancelFunc, 
 	return c, ctx, cancel, nil
 }
 
+// table prints the reply of a read-only call: as JSON with --output json,
+// else as a table with header and one row per element.
+func (a *app) table(reply proto.Message, header string, rows [][]string) error {
+	if a.output == "json" {
+		return a.json(reply)
+	}
+	tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, header)
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	return tw.Flush()
+}
+
 func (a *app) json(m proto.Message) error {
 	b, err := protojson.MarshalOptions{Multiline: true, Indent: "  ", UseEnumNumbers: false}.Marshal(m)
 	if err != nil {
@@ -207,11 +217,7 @@ func (a *app) listCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return a.json(resp)
-			}
-			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tUUID\tSTATE\tGUEST OS\tTRUST\tPID\tREASON")
+			var rows [][]string
 			for _, ct := range resp.GetContainers() {
 				pid := "-"
 				if ct.GetPid() > 0 {
@@ -221,9 +227,9 @@ func (a *app) listCmd() *cobra.Command {
 				if v := ct.GetGuestosVersion(); v > 0 {
 					gos += " " + strconv.FormatUint(v, 10)
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", ct.GetName(), ct.GetUuid(), ct.GetState(), gos, ct.GetTrustLevel(), pid, ct.GetReason())
+				rows = append(rows, []string{ct.GetName(), ct.GetUuid(), ct.GetState().String(), gos, ct.GetTrustLevel().String(), pid, ct.GetReason()})
 			}
-			return tw.Flush()
+			return a.table(resp, "NAME\tUUID\tSTATE\tGUEST OS\tTRUST\tPID\tREASON", rows)
 		},
 	}
 }
@@ -496,15 +502,11 @@ func (a *app) guestOSCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return a.json(resp)
-			}
-			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tVERSION\tSIZE\tTRUST\tSIGNER\tUSED BY")
+			var rows [][]string
 			for _, o := range resp.GetGuestos() {
-				fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%s\n", o.GetName(), o.GetVersion(), o.GetSize(), o.GetTrustLevel(), o.GetSigner(), strings.Join(o.GetUsedBy(), ","))
+				rows = append(rows, []string{o.GetName(), strconv.FormatUint(o.GetVersion(), 10), strconv.FormatUint(o.GetSize(), 10), o.GetTrustLevel().String(), o.GetSigner(), strings.Join(o.GetUsedBy(), ",")})
 			}
-			return tw.Flush()
+			return a.table(resp, "NAME\tVERSION\tSIZE\tTRUST\tSIGNER\tUSED BY", rows)
 		},
 	}, &cobra.Command{
 		Use: "install <dir|https://url/>", Short: "Install a signed guest OS bundle (guestos.conf, .sig, .cert, images) from a directory or an https URL", Args: cobra.ExactArgs(1),
@@ -686,19 +688,15 @@ func (a *app) caCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if a.output == "json" {
-				return a.json(resp)
-			}
-			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "KIND\tFINGERPRINT\tSUBJECT\tNOT AFTER")
+			var rows [][]string
 			for _, x := range resp.GetCas() {
 				kind := "owner"
 				if x.GetVendor() {
 					kind = "vendor"
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", kind, x.GetFingerprint()[:16], x.GetSubject(), time.Unix(x.GetNotAfterUnix(), 0).UTC().Format(time.DateOnly))
+				rows = append(rows, []string{kind, x.GetFingerprint()[:16], x.GetSubject(), time.Unix(x.GetNotAfterUnix(), 0).UTC().Format(time.DateOnly)})
 			}
-			return tw.Flush()
+			return a.table(resp, "KIND\tFINGERPRINT\tSUBJECT\tNOT AFTER", rows)
 		},
 	}, &cobra.Command{
 		Use: "register <ca.pem>", Short: "Trust an owner root CA (configs and, with locally_signed_images, guest OSes signed under it)", Args: cobra.ExactArgs(1),
