@@ -55,12 +55,23 @@ type Measurer struct {
 	// The log lives in its file, not in memory (a device measures for
 	// years): what is kept is its length, where its last record starts,
 	// and the PCR values it replays to with and without that record.
-	count      int
-	size       int64
-	lastStart  int64
-	replay     []byte
-	prevReplay []byte
-	resets     int
+	count  int
+	size   int64
+	replay []byte
+	resets int
+	// ahead are the PCR values the log replays to before each of its last
+	// records, and where those records start: a crash during a group
+	// commit leaves at most maxBatch records the PCR never saw.
+	ahead []aheadMark
+
+	qmu     sync.Mutex // guards queue and leading; never held across I/O
+	queue   []*pendingMeasure
+	leading bool
+}
+
+type aheadMark struct {
+	replay []byte
+	start  int64
 }
 
 // NewMeasurer opens the measurement log at logPath against the TPM rw.
@@ -105,16 +116,20 @@ func (m *Measurer) sync() (reset bool, err error) {
 		return false, nil
 	}
 	if !bytes.Equal(cur, make([]byte, sha256.Size)) {
-		if m.count > 0 && bytes.Equal(m.prevReplay, cur) {
-			// The log is written ahead of the PCR: its last record never
-			// reached the TPM (cmld died, or the extend failed, in between).
-			// Drop that record; the start it describes did not happen.
-			if err := os.Truncate(m.logPath, m.lastStart); err != nil {
+		// The log is written ahead of the PCR: its last records never
+		// reached the TPM (cmld died, or an extend failed, in between).
+		// Drop them; the starts they describe did not happen. At most a
+		// batch: anything more is not a crash but a log that disagrees.
+		for i := len(m.ahead) - 1; i >= 0; i-- {
+			if !bytes.Equal(m.ahead[i].replay, cur) {
+				continue
+			}
+			if err := os.Truncate(m.logPath, m.ahead[i].start); err != nil {
 				return false, fmt.Errorf("repair measurement log: %w", err)
 			}
-			m.count--
-			m.size, m.replay = m.lastStart, m.prevReplay
-			m.prevReplay = nil // one record at most
+			m.count -= len(m.ahead) - i
+			m.size, m.replay = m.ahead[i].start, m.ahead[i].replay
+			m.ahead = m.ahead[:i]
 			return false, nil
 		}
 		if m.count == 0 {
@@ -127,7 +142,7 @@ func (m *Measurer) sync() (reset bool, err error) {
 	if err := os.Rename(m.logPath, m.logPath+".old"); err != nil {
 		return false, err
 	}
-	m.count, m.size, m.lastStart, m.replay, m.prevReplay = 0, 0, 0, make([]byte, sha256.Size), nil
+	m.count, m.size, m.replay, m.ahead = 0, 0, make([]byte, sha256.Size), nil
 	m.resets++
 	return true, nil
 }
@@ -136,7 +151,10 @@ func (m *Measurer) sync() (reset bool, err error) {
 // Records of another PCR (measurement_pcr was changed) stay in the log but
 // do not count towards the replay.
 func (m *Measurer) add(r measurelog.Record, off, n int64) {
-	m.prevReplay, m.lastStart = m.replay, off
+	m.ahead = append(m.ahead, aheadMark{replay: m.replay, start: off})
+	if len(m.ahead) > maxBatch {
+		m.ahead = m.ahead[len(m.ahead)-maxBatch:]
+	}
 	if int(r.Index) == m.pcr {
 		m.replay = measurelog.Extend(m.replay, r.Digests[crypto.SHA256])
 	}
@@ -182,64 +200,143 @@ func (m *Measurer) PCRValue() ([]byte, error) {
 
 // Measure appends e to the log and then extends it into the PCR: the
 // record is on disk (synced) before the PCR holds it, so a crash in
-// between leaves a log with one record too many, which the next load
-// repairs, never a PCR the log cannot explain (a hardware TPM keeps its
-// PCRs until the host reboots). A caller that has gone away measures
-// nothing.
+// between leaves a log with records the PCR never saw, which the next load
+// drops, never a PCR the log cannot explain (a hardware TPM keeps its PCRs
+// until the host reboots). A caller that has gone away measures nothing.
+//
+// Concurrent starts are measured in batches (group commit): one check of
+// the PCR and one synced write of the log for all of them, then one
+// extend each in log order. Each caller learns its own outcome.
 func (m *Measurer) Measure(ctx context.Context, e Event) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	m.mu.Lock()
-	defer m.mu.Unlock()
+	p := &pendingMeasure{ctx: ctx, ev: e, done: make(chan error, 1)}
+	m.qmu.Lock()
+	m.queue = append(m.queue, p)
+	lead := !m.leading
+	m.leading = true
+	m.qmu.Unlock()
+	if lead {
+		m.drain()
+	}
+	return <-p.done
+}
+
+// maxBatch bounds one group commit, and so how many records a log may be
+// ahead of the PCR after a crash.
+const maxBatch = 32
+
+type pendingMeasure struct {
+	ctx  context.Context
+	ev   Event
+	done chan error
+}
+
+// drain measures queued events until the queue is empty.
+func (m *Measurer) drain() {
+	for {
+		m.qmu.Lock()
+		n := min(len(m.queue), maxBatch)
+		batch := append([]*pendingMeasure(nil), m.queue[:n]...)
+		m.queue = m.queue[n:]
+		if n == 0 {
+			m.leading = false
+		}
+		m.qmu.Unlock()
+		if n == 0 {
+			return
+		}
+		m.mu.Lock()
+		m.measureBatch(batch)
+		m.mu.Unlock()
+	}
+}
+
+// measureBatch writes and extends batch; m.mu is held.
+func (m *Measurer) measureBatch(batch []*pendingMeasure) {
+	live := batch[:0:0]
+	for _, p := range batch {
+		if err := p.ctx.Err(); err != nil {
+			p.done <- err // gone before anything was measured
+			continue
+		}
+		live = append(live, p)
+	}
+	if len(live) == 0 {
+		return
+	}
+	fail := func(ps []*pendingMeasure, err error) {
+		for _, p := range ps {
+			p.done <- err
+		}
+	}
 	if _, err := m.sync(); err != nil {
-		return err
+		fail(live, err)
+		return
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	rec, err := m.record(e)
-	if err != nil {
-		return err
-	}
-	digest := rec.Digests[crypto.SHA256]
+	recs := make([]measurelog.Record, len(live))
+	sizes := make([]int64, len(live))
 	var buf bytes.Buffer
-	if err := rec.EncodeCELR(&buf); err != nil {
-		return err
+	for i, p := range live {
+		rec, err := m.recordAt(p.ev, m.count+i)
+		if err == nil {
+			err = rec.EncodeCELR(&buf)
+		}
+		if err != nil {
+			fail(live, err)
+			return
+		}
+		recs[i], sizes[i] = rec, int64(buf.Len())
 	}
 	f, err := os.OpenFile(m.logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
-		return err
+		fail(live, err)
+		return
 	}
 	defer f.Close()
 	st, err := f.Stat()
 	if err != nil {
-		return err
+		fail(live, err)
+		return
 	}
-	if _, err := f.Write(buf.Bytes()); err != nil {
-		f.Truncate(st.Size())
-		return fmt.Errorf("write measurement log: %w", err)
+	base := st.Size()
+	if _, err := f.Write(buf.Bytes()); err == nil {
+		err = f.Sync()
+	} else {
+		err = fmt.Errorf("write measurement log: %w", err)
 	}
-	if err := f.Sync(); err != nil {
-		f.Truncate(st.Size())
-		return fmt.Errorf("write measurement log: %w", err)
+	if err != nil {
+		f.Truncate(base)
+		fail(live, fmt.Errorf("write measurement log: %w", err))
+		return
 	}
-	if err := tpm2.PCRExtend(m.rw, tpmutil.Handle(m.pcr), tpm2.AlgSHA256, digest, ""); err != nil {
-		// Not extended: take the record back. Should that fail too, the
-		// next sync drops it (the log is one record ahead of the PCR).
-		if terr := f.Truncate(st.Size()); terr == nil {
-			f.Sync()
+	off := base
+	for i, rec := range recs {
+		if err := tpm2.PCRExtend(m.rw, tpmutil.Handle(m.pcr), tpm2.AlgSHA256, rec.Digests[crypto.SHA256], ""); err != nil {
+			// Not extended: take this record and the ones after it
+			// back. Should that fail too, the next sync drops them
+			// (the log is ahead of the PCR by at most a batch).
+			if terr := f.Truncate(off); terr == nil {
+				f.Sync()
+			}
+			fail(live[i:], fmt.Errorf("extend PCR %d: %w", m.pcr, err))
+			return
 		}
-		return fmt.Errorf("extend PCR %d: %w", m.pcr, err)
+		end := base + sizes[i]
+		m.add(rec, off, end-off)
+		off = end
+		live[i].done <- nil
 	}
-	m.add(rec, st.Size(), int64(buf.Len()))
-	return nil
 }
 
 type celRecord = measurelog.Record
 
 // record builds the log record for e as the next one.
-func (m *Measurer) record(e Event) (measurelog.Record, error) {
+func (m *Measurer) record(e Event) (measurelog.Record, error) { return m.recordAt(e, m.count) }
+
+// recordAt builds the log record for e with record number n.
+func (m *Measurer) recordAt(e Event, n int) (measurelog.Record, error) {
 	digest, err := e.GenerateDigest(crypto.SHA256)
 	if err != nil {
 		return measurelog.Record{}, err
@@ -248,7 +345,7 @@ func (m *Measurer) record(e Event) (measurelog.Record, error) {
 	if err != nil {
 		return measurelog.Record{}, err
 	}
-	return measurelog.Record{RecNum: uint64(m.count), Index: uint8(m.pcr), IndexType: measurelog.PCRTypeValue,
+	return measurelog.Record{RecNum: uint64(n), Index: uint8(m.pcr), IndexType: measurelog.PCRTypeValue,
 		Digests: map[crypto.Hash][]byte{crypto.SHA256: digest}, Content: tlv}, nil
 }
 

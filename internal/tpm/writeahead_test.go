@@ -5,10 +5,12 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -85,17 +87,78 @@ func TestLogAheadOfPCRIsRepaired(t *testing.T) {
 	if now, _ := os.ReadFile(logPath); !bytes.Equal(now, good) {
 		t.Error("repair did not restore the log")
 	}
-	// Two records ahead is not a crash but a forged log: refused.
-	f, _ = os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND, 0)
-	r1, r2 := recordFor(t, m2, Event{Container: "x"}), recordFor(t, m2, Event{Container: "y"})
-	r2.RecNum++
-	var two bytes.Buffer
-	r1.EncodeCELR(&two)
-	r2.EncodeCELR(&two)
-	f.Write(two.Bytes())
-	f.Close()
+	// A crash during a group commit leaves up to a batch of records
+	// ahead: repaired too. More than a batch is not a crash but a log
+	// that disagrees: refused.
+	appendRecords := func(m *Measurer, n int) {
+		var b bytes.Buffer
+		for i := 0; i < n; i++ {
+			r, _ := m.recordAt(Event{Container: fmt.Sprintf("ahead%d", i)}, m.count+i)
+			r.EncodeCELR(&b)
+		}
+		f, _ := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND, 0)
+		f.Write(b.Bytes())
+		f.Close()
+	}
+	appendRecords(m2, 2)
+	m3, err := NewMeasurer(rw, DefaultPCR, logPath)
+	if err != nil || m3.count != 3 {
+		t.Fatalf("two records ahead (a crash in a batch): %v, %d records", err, m3.count)
+	}
+	appendRecords(m3, maxBatch+1)
 	if _, err := NewMeasurer(rw, DefaultPCR, logPath); err == nil {
-		t.Error("a log two records ahead of the PCR was accepted")
+		t.Error("a log more than a batch ahead of the PCR was accepted")
+	}
+}
+
+// Concurrent measurements are grouped; each caller gets its own outcome,
+// the log replays to the PCR, and a caller that has gone away is not
+// measured.
+func TestGroupCommit(t *testing.T) {
+	sim, err := simulator.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sim.Close()
+	m, err := NewMeasurer(sim, DefaultPCR, filepath.Join(t.TempDir(), "m.cel"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := m.Measure(gone, Event{Container: "gone"}); !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled caller: %v", err)
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 64)
+	for i := range errs {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			errs[i] = m.Measure(context.Background(), Event{Container: fmt.Sprint(i)})
+		}(i)
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("measure %d: %v", i, err)
+		}
+	}
+	if m.count != 64 {
+		t.Errorf("%d records, want 64", m.count)
+	}
+	if err := m.Check(); err != nil {
+		t.Fatalf("log and PCR disagree after concurrent measurements: %v", err)
+	}
+	b, _ := m.Log()
+	l, err := DecodeLog(b)
+	if err != nil || len(l.Records) != 64 {
+		t.Fatalf("log: %d records, %v", len(l.Records), err)
+	}
+	for i, r := range l.Records {
+		if r.RecNum != uint64(i) {
+			t.Fatalf("record %d numbered %d", i, r.RecNum)
+		}
 	}
 }
 
