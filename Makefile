@@ -53,6 +53,7 @@ test-unit:
 
 # Start-latency benchmark against bare runc, in one run.
 bench: deps build
+	@scripts/install-deps.sh bench
 	$(BIN)/cmlbench
 
 # Regenerate api/cml/v1 from cml.proto (protoc from Debian, plugins pinned).

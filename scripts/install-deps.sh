@@ -1,8 +1,12 @@
 #!/bin/sh
 # Install everything CML needs to build, run the demo and run the tests on
-# Debian 12. Idempotent; needs root.
+# Debian 12. Idempotent; needs root. With "bench", also the peers make
+# bench compares against (podman).
 set -eu
 need=""
+if [ "${1:-}" = bench ]; then
+	command -v podman >/dev/null 2>&1 || need="$need podman"
+fi
 for pair in runc:runc busybox:busybox-static mkfs.erofs:erofs-utils mksquashfs:squashfs-tools \
 	protoc:protobuf-compiler gcc:gcc veritysetup:cryptsetup-bin \
 	openssl:openssl softhsm2-util:softhsm2 pkcs11-tool:opensc \
