@@ -301,12 +301,12 @@ func (m *Measurer) measureBatch(batch []*pendingMeasure) {
 		return
 	}
 	base := st.Size()
-	if _, err := f.Write(buf.Bytes()); err == nil {
+	_, err = f.Write(buf.Bytes())
+	if err == nil {
 		err = f.Sync()
-	} else {
-		err = fmt.Errorf("write measurement log: %w", err)
 	}
 	if err != nil {
+		// Nothing was extended: the starts do not happen.
 		f.Truncate(base)
 		fail(live, fmt.Errorf("write measurement log: %w", err))
 		return

@@ -229,3 +229,32 @@ func recordFor(t *testing.T, m *Measurer, e Event) celRecord {
 	}
 	return r
 }
+
+// A log that cannot be written (a full disk) measures nothing: every
+// caller of the batch gets the error, and the PCR is unchanged.
+func TestFullDiskMeasuresNothing(t *testing.T) {
+	sim, err := simulator.Get()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sim.Close()
+	logPath := filepath.Join(t.TempDir(), "m.cel")
+	m, err := NewMeasurer(sim, DefaultPCR, logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Measure(t.Context(), Event{Container: "before"}); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := m.PCRValue()
+	os.Remove(logPath)
+	if err := os.Symlink("/dev/full", logPath); err != nil { // every write: ENOSPC
+		t.Fatal(err)
+	}
+	if err := m.Measure(t.Context(), Event{Container: "lost"}); err == nil {
+		t.Fatal("measured with a log that cannot be written")
+	}
+	if after, _ := m.PCRValue(); !bytes.Equal(before, after) {
+		t.Error("the PCR was extended although the log write failed")
+	}
+}
