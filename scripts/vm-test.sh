@@ -140,7 +140,7 @@ chmod 755 "$root/init"
 # cmld on /dev/tpmrm0 (identity, measurement, quotes verified by cmlverify,
 # the PCR not resetting when cmld restarts), the dm-verity start path, and
 # isolation and limits on pure cgroup v2.
-echo 'TestAttestationEndToEnd|TestStartRefusedWhenNotMeasured|TestDeviceCgroup' >"$share/e2e.run"
+echo 'TestAttestationEndToEnd|TestStartRefusedWhenNotMeasured|TestDeviceCgroup|TestDMVerityStartRefusesTamperedImage' >"$share/e2e.run"
 echo 'TestIsolationFromInside|TestLifecycle' >"$share/e2e2.run"
 (cd "$root" && find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$out/initrd.gz"
 

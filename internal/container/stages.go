@@ -5,10 +5,13 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
+	"syscall"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/config"
@@ -227,6 +230,12 @@ func (*RootfsStage) Prepare(_ context.Context, s *Start) (any, error) {
 		ReadOnly: s.Config.GetReadonlyRootfs(), UIDBase: s.UIDBase, IDCount: s.IDCount}
 	rfs, err := rootfs.Mount(s.RunDir, req)
 	if err != nil {
+		// Through dm-verity, an I/O error is the kernel refusing a block
+		// that does not match the signed hash tree: an integrity
+		// violation, not an environment problem.
+		if strings.HasPrefix(s.Image, "/dev/mapper/") && errors.Is(err, syscall.EIO) {
+			return nil, errdefs.Integrity("guestos %s %d: image blocks do not match the signed hash tree (dm-verity refused a read)", s.GuestOS.Name(), s.GuestOS.Version())
+		}
 		return nil, fmt.Errorf("root filesystem: %w", err)
 	}
 	s.Rootfs = rfs
