@@ -30,7 +30,7 @@ RACE := ./internal/container/ ./internal/reaper/ ./internal/api/ ./internal/gues
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...
 	$(GO) test -race -count=1 -timeout 20m $(RACE)
-	@GO=$(GO) FUZZTIME=2s scripts/fuzz.sh
+	@GO=$(GO) FUZZTIME=5000x scripts/fuzz.sh
 	@GO=$(GO) scripts/vm-test.sh
 
 # The tests this kernel cannot run (device-mapper, a kernel TPM, pure
