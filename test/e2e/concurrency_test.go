@@ -198,3 +198,43 @@ func TestExecOutcomeIsReal(t *testing.T) {
 		t.Log("the runtime refused no exec this time; that path was not exercised")
 	}
 }
+
+// Bug 5's other half: SIGTERM ends cmld in bounded time even while a
+// handler is stuck in the runtime (a runc that never returns from run).
+func TestShutdownWithStuckRuntime(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	d.create("stuck", "")
+	wrapper := filepath.Join(d.root, "stuck-runc")
+	script := "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = run ] && exec sleep 3600; done\nexec runc \"$@\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	d.cmd.Wait()
+	d.runtime = wrapper
+	d.start()
+	client := exec.Command(filepath.Join(binDir, "cmlctl"), "--socket", d.socket, "start", "stuck")
+	if err := client.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { client.Process.Kill(); client.Wait() }()
+	// Wait until the start is inside the runtime.
+	for i := 0; i < 500 && d.state("stuck") != "STARTING"; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	exited := make(chan struct{})
+	go func() { d.cmd.Wait(); close(exited) }()
+	select {
+	case <-exited:
+	case <-time.After(30 * time.Second): // liveness: bounded is ~4 s
+		t.Fatal("cmld did not stop on SIGTERM with a handler stuck in the runtime")
+	}
+	// The state directory is free again.
+	d.runtime = ""
+	d.start()
+	if st := d.state("stuck"); st == "RUNNING" || st == "STARTING" {
+		t.Errorf("after restart: %s", st)
+	}
+}

@@ -88,6 +88,8 @@ type daemon struct {
 	socket   string
 	cmd      *exec.Cmd
 	log      *bytes.Buffer
+	// runtime, when set, is the OCI runtime cmld is started with.
+	runtime string
 }
 
 // startDaemon starts cmld on a fresh temporary state directory; everything
@@ -173,7 +175,11 @@ func (d *daemon) provision() {
 func (d *daemon) start() {
 	d.t.Helper()
 	d.log = &bytes.Buffer{}
-	d.cmd = exec.Command(filepath.Join(binDir, "cmld"), "--state-dir", d.stateDir, "--run-dir", d.run)
+	args := []string{"--state-dir", d.stateDir, "--run-dir", d.run}
+	if d.runtime != "" {
+		args = append(args, "--runtime", d.runtime)
+	}
+	d.cmd = exec.Command(filepath.Join(binDir, "cmld"), args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	if err := d.cmd.Start(); err != nil {
 		d.t.Fatal(err)
