@@ -40,9 +40,15 @@ func Write(path string, b []byte, perm os.FileMode) error {
 		return err
 	}
 	ok = true
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
+	SyncDir(filepath.Dir(path))
+	return nil
+}
+
+// SyncDir makes a rename or removal in dir durable (best effort: a
+// directory that cannot be opened is left alone).
+func SyncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
 		d.Sync()
 		d.Close()
 	}
-	return nil
 }

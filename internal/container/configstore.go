@@ -129,7 +129,7 @@ func writeConfig(dir string, f ConfigFile, acc acceptance) (err error) {
 		return err
 	}
 	committed = true
-	syncDir(dir)
+	atomicfile.SyncDir(dir)
 	// Older versions (and a legacy top-level config) are no longer read.
 	ents, _ := os.ReadDir(dir)
 	for _, e := range ents {
@@ -141,11 +141,4 @@ func writeConfig(dir string, f ConfigFile, acc acceptance) (err error) {
 		os.Remove(filepath.Join(dir, legacy))
 	}
 	return nil
-}
-
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
 }

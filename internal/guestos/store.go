@@ -319,7 +319,7 @@ func (s *Store) Install(ctx context.Context, srcDir string, progress Progress) (
 	if err := os.Rename(stage, final); err != nil {
 		return nil, fmt.Errorf("%s: install: %w", id, err)
 	}
-	syncDir(filepath.Dir(final))
+	atomicfile.SyncDir(filepath.Dir(final))
 	ok = true
 	return &GuestOS{Config: cfg, Dir: final, Size: total, Installed: InstallRecord{Time: now.UTC(), Level: res.Level, Signer: res.Signer, Root: res.Root}, manifest: text}, nil
 }
@@ -612,13 +612,6 @@ func (c *ctxReader) Read(p []byte) (int, error) {
 	}
 	c.n += uint64(n)
 	return n, err
-}
-
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
 }
 
 // load reads an installed guest OS from its store directory.
