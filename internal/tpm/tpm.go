@@ -209,9 +209,10 @@ func StartSwtpm(ctx context.Context, dir string, log *slog.Logger) (*Swtpm, erro
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		c, err := net.Dial("unix", s.socket)
-		if err == nil {
-			c.Close()
+		// Ready means it answers a command: swtpm opens its socket before
+		// it takes the lock on its state, so a second swtpm on the same
+		// state (another cmld) accepts a connection and then exits.
+		if answers(s.socket) {
 			break
 		}
 		select {
@@ -277,6 +278,26 @@ func (s *Swtpm) supervise(bin string) {
 			return
 		}
 	}
+}
+
+// answers reports whether the TPM on socket answers TPM2_GetRandom.
+func answers(socket string) bool {
+	c, err := net.DialTimeout("unix", socket, time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	// TPM2_GetRandom(8): tag NO_SESSIONS, size 12, command code 0x17B.
+	cmd := []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7B, 0, 8}
+	if _, err := c.Write(cmd); err != nil {
+		return false
+	}
+	resp := make([]byte, 10)
+	if _, err := io.ReadFull(c, resp); err != nil {
+		return false
+	}
+	return binary.BigEndian.Uint32(resp[6:10]) == 0 // TPM_RC_SUCCESS
 }
 
 // Dial connects to the running swtpm; the connection redials after a
