@@ -10,10 +10,12 @@ package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -48,7 +50,10 @@ type Server struct {
 	Downloads *guestos.Downloader
 	// Device holds the TPM identity and answers attestation challenges.
 	Device *device.Identity
-	Audit  audit.Recorder
+	// Network reports containers' effective networks; nil when the
+	// daemon runs without network separation.
+	Networks NetworkReporter
+	Audit    audit.Recorder
 	Log    *slog.Logger
 
 	auditBroken atomic.Bool
@@ -61,7 +66,7 @@ var queries = map[string]bool{
 	"/cml.v1.Control/List": true, "/cml.v1.Control/State": true,
 	"/cml.v1.Control/GuestOSList": true, "/cml.v1.Control/Events": true,
 	"/cml.v1.Control/CAList": true, "/cml.v1.Control/DeviceInfo": true,
-	"/cml.v1.Control/CRLList": true,
+	"/cml.v1.Control/CRLList": true, "/cml.v1.Control/Network": true,
 	// Attest only reads; a verifier watching a fleet polls it.
 	"/cml.v1.Control/Attest": true,
 }
@@ -450,6 +455,42 @@ func (s *Server) DeviceProvisioned(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.
 
 func (s *Server) Attest(ctx context.Context, r *cmlv1.AttestRequest) (*cmlv1.Attestation, error) {
 	return s.Device.Attest(r.GetNonce(), r.GetPcrs())
+}
+
+// NetworkReporter reads containers' networks back from the kernel.
+type NetworkReporter interface {
+	Settings() *cmlv1.NetworkSettings
+	Running() []string
+	Report(id string) (*cmlv1.ContainerNetwork, error)
+}
+
+func (s *Server) Network(ctx context.Context, r *cmlv1.NetworkRequest) (*cmlv1.NetworkReport, error) {
+	if s.Networks == nil {
+		return nil, errdefs.FailedPrecondition("network separation is not available on this device")
+	}
+	rep := &cmlv1.NetworkReport{Settings: s.Networks.Settings()}
+	var ids []string
+	if ref := r.GetContainer(); ref != "" {
+		st, err := s.Containers.State(ref)
+		if err != nil {
+			return nil, err
+		}
+		ids = []string{st.GetUuid()}
+	} else {
+		ids = s.Networks.Running()
+	}
+	for _, id := range ids {
+		cn, err := s.Networks.Report(id)
+		if err != nil {
+			if r.GetContainer() == "" && errors.Is(err, errdefs.ErrNotFound) {
+				continue // stopped meanwhile
+			}
+			return nil, err
+		}
+		rep.Containers = append(rep.Containers, cn)
+	}
+	sort.Slice(rep.Containers, func(i, j int) bool { return rep.Containers[i].GetName() < rep.Containers[j].GetName() })
+	return rep, nil
 }
 
 func (s *Server) GuestOSRemove(ctx context.Context, r *cmlv1.GuestOSRemoveRequest) (*cmlv1.Empty, error) {

@@ -12,7 +12,6 @@ package config
 import (
 	"errors"
 	"fmt"
-	"net"
 	"path"
 	"regexp"
 	"strconv"
@@ -212,9 +211,7 @@ func validateContainer(source string, text []byte, c *cmlv1.ContainerConfig) err
 			v.fail("assign_cpus", "%v", err)
 		}
 	}
-	if s := c.GetDnsServer(); s != "" && net.ParseIP(s) == nil {
-		v.fail("dns_server", "%q is not an IP address", s)
-	}
+	validateNetwork(v, c)
 	if len(c.GetAllowDev())+len(c.GetAssignDev()) > MaxDeviceRules {
 		v.fail("allow_dev", "more than %d device rules", MaxDeviceRules)
 	}
@@ -387,6 +384,9 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 		if len(v) > 64 || strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
 			return nil, errdefs.InvalidArgument("%s: field %s: at most 64 printable characters", source, field)
 		}
+	}
+	if err := ValidateNetworkSettings(source, d.GetNetwork()); err != nil {
+		return nil, err
 	}
 	return d, nil
 }

@@ -74,7 +74,7 @@ func (m *Manager) Start(ctx context.Context, ref string, so StartOptions) (*cmlv
 	gen := c.gen
 	m.updateLocked(c, gen, Starting, "")
 	s := &Start{ID: c.uuid, Name: c.cfg.GetName(), Config: c.cfg, Dir: m.containerDir(c.uuid), RunDir: m.runDir(c.uuid),
-		Accepted: c.accepted, Trust: c.trust, Secret: so.Secret}
+		Accepted: c.accepted, Trust: c.trust, Secret: so.Secret, Slot: c.slot}
 	if c.cfg.GetUserns() {
 		s.UIDBase, s.IDCount = m.uidBase(c.slot), m.o.IDCount
 	}

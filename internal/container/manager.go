@@ -326,6 +326,18 @@ func (m *Manager) State(ref string) (*cmlv1.Container, error) {
 	return m.info(c), nil
 }
 
+// Peer describes another container to a stage: its id, name, slot and
+// config.
+func (m *Manager) Peer(ref string) (id, name string, slot uint32, cfg *cmlv1.ContainerConfig, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c, err := m.lookupLocked(ref)
+	if err != nil {
+		return "", "", 0, nil, err
+	}
+	return c.uuid, c.cfg.GetName(), c.slot, c.cfg, nil
+}
+
 // Config returns a container's stored config.
 func (m *Manager) Config(ref string) (*cmlv1.ContainerConfig, error) {
 	m.mu.Lock()
@@ -345,6 +357,13 @@ func (m *Manager) checkConfig(source string, cfg *cmlv1.ContainerConfig) (*guest
 	}
 	if cfg.GetAllowSystemTime() && cfg.GetUserns() {
 		return nil, errdefs.InvalidArgument("%s: field allow_system_time: needs userns: false (the kernel checks CAP_SYS_TIME in the initial user namespace)", source)
+	}
+	for _, st := range m.o.Stages {
+		if ch, ok := st.(Checker); ok {
+			if err := ch.Check(source, cfg); err != nil {
+				return nil, err
+			}
+		}
 	}
 	g, err := m.o.GuestOS.Get(cfg.GetGuestOs(), cfg.GetGuestosVersion())
 	if err != nil {

@@ -59,6 +59,13 @@ func (m *Manager) Recover(ctx context.Context) error {
 		os.RemoveAll(dir)
 	}
 	m.sweepCgroups(alive, loaded)
+	for _, st := range m.o.Stages {
+		if sw, ok := st.(Sweeper); ok {
+			if err := sw.Sweep(ctx, alive); err != nil {
+				return fmt.Errorf("recover: sweep %s: %w", st.Name(), err)
+			}
+		}
+	}
 	return m.o.Audit.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.recover", Outcome: audit.Success,
 		Reason: fmt.Sprintf("%d containers loaded, %d re-adopted", len(loaded), len(alive))})
 }
@@ -84,7 +91,7 @@ func (m *Manager) adopt(ctx context.Context, c *Container, pid int, paused bool)
 	}
 	for _, st := range m.o.Stages {
 		if a, ok := st.(Adopter); ok {
-			if err := a.Adopt(ctx, c.uuid, rec.Stages[st.Name()]); err != nil {
+			if err := a.Adopt(ctx, c.uuid, pid, rec.Stages[st.Name()]); err != nil {
 				reader.Close()
 				return fmt.Errorf("adopt %s: %w", st.Name(), err)
 			}

@@ -17,8 +17,8 @@ import (
 // undoes them, in reverse, after a failed start, after init exits, and
 // after a daemon restart for runs that no longer run. Today's stages:
 // verify (config and image, or dm-verity), devices (exclusive
-// assignment), rootfs, measure (TPM). Storage and network plug in as one
-// more stage each.
+// assignment), rootfs, network, measure (TPM). Storage plugs in as one
+// more.
 type Stage interface {
 	// Name identifies the stage in the run record, logs and timings.
 	Name() string
@@ -36,7 +36,23 @@ type Stage interface {
 // Adopter is a Stage that takes back its part of a run that survived a
 // daemon restart (re-reserving devices, remembering a measurement).
 type Adopter interface {
-	Adopt(ctx context.Context, id string, record json.RawMessage) error
+	Adopt(ctx context.Context, id string, pid int, record json.RawMessage) error
+}
+
+// Checker is a Stage with settings of its own a config must fit (the
+// device's network plan, say); the manager asks it at create and
+// update-config, so that a config that could never start is refused
+// before it is stored.
+type Checker interface {
+	Check(source string, cfg *cmlv1.ContainerConfig) error
+}
+
+// Sweeper is a Stage that clears what runs no longer running left behind
+// in places only it knows (kernel firewall rules, network links). The
+// manager calls Sweep once after a daemon start, when every run that
+// survived has been adopted; alive holds their container ids.
+type Sweeper interface {
+	Sweep(ctx context.Context, alive map[string]bool) error
 }
 
 // Remover is a Stage with per-container state that outlives runs (a
@@ -63,6 +79,9 @@ type Start struct {
 	// UIDBase and IDCount are the container's user namespace range
 	// (IDCount 0: no user namespace).
 	UIDBase, IDCount uint32
+	// Slot is the container's stable index among all containers (it also
+	// picks its id range and its network link).
+	Slot uint32
 	// Secret unlocks the container's storage (a PIN); nil when the
 	// client sent none. Stages must not log or record it.
 	Secret []byte

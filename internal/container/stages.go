@@ -193,7 +193,7 @@ func (d *DeviceStage) Release(_ context.Context, id string, _ json.RawMessage) e
 }
 
 // Adopt implements Adopter: a re-adopted container keeps its devices.
-func (d *DeviceStage) Adopt(_ context.Context, id string, rec json.RawMessage) error {
+func (d *DeviceStage) Adopt(_ context.Context, id string, _ int, rec json.RawMessage) error {
 	var use deviceUse
 	if len(rec) > 0 && json.Unmarshal(rec, &use) != nil {
 		// A run recorded before allow rules were tracked: its assigned
@@ -308,7 +308,7 @@ func (ms *MeasureStage) Release(_ context.Context, id string, _ json.RawMessage)
 }
 
 // Adopt implements Adopter.
-func (ms *MeasureStage) Adopt(_ context.Context, id string, rec json.RawMessage) error {
+func (ms *MeasureStage) Adopt(_ context.Context, id string, _ int, rec json.RawMessage) error {
 	var ev tpm.Event
 	if len(rec) == 0 {
 		return nil

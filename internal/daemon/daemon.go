@@ -23,11 +23,13 @@ import (
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/api"
+	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/device"
 	"github.com/cmlproject/cml/internal/guestos"
+	"github.com/cmlproject/cml/internal/network"
 	"github.com/cmlproject/cml/internal/oci"
 	"github.com/cmlproject/cml/internal/reaper"
 	"github.com/cmlproject/cml/internal/tpm"
@@ -187,12 +189,21 @@ func Run(ctx context.Context, c Config) error {
 	}
 	configs := container.Acceptor{Trust: ts, Signed: dev.GetSignedConfigs()} // signed_configs defaults to on
 	measure := &container.MeasureStage{TPM: measurer, Refused: refused("container.measure")}
+	netStage, err := network.New(dev.GetNetwork(), c.Log)
+	if err != nil {
+		return err
+	}
+	netStage.Audit = sink
+	if err := auditNetworkSettings(ctx, c.StateDir, dev.GetNetwork(), sink); err != nil {
+		return err
+	}
 	// The start pipeline, in order. Release, recovery and removal run the
-	// same stages in reverse. Storage and network plug in here.
+	// same stages in reverse. Storage plugs in here.
 	stages := []container.Stage{
 		&container.VerifyStage{GuestOS: store, Configs: configs, Refused: refused("container.verify")},
 		container.NewDeviceStage(),
 		&container.RootfsStage{Runs: filepath.Join(c.RunDir, "containers")},
+		netStage,
 		measure,
 	}
 	mgr, err := container.New(container.Options{
@@ -209,9 +220,18 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
+	netStage.Peers = func(name string) (network.Peer, error) {
+		id, n, slot, cfg, err := mgr.Peer(name)
+		return network.Peer{ID: id, Name: n, Slot: slot, Config: cfg}, err
+	}
 	if err := mgr.Recover(ctx); err != nil {
 		return err
 	}
+	go func() {
+		if err := netStage.WatchDenied(ctx); err != nil {
+			c.Log.Error("network: denied packets cannot be audited", "err", err)
+		}
+	}()
 	// The PCR started over (a reboot, or cmld's swtpm restarted with it)
 	// under containers that kept running: measure them again, so an
 	// attestation still shows everything that runs.
@@ -226,7 +246,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Audit: sink, Log: c.Log}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Audit: sink, Log: c.Log}
 	gs := grpc.NewServer(
 		grpc.Creds(api.PeerCredentials()),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),
@@ -353,4 +373,27 @@ func checkTraversable(dir string) error {
 			return nil
 		}
 	}
+}
+
+// auditNetworkSettings records a change of the device's network settings
+// (against those of the last start, kept in <state>/network.settings).
+func auditNetworkSettings(ctx context.Context, stateDir string, n *cmlv1.NetworkSettings, sink audit.Recorder) error {
+	if n == nil {
+		n = &cmlv1.NetworkSettings{}
+	}
+	now := network.Describe(n)
+	path := filepath.Join(stateDir, "network.settings")
+	before, err := os.ReadFile(path)
+	if err == nil && string(before) == now {
+		return nil
+	}
+	was := "(first start)"
+	if err == nil {
+		was = string(before)
+	}
+	if err := sink.Record(ctx, audit.Event{Type: "daemon", Operation: "network.settings", Outcome: audit.Success,
+		Reason: fmt.Sprintf("device network settings changed from %s to %s", was, now)}); err != nil {
+		return err
+	}
+	return atomicfile.Write(path, []byte(now), 0o600)
 }

@@ -163,11 +163,12 @@ func defaultMounts(o SpecOptions) []specs.Mount {
 		{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=65536k"}},
 		{Destination: "/dev/mqueue", Type: "mqueue", Source: "mqueue", Options: []string{"nosuid", "noexec", "nodev"}},
 	}
-	if o.NetNS || o.IDCount == 0 {
+	if (o.NetNS && o.NetNSPath == "") || o.IDCount == 0 {
 		ms = append(ms, specs.Mount{Destination: "/sys", Type: "sysfs", Source: "sysfs", Options: []string{"nosuid", "noexec", "nodev", "ro"}})
 	} else {
-		// A user namespace without its own network namespace may not mount
-		// sysfs; bind the host's read-only instead.
+		// sysfs may be mounted only by the owner of the network namespace:
+		// a user namespace without a network namespace of its own, or in
+		// one cmld made (owned by the host), binds the host's read-only.
 		ms = append(ms, specs.Mount{Destination: "/sys", Type: "none", Source: "/sys", Options: []string{"rbind", "nosuid", "noexec", "nodev", "ro"}})
 	}
 	ms = append(ms, specs.Mount{Destination: "/sys/fs/cgroup", Type: "cgroup", Source: "cgroup", Options: []string{"nosuid", "noexec", "nodev", "relatime", "ro"}})

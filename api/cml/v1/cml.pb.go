@@ -286,6 +286,121 @@ func (ContainerState) EnumDescriptor() ([]byte, []int) {
 	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3}
 }
 
+type NetworkFlow_Direction int32
+
+const (
+	NetworkFlow_EGRESS  NetworkFlow_Direction = 1 // the container opens or sends
+	NetworkFlow_INGRESS NetworkFlow_Direction = 2 // the container accepts or receives
+)
+
+// Enum value maps for NetworkFlow_Direction.
+var (
+	NetworkFlow_Direction_name = map[int32]string{
+		1: "EGRESS",
+		2: "INGRESS",
+	}
+	NetworkFlow_Direction_value = map[string]int32{
+		"EGRESS":  1,
+		"INGRESS": 2,
+	}
+)
+
+func (x NetworkFlow_Direction) Enum() *NetworkFlow_Direction {
+	p := new(NetworkFlow_Direction)
+	*p = x
+	return p
+}
+
+func (x NetworkFlow_Direction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (NetworkFlow_Direction) Descriptor() protoreflect.EnumDescriptor {
+	return file_api_cml_v1_cml_proto_enumTypes[4].Descriptor()
+}
+
+func (NetworkFlow_Direction) Type() protoreflect.EnumType {
+	return &file_api_cml_v1_cml_proto_enumTypes[4]
+}
+
+func (x NetworkFlow_Direction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Do not use.
+func (x *NetworkFlow_Direction) UnmarshalJSON(b []byte) error {
+	num, err := protoimpl.X.UnmarshalJSONEnum(x.Descriptor(), b)
+	if err != nil {
+		return err
+	}
+	*x = NetworkFlow_Direction(num)
+	return nil
+}
+
+// Deprecated: Use NetworkFlow_Direction.Descriptor instead.
+func (NetworkFlow_Direction) EnumDescriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3, 0}
+}
+
+type NetworkFlow_Protocol int32
+
+const (
+	NetworkFlow_TCP  NetworkFlow_Protocol = 1
+	NetworkFlow_UDP  NetworkFlow_Protocol = 2
+	NetworkFlow_ICMP NetworkFlow_Protocol = 3
+)
+
+// Enum value maps for NetworkFlow_Protocol.
+var (
+	NetworkFlow_Protocol_name = map[int32]string{
+		1: "TCP",
+		2: "UDP",
+		3: "ICMP",
+	}
+	NetworkFlow_Protocol_value = map[string]int32{
+		"TCP":  1,
+		"UDP":  2,
+		"ICMP": 3,
+	}
+)
+
+func (x NetworkFlow_Protocol) Enum() *NetworkFlow_Protocol {
+	p := new(NetworkFlow_Protocol)
+	*p = x
+	return p
+}
+
+func (x NetworkFlow_Protocol) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (NetworkFlow_Protocol) Descriptor() protoreflect.EnumDescriptor {
+	return file_api_cml_v1_cml_proto_enumTypes[5].Descriptor()
+}
+
+func (NetworkFlow_Protocol) Type() protoreflect.EnumType {
+	return &file_api_cml_v1_cml_proto_enumTypes[5]
+}
+
+func (x NetworkFlow_Protocol) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Do not use.
+func (x *NetworkFlow_Protocol) UnmarshalJSON(b []byte) error {
+	num, err := protoimpl.X.UnmarshalJSONEnum(x.Descriptor(), b)
+	if err != nil {
+		return err
+	}
+	*x = NetworkFlow_Protocol(num)
+	return nil
+}
+
+// Deprecated: Use NetworkFlow_Protocol.Descriptor instead.
+func (NetworkFlow_Protocol) EnumDescriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3, 1}
+}
+
 type DeviceCSRRequest_Key int32
 
 const (
@@ -316,11 +431,11 @@ func (x DeviceCSRRequest_Key) String() string {
 }
 
 func (DeviceCSRRequest_Key) Descriptor() protoreflect.EnumDescriptor {
-	return file_api_cml_v1_cml_proto_enumTypes[4].Descriptor()
+	return file_api_cml_v1_cml_proto_enumTypes[6].Descriptor()
 }
 
 func (DeviceCSRRequest_Key) Type() protoreflect.EnumType {
-	return &file_api_cml_v1_cml_proto_enumTypes[4]
+	return &file_api_cml_v1_cml_proto_enumTypes[6]
 }
 
 func (x DeviceCSRRequest_Key) Number() protoreflect.EnumNumber {
@@ -339,7 +454,7 @@ func (x *DeviceCSRRequest_Key) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use DeviceCSRRequest_Key.Descriptor instead.
 func (DeviceCSRRequest_Key) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41, 0}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45, 0}
 }
 
 // ContainerConfig is a container's configuration file (protobuf text format).
@@ -359,13 +474,24 @@ type ContainerConfig struct {
 	AssignCpus      *string `protobuf:"bytes,11,opt,name=assign_cpus,json=assignCpus" json:"assign_cpus,omitempty"`
 	AllowAutostart  *bool   `protobuf:"varint,17,opt,name=allow_autostart,json=allowAutostart,def=0" json:"allow_autostart,omitempty"`
 	AllowSystemTime *bool   `protobuf:"varint,18,opt,name=allow_system_time,json=allowSystemTime,def=0" json:"allow_system_time,omitempty"`
-	DnsServer       *string `protobuf:"bytes,21,opt,name=dns_server,json=dnsServer" json:"dns_server,omitempty"`
-	Netns           *bool   `protobuf:"varint,22,opt,name=netns,def=1" json:"netns,omitempty"`
+	// dns_server: cmld writes the container's /etc/resolv.conf with it and
+	// allows DNS (udp and tcp port 53) to it.
+	DnsServer *string `protobuf:"bytes,21,opt,name=dns_server,json=dnsServer" json:"dns_server,omitempty"`
+	// netns: the container gets its own network namespace (false shares the
+	// host's whole network and no flow policy applies).
+	Netns *bool `protobuf:"varint,22,opt,name=netns,def=1" json:"netns,omitempty"`
+	// net_ifaces: host network interfaces held exclusively by the container
+	// while it runs (moved into its network namespace).
+	NetIfaces []*ContainerPnetConfig `protobuf:"bytes,23,rep,name=net_ifaces,json=netIfaces" json:"net_ifaces,omitempty"`
 	// allow_dev: device cgroup rules such as "c 4:1 rwm" the container may use.
 	AllowDev []string `protobuf:"bytes,25,rep,name=allow_dev,json=allowDev" json:"allow_dev,omitempty"`
 	// assign_dev: like allow_dev, but held exclusively by one running container.
-	AssignDev []string            `protobuf:"bytes,26,rep,name=assign_dev,json=assignDev" json:"assign_dev,omitempty"`
-	TokenType *ContainerTokenType `protobuf:"varint,30,opt,name=token_type,json=tokenType,enum=cml.v1.ContainerTokenType,def=1" json:"token_type,omitempty"`
+	AssignDev []string `protobuf:"bytes,26,rep,name=assign_dev,json=assignDev" json:"assign_dev,omitempty"`
+	// vnet_configs: the container's virtual link to the host (at most one;
+	// see docs/network.md). A config with network_flows or dns_server and
+	// no vnet_configs gets one named eth0.
+	VnetConfigs []*ContainerVnetConfig `protobuf:"bytes,27,rep,name=vnet_configs,json=vnetConfigs" json:"vnet_configs,omitempty"`
+	TokenType   *ContainerTokenType    `protobuf:"varint,30,opt,name=token_type,json=tokenType,enum=cml.v1.ContainerTokenType,def=1" json:"token_type,omitempty"`
 	// CML extensions (not in GyroidOS).
 	// pids_limit caps the number of tasks; 0 = the daemon default (1024).
 	PidsLimit *uint32 `protobuf:"varint,100,opt,name=pids_limit,json=pidsLimit" json:"pids_limit,omitempty"`
@@ -380,8 +506,11 @@ type ContainerConfig struct {
 	// readonly_rootfs: no writable overlay; the image is the root, read-only.
 	ReadonlyRootfs *bool `protobuf:"varint,105,opt,name=readonly_rootfs,json=readonlyRootfs,def=0" json:"readonly_rootfs,omitempty"`
 	// stop_timeout in seconds between SIGTERM and SIGKILL; 0 = default (10).
-	StopTimeout   *uint32   `protobuf:"varint,106,opt,name=stop_timeout,json=stopTimeout" json:"stop_timeout,omitempty"`
-	Volumes       []*Volume `protobuf:"bytes,107,rep,name=volumes" json:"volumes,omitempty"`
+	StopTimeout *uint32   `protobuf:"varint,106,opt,name=stop_timeout,json=stopTimeout" json:"stop_timeout,omitempty"`
+	Volumes     []*Volume `protobuf:"bytes,107,rep,name=volumes" json:"volumes,omitempty"`
+	// network_flows are the flows the container may take part in; every
+	// other packet to or from it is dropped (and audited).
+	NetworkFlows  []*NetworkFlow `protobuf:"bytes,108,rep,name=network_flows,json=networkFlows" json:"network_flows,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -520,6 +649,13 @@ func (x *ContainerConfig) GetNetns() bool {
 	return Default_ContainerConfig_Netns
 }
 
+func (x *ContainerConfig) GetNetIfaces() []*ContainerPnetConfig {
+	if x != nil {
+		return x.NetIfaces
+	}
+	return nil
+}
+
 func (x *ContainerConfig) GetAllowDev() []string {
 	if x != nil {
 		return x.AllowDev
@@ -530,6 +666,13 @@ func (x *ContainerConfig) GetAllowDev() []string {
 func (x *ContainerConfig) GetAssignDev() []string {
 	if x != nil {
 		return x.AssignDev
+	}
+	return nil
+}
+
+func (x *ContainerConfig) GetVnetConfigs() []*ContainerVnetConfig {
+	if x != nil {
+		return x.VnetConfigs
 	}
 	return nil
 }
@@ -597,6 +740,248 @@ func (x *ContainerConfig) GetVolumes() []*Volume {
 	return nil
 }
 
+func (x *ContainerConfig) GetNetworkFlows() []*NetworkFlow {
+	if x != nil {
+		return x.NetworkFlows
+	}
+	return nil
+}
+
+// ContainerVnetConfig is GyroidOS's virtual interface (a veth pair).
+type ContainerVnetConfig struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// if_name is the interface's name inside the container.
+	IfName *string `protobuf:"bytes,1,opt,name=if_name,json=ifName" json:"if_name,omitempty"`
+	// configure: cmld assigns the address and default route; false leaves
+	// the interface down and unconfigured.
+	Configure *bool `protobuf:"varint,2,opt,name=configure" json:"configure,omitempty"`
+	// if_rootns_name is the host side's name; cmld chooses one when absent.
+	IfRootnsName *string `protobuf:"bytes,3,opt,name=if_rootns_name,json=ifRootnsName" json:"if_rootns_name,omitempty"`
+	// if_mac is the MAC address inside the container; random when absent.
+	IfMac         *string `protobuf:"bytes,4,opt,name=if_mac,json=ifMac" json:"if_mac,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContainerVnetConfig) Reset() {
+	*x = ContainerVnetConfig{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContainerVnetConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContainerVnetConfig) ProtoMessage() {}
+
+func (x *ContainerVnetConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContainerVnetConfig.ProtoReflect.Descriptor instead.
+func (*ContainerVnetConfig) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ContainerVnetConfig) GetIfName() string {
+	if x != nil && x.IfName != nil {
+		return *x.IfName
+	}
+	return ""
+}
+
+func (x *ContainerVnetConfig) GetConfigure() bool {
+	if x != nil && x.Configure != nil {
+		return *x.Configure
+	}
+	return false
+}
+
+func (x *ContainerVnetConfig) GetIfRootnsName() string {
+	if x != nil && x.IfRootnsName != nil {
+		return *x.IfRootnsName
+	}
+	return ""
+}
+
+func (x *ContainerVnetConfig) GetIfMac() string {
+	if x != nil && x.IfMac != nil {
+		return *x.IfMac
+	}
+	return ""
+}
+
+// ContainerPnetConfig is GyroidOS's physical interface assignment.
+type ContainerPnetConfig struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// netif names the host interface, by name or MAC address.
+	Netif *string `protobuf:"bytes,1,opt,name=netif" json:"netif,omitempty"`
+	// mac_filter: only frames from these client MACs may reach the
+	// container (GyroidOS bridges the interface then). Not supported yet.
+	MacFilter     []string `protobuf:"bytes,2,rep,name=mac_filter,json=macFilter" json:"mac_filter,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContainerPnetConfig) Reset() {
+	*x = ContainerPnetConfig{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContainerPnetConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContainerPnetConfig) ProtoMessage() {}
+
+func (x *ContainerPnetConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContainerPnetConfig.ProtoReflect.Descriptor instead.
+func (*ContainerPnetConfig) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ContainerPnetConfig) GetNetif() string {
+	if x != nil && x.Netif != nil {
+		return *x.Netif
+	}
+	return ""
+}
+
+func (x *ContainerPnetConfig) GetMacFilter() []string {
+	if x != nil {
+		return x.MacFilter
+	}
+	return nil
+}
+
+// NetworkFlow is one allowed flow (CML). Exactly one peer is named.
+type NetworkFlow struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Direction *NetworkFlow_Direction `protobuf:"varint,1,opt,name=direction,enum=cml.v1.NetworkFlow_Direction" json:"direction,omitempty"`
+	// peer_uplink: the device's uplink interface (device.conf network.uplink).
+	PeerUplink *bool `protobuf:"varint,2,opt,name=peer_uplink,json=peerUplink" json:"peer_uplink,omitempty"`
+	// peer_container: another container by name; its config must allow the
+	// opposite direction too.
+	PeerContainer *string `protobuf:"bytes,3,opt,name=peer_container,json=peerContainer" json:"peer_container,omitempty"`
+	// peer_cidr: an IPv4 network, e.g. "192.0.2.0/24" or "192.0.2.7/32".
+	PeerCidr *string               `protobuf:"bytes,4,opt,name=peer_cidr,json=peerCidr" json:"peer_cidr,omitempty"`
+	Protocol *NetworkFlow_Protocol `protobuf:"varint,5,opt,name=protocol,enum=cml.v1.NetworkFlow_Protocol" json:"protocol,omitempty"`
+	// ports: destination ports, "502" or "8000-8080"; empty = all. Not for icmp.
+	Ports []string `protobuf:"bytes,6,rep,name=ports" json:"ports,omitempty"`
+	// one_way: a diode. Packets pass only in the flow's direction; no reply
+	// passes, not even to an allowed connection.
+	OneWay        *bool `protobuf:"varint,7,opt,name=one_way,json=oneWay,def=0" json:"one_way,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+// Default values for NetworkFlow fields.
+const (
+	Default_NetworkFlow_OneWay = bool(false)
+)
+
+func (x *NetworkFlow) Reset() {
+	*x = NetworkFlow{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkFlow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkFlow) ProtoMessage() {}
+
+func (x *NetworkFlow) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkFlow.ProtoReflect.Descriptor instead.
+func (*NetworkFlow) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *NetworkFlow) GetDirection() NetworkFlow_Direction {
+	if x != nil && x.Direction != nil {
+		return *x.Direction
+	}
+	return NetworkFlow_EGRESS
+}
+
+func (x *NetworkFlow) GetPeerUplink() bool {
+	if x != nil && x.PeerUplink != nil {
+		return *x.PeerUplink
+	}
+	return false
+}
+
+func (x *NetworkFlow) GetPeerContainer() string {
+	if x != nil && x.PeerContainer != nil {
+		return *x.PeerContainer
+	}
+	return ""
+}
+
+func (x *NetworkFlow) GetPeerCidr() string {
+	if x != nil && x.PeerCidr != nil {
+		return *x.PeerCidr
+	}
+	return ""
+}
+
+func (x *NetworkFlow) GetProtocol() NetworkFlow_Protocol {
+	if x != nil && x.Protocol != nil {
+		return *x.Protocol
+	}
+	return NetworkFlow_TCP
+}
+
+func (x *NetworkFlow) GetPorts() []string {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *NetworkFlow) GetOneWay() bool {
+	if x != nil && x.OneWay != nil {
+		return *x.OneWay
+	}
+	return Default_NetworkFlow_OneWay
+}
+
 // Volume is a named, persistent, container-private directory mounted into
 // the container.
 type Volume struct {
@@ -615,7 +1000,7 @@ const (
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[1]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -627,7 +1012,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[1]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -640,7 +1025,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{1}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Volume) GetName() string {
@@ -687,7 +1072,7 @@ type GuestOSMount struct {
 
 func (x *GuestOSMount) Reset() {
 	*x = GuestOSMount{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[2]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -699,7 +1084,7 @@ func (x *GuestOSMount) String() string {
 func (*GuestOSMount) ProtoMessage() {}
 
 func (x *GuestOSMount) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[2]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -712,7 +1097,7 @@ func (x *GuestOSMount) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSMount.ProtoReflect.Descriptor instead.
 func (*GuestOSMount) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{2}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GuestOSMount) GetImageFile() string {
@@ -789,7 +1174,7 @@ const (
 
 func (x *GuestOSConfig) Reset() {
 	*x = GuestOSConfig{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[3]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +1186,7 @@ func (x *GuestOSConfig) String() string {
 func (*GuestOSConfig) ProtoMessage() {}
 
 func (x *GuestOSConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[3]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +1199,7 @@ func (x *GuestOSConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSConfig.ProtoReflect.Descriptor instead.
 func (*GuestOSConfig) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GuestOSConfig) GetName() string {
@@ -922,7 +1307,7 @@ const (
 
 func (x *DeviceConfig) Reset() {
 	*x = DeviceConfig{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[4]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -934,7 +1319,7 @@ func (x *DeviceConfig) String() string {
 func (*DeviceConfig) ProtoMessage() {}
 
 func (x *DeviceConfig) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[4]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -947,7 +1332,7 @@ func (x *DeviceConfig) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceConfig.ProtoReflect.Descriptor instead.
 func (*DeviceConfig) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{4}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *DeviceConfig) GetLocallySignedImages() bool {
@@ -1036,7 +1421,7 @@ type StorageSettings struct {
 
 func (x *StorageSettings) Reset() {
 	*x = StorageSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1048,7 +1433,7 @@ func (x *StorageSettings) String() string {
 func (*StorageSettings) ProtoMessage() {}
 
 func (x *StorageSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[5]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1061,19 +1446,51 @@ func (x *StorageSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StorageSettings.ProtoReflect.Descriptor instead.
 func (*StorageSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{5}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
 }
 
 // NetworkSettings configure the uplink, container links and flow policy.
 type NetworkSettings struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// uplink is the host interface that leads off the device; flows with
+	// peer_uplink leave through it.
+	Uplink *string `protobuf:"bytes,1,opt,name=uplink" json:"uplink,omitempty"`
+	// link_prefix is the IPv4 network container links are cut from: a /31
+	// per container (host side even, container side odd address).
+	LinkPrefix *string `protobuf:"bytes,2,opt,name=link_prefix,json=linkPrefix,def=10.231.0.0/16" json:"link_prefix,omitempty"`
+	// nat masquerades container traffic leaving through the uplink.
+	Nat *bool `protobuf:"varint,3,opt,name=nat,def=1" json:"nat,omitempty"`
+	// island: no container traffic leaves the device, whatever the configs
+	// allow (container to container flows still pass).
+	Island *bool `protobuf:"varint,4,opt,name=island,def=0" json:"island,omitempty"`
+	// uplink_only_via: all container traffic leaving the device must go to
+	// this endpoint (a VPN or TLS gateway); anything else is dropped.
+	UplinkOnlyVia *NetworkEndpoint `protobuf:"bytes,5,opt,name=uplink_only_via,json=uplinkOnlyVia" json:"uplink_only_via,omitempty"`
+	// nflog_group is the NFLOG group denied packets are logged to.
+	NflogGroup *uint32 `protobuf:"varint,6,opt,name=nflog_group,json=nflogGroup,def=2771" json:"nflog_group,omitempty"`
+	// denied_events_per_second bounds the audit records of denied packets
+	// per container; the rest are counted in a summary record.
+	DeniedEventsPerSecond *uint32 `protobuf:"varint,7,opt,name=denied_events_per_second,json=deniedEventsPerSecond,def=10" json:"denied_events_per_second,omitempty"`
+	// nft_table is the nftables table (inet family) cmld owns and rebuilds
+	// at every start; change it only to run two cmld on one host (tests).
+	NftTable      *string `protobuf:"bytes,8,opt,name=nft_table,json=nftTable,def=cml" json:"nft_table,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
+// Default values for NetworkSettings fields.
+const (
+	Default_NetworkSettings_LinkPrefix            = string("10.231.0.0/16")
+	Default_NetworkSettings_Nat                   = bool(true)
+	Default_NetworkSettings_Island                = bool(false)
+	Default_NetworkSettings_NflogGroup            = uint32(2771)
+	Default_NetworkSettings_DeniedEventsPerSecond = uint32(10)
+	Default_NetworkSettings_NftTable              = string("cml")
+)
+
 func (x *NetworkSettings) Reset() {
 	*x = NetworkSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1085,7 +1502,7 @@ func (x *NetworkSettings) String() string {
 func (*NetworkSettings) ProtoMessage() {}
 
 func (x *NetworkSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[6]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1098,7 +1515,129 @@ func (x *NetworkSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkSettings.ProtoReflect.Descriptor instead.
 func (*NetworkSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{6}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *NetworkSettings) GetUplink() string {
+	if x != nil && x.Uplink != nil {
+		return *x.Uplink
+	}
+	return ""
+}
+
+func (x *NetworkSettings) GetLinkPrefix() string {
+	if x != nil && x.LinkPrefix != nil {
+		return *x.LinkPrefix
+	}
+	return Default_NetworkSettings_LinkPrefix
+}
+
+func (x *NetworkSettings) GetNat() bool {
+	if x != nil && x.Nat != nil {
+		return *x.Nat
+	}
+	return Default_NetworkSettings_Nat
+}
+
+func (x *NetworkSettings) GetIsland() bool {
+	if x != nil && x.Island != nil {
+		return *x.Island
+	}
+	return Default_NetworkSettings_Island
+}
+
+func (x *NetworkSettings) GetUplinkOnlyVia() *NetworkEndpoint {
+	if x != nil {
+		return x.UplinkOnlyVia
+	}
+	return nil
+}
+
+func (x *NetworkSettings) GetNflogGroup() uint32 {
+	if x != nil && x.NflogGroup != nil {
+		return *x.NflogGroup
+	}
+	return Default_NetworkSettings_NflogGroup
+}
+
+func (x *NetworkSettings) GetDeniedEventsPerSecond() uint32 {
+	if x != nil && x.DeniedEventsPerSecond != nil {
+		return *x.DeniedEventsPerSecond
+	}
+	return Default_NetworkSettings_DeniedEventsPerSecond
+}
+
+func (x *NetworkSettings) GetNftTable() string {
+	if x != nil && x.NftTable != nil {
+		return *x.NftTable
+	}
+	return Default_NetworkSettings_NftTable
+}
+
+// NetworkEndpoint is an address, protocol and port.
+type NetworkEndpoint struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Address       *string                `protobuf:"bytes,1,opt,name=address" json:"address,omitempty"`
+	Protocol      *NetworkFlow_Protocol  `protobuf:"varint,2,opt,name=protocol,enum=cml.v1.NetworkFlow_Protocol,def=1" json:"protocol,omitempty"`
+	Port          *uint32                `protobuf:"varint,3,opt,name=port" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+// Default values for NetworkEndpoint fields.
+const (
+	Default_NetworkEndpoint_Protocol = NetworkFlow_TCP
+)
+
+func (x *NetworkEndpoint) Reset() {
+	*x = NetworkEndpoint{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkEndpoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkEndpoint) ProtoMessage() {}
+
+func (x *NetworkEndpoint) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkEndpoint.ProtoReflect.Descriptor instead.
+func (*NetworkEndpoint) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *NetworkEndpoint) GetAddress() string {
+	if x != nil && x.Address != nil {
+		return *x.Address
+	}
+	return ""
+}
+
+func (x *NetworkEndpoint) GetProtocol() NetworkFlow_Protocol {
+	if x != nil && x.Protocol != nil {
+		return *x.Protocol
+	}
+	return Default_NetworkEndpoint_Protocol
+}
+
+func (x *NetworkEndpoint) GetPort() uint32 {
+	if x != nil && x.Port != nil {
+		return *x.Port
+	}
+	return 0
 }
 
 // AuditSettings configure the audit trail and its forwarding.
@@ -1110,7 +1649,7 @@ type AuditSettings struct {
 
 func (x *AuditSettings) Reset() {
 	*x = AuditSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1122,7 +1661,7 @@ func (x *AuditSettings) String() string {
 func (*AuditSettings) ProtoMessage() {}
 
 func (x *AuditSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[7]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1135,7 +1674,7 @@ func (x *AuditSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditSettings.ProtoReflect.Descriptor instead.
 func (*AuditSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{7}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
 }
 
 // RemoteSettings configure the control API over mutual TLS.
@@ -1147,7 +1686,7 @@ type RemoteSettings struct {
 
 func (x *RemoteSettings) Reset() {
 	*x = RemoteSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1159,7 +1698,7 @@ func (x *RemoteSettings) String() string {
 func (*RemoteSettings) ProtoMessage() {}
 
 func (x *RemoteSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1172,7 +1711,7 @@ func (x *RemoteSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoteSettings.ProtoReflect.Descriptor instead.
 func (*RemoteSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
 }
 
 // Container is the daemon's view of one container.
@@ -1207,7 +1746,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1219,7 +1758,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1232,7 +1771,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{9}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Container) GetUuid() string {
@@ -1343,7 +1882,7 @@ type ContainerRef struct {
 
 func (x *ContainerRef) Reset() {
 	*x = ContainerRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1894,7 @@ func (x *ContainerRef) String() string {
 func (*ContainerRef) ProtoMessage() {}
 
 func (x *ContainerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1368,7 +1907,7 @@ func (x *ContainerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRef.ProtoReflect.Descriptor instead.
 func (*ContainerRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{10}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ContainerRef) GetNameOrUuid() string {
@@ -1386,7 +1925,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1398,7 +1937,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1411,7 +1950,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
 }
 
 type ListResponse struct {
@@ -1423,7 +1962,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1435,7 +1974,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1448,7 +1987,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListResponse) GetContainers() []*Container {
@@ -1475,7 +2014,7 @@ type CreateRequest struct {
 
 func (x *CreateRequest) Reset() {
 	*x = CreateRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1487,7 +2026,7 @@ func (x *CreateRequest) String() string {
 func (*CreateRequest) ProtoMessage() {}
 
 func (x *CreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1500,7 +2039,7 @@ func (x *CreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRequest.ProtoReflect.Descriptor instead.
 func (*CreateRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CreateRequest) GetConfig() *ContainerConfig {
@@ -1549,7 +2088,7 @@ type StopRequest struct {
 
 func (x *StopRequest) Reset() {
 	*x = StopRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1561,7 +2100,7 @@ func (x *StopRequest) String() string {
 func (*StopRequest) ProtoMessage() {}
 
 func (x *StopRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1574,7 +2113,7 @@ func (x *StopRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopRequest.ProtoReflect.Descriptor instead.
 func (*StopRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *StopRequest) GetNameOrUuid() string {
@@ -1602,7 +2141,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1614,7 +2153,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1627,7 +2166,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *KillRequest) GetNameOrUuid() string {
@@ -1659,7 +2198,7 @@ type UpdateConfigRequest struct {
 
 func (x *UpdateConfigRequest) Reset() {
 	*x = UpdateConfigRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1671,7 +2210,7 @@ func (x *UpdateConfigRequest) String() string {
 func (*UpdateConfigRequest) ProtoMessage() {}
 
 func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1684,7 +2223,7 @@ func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConfigRequest.ProtoReflect.Descriptor instead.
 func (*UpdateConfigRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UpdateConfigRequest) GetNameOrUuid() string {
@@ -1737,7 +2276,7 @@ type Empty struct {
 
 func (x *Empty) Reset() {
 	*x = Empty{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1749,7 +2288,7 @@ func (x *Empty) String() string {
 func (*Empty) ProtoMessage() {}
 
 func (x *Empty) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1762,7 +2301,7 @@ func (x *Empty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Empty.ProtoReflect.Descriptor instead.
 func (*Empty) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
 }
 
 // ExecStart is the first message of an exec stream.
@@ -1780,7 +2319,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1792,7 +2331,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1805,7 +2344,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ExecStart) GetNameOrUuid() string {
@@ -1865,7 +2404,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1877,7 +2416,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1890,7 +2429,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -1975,7 +2514,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1987,7 +2526,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2000,7 +2539,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -2031,7 +2570,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2043,7 +2582,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2056,7 +2595,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -2126,7 +2665,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2138,7 +2677,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2151,7 +2690,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *LogsRequest) GetNameOrUuid() string {
@@ -2177,7 +2716,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2189,7 +2728,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2202,7 +2741,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *LogsResponse) GetData() []byte {
@@ -2222,7 +2761,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2234,7 +2773,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2247,7 +2786,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *EventsRequest) GetNameOrUuid() string {
@@ -2267,7 +2806,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2279,7 +2818,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2292,7 +2831,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Event) GetTimeUnixNano() int64 {
@@ -2328,7 +2867,7 @@ type GuestOS struct {
 
 func (x *GuestOS) Reset() {
 	*x = GuestOS{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2340,7 +2879,7 @@ func (x *GuestOS) String() string {
 func (*GuestOS) ProtoMessage() {}
 
 func (x *GuestOS) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2353,7 +2892,7 @@ func (x *GuestOS) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOS.ProtoReflect.Descriptor instead.
 func (*GuestOS) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GuestOS) GetName() string {
@@ -2421,7 +2960,7 @@ type GuestOSListResponse struct {
 
 func (x *GuestOSListResponse) Reset() {
 	*x = GuestOSListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2433,7 +2972,7 @@ func (x *GuestOSListResponse) String() string {
 func (*GuestOSListResponse) ProtoMessage() {}
 
 func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2446,7 +2985,7 @@ func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSListResponse.ProtoReflect.Descriptor instead.
 func (*GuestOSListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GuestOSListResponse) GetGuestos() []*GuestOS {
@@ -2468,7 +3007,7 @@ type GuestOSInstallRequest struct {
 
 func (x *GuestOSInstallRequest) Reset() {
 	*x = GuestOSInstallRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2480,7 +3019,7 @@ func (x *GuestOSInstallRequest) String() string {
 func (*GuestOSInstallRequest) ProtoMessage() {}
 
 func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2493,7 +3032,7 @@ func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GuestOSInstallRequest) GetDir() string {
@@ -2524,7 +3063,7 @@ type GuestOSInstallProgress struct {
 
 func (x *GuestOSInstallProgress) Reset() {
 	*x = GuestOSInstallProgress{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2536,7 +3075,7 @@ func (x *GuestOSInstallProgress) String() string {
 func (*GuestOSInstallProgress) ProtoMessage() {}
 
 func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2549,7 +3088,7 @@ func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallProgress.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallProgress) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GuestOSInstallProgress) GetPhase() string {
@@ -2594,7 +3133,7 @@ type CA struct {
 
 func (x *CA) Reset() {
 	*x = CA{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2606,7 +3145,7 @@ func (x *CA) String() string {
 func (*CA) ProtoMessage() {}
 
 func (x *CA) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2619,7 +3158,7 @@ func (x *CA) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CA.ProtoReflect.Descriptor instead.
 func (*CA) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CA) GetFingerprint() string {
@@ -2659,7 +3198,7 @@ type CAListResponse struct {
 
 func (x *CAListResponse) Reset() {
 	*x = CAListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2671,7 +3210,7 @@ func (x *CAListResponse) String() string {
 func (*CAListResponse) ProtoMessage() {}
 
 func (x *CAListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2684,7 +3223,7 @@ func (x *CAListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CAListResponse.ProtoReflect.Descriptor instead.
 func (*CAListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CAListResponse) GetCas() []*CA {
@@ -2703,7 +3242,7 @@ type CARegisterRequest struct {
 
 func (x *CARegisterRequest) Reset() {
 	*x = CARegisterRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2715,7 +3254,7 @@ func (x *CARegisterRequest) String() string {
 func (*CARegisterRequest) ProtoMessage() {}
 
 func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2728,7 +3267,7 @@ func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARegisterRequest.ProtoReflect.Descriptor instead.
 func (*CARegisterRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CARegisterRequest) GetPem() []byte {
@@ -2747,7 +3286,7 @@ type CARemoveRequest struct {
 
 func (x *CARemoveRequest) Reset() {
 	*x = CARemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2759,7 +3298,7 @@ func (x *CARemoveRequest) String() string {
 func (*CARemoveRequest) ProtoMessage() {}
 
 func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2772,7 +3311,7 @@ func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARemoveRequest.ProtoReflect.Descriptor instead.
 func (*CARemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CARemoveRequest) GetFingerprint() string {
@@ -2794,7 +3333,7 @@ type CRLLoadRequest struct {
 
 func (x *CRLLoadRequest) Reset() {
 	*x = CRLLoadRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2806,7 +3345,7 @@ func (x *CRLLoadRequest) String() string {
 func (*CRLLoadRequest) ProtoMessage() {}
 
 func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2819,7 +3358,7 @@ func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLLoadRequest.ProtoReflect.Descriptor instead.
 func (*CRLLoadRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CRLLoadRequest) GetPem() []byte {
@@ -2846,7 +3385,7 @@ type CRLLoadResponse struct {
 
 func (x *CRLLoadResponse) Reset() {
 	*x = CRLLoadResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2858,7 +3397,7 @@ func (x *CRLLoadResponse) String() string {
 func (*CRLLoadResponse) ProtoMessage() {}
 
 func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2871,7 +3410,7 @@ func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLLoadResponse.ProtoReflect.Descriptor instead.
 func (*CRLLoadResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CRLLoadResponse) GetIssuer() string {
@@ -2906,7 +3445,7 @@ type CRL struct {
 
 func (x *CRL) Reset() {
 	*x = CRL{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2918,7 +3457,7 @@ func (x *CRL) String() string {
 func (*CRL) ProtoMessage() {}
 
 func (x *CRL) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2931,7 +3470,7 @@ func (x *CRL) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRL.ProtoReflect.Descriptor instead.
 func (*CRL) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *CRL) GetIssuer() string {
@@ -2985,7 +3524,7 @@ type CRLListResponse struct {
 
 func (x *CRLListResponse) Reset() {
 	*x = CRLListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2997,7 +3536,7 @@ func (x *CRLListResponse) String() string {
 func (*CRLListResponse) ProtoMessage() {}
 
 func (x *CRLListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3010,7 +3549,7 @@ func (x *CRLListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLListResponse.ProtoReflect.Descriptor instead.
 func (*CRLListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CRLListResponse) GetCrls() []*CRL {
@@ -3031,7 +3570,7 @@ type CRLRemoveRequest struct {
 
 func (x *CRLRemoveRequest) Reset() {
 	*x = CRLRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3043,7 +3582,7 @@ func (x *CRLRemoveRequest) String() string {
 func (*CRLRemoveRequest) ProtoMessage() {}
 
 func (x *CRLRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3056,7 +3595,7 @@ func (x *CRLRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLRemoveRequest.ProtoReflect.Descriptor instead.
 func (*CRLRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CRLRemoveRequest) GetRef() string {
@@ -3076,7 +3615,7 @@ type GuestOSRemoveRequest struct {
 
 func (x *GuestOSRemoveRequest) Reset() {
 	*x = GuestOSRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3088,7 +3627,7 @@ func (x *GuestOSRemoveRequest) String() string {
 func (*GuestOSRemoveRequest) ProtoMessage() {}
 
 func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3101,7 +3640,7 @@ func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSRemoveRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *GuestOSRemoveRequest) GetName() string {
@@ -3143,7 +3682,7 @@ type DeviceIdentity struct {
 
 func (x *DeviceIdentity) Reset() {
 	*x = DeviceIdentity{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3155,7 +3694,7 @@ func (x *DeviceIdentity) String() string {
 func (*DeviceIdentity) ProtoMessage() {}
 
 func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3168,7 +3707,7 @@ func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceIdentity.ProtoReflect.Descriptor instead.
 func (*DeviceIdentity) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DeviceIdentity) GetDeviceUuid() string {
@@ -3241,7 +3780,7 @@ const (
 
 func (x *DeviceCSRRequest) Reset() {
 	*x = DeviceCSRRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3253,7 +3792,7 @@ func (x *DeviceCSRRequest) String() string {
 func (*DeviceCSRRequest) ProtoMessage() {}
 
 func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3266,7 +3805,7 @@ func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCSRRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *DeviceCSRRequest) GetKey() DeviceCSRRequest_Key {
@@ -3285,7 +3824,7 @@ type DeviceCSRResponse struct {
 
 func (x *DeviceCSRResponse) Reset() {
 	*x = DeviceCSRResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3297,7 +3836,7 @@ func (x *DeviceCSRResponse) String() string {
 func (*DeviceCSRResponse) ProtoMessage() {}
 
 func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3310,7 +3849,7 @@ func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRResponse.ProtoReflect.Descriptor instead.
 func (*DeviceCSRResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *DeviceCSRResponse) GetPem() []byte {
@@ -3333,7 +3872,7 @@ type DeviceCertRequest struct {
 
 func (x *DeviceCertRequest) Reset() {
 	*x = DeviceCertRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3345,7 +3884,7 @@ func (x *DeviceCertRequest) String() string {
 func (*DeviceCertRequest) ProtoMessage() {}
 
 func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3358,7 +3897,7 @@ func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCertRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCertRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *DeviceCertRequest) GetPem() []byte {
@@ -3387,7 +3926,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3399,7 +3938,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3412,7 +3951,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{44}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *AttestRequest) GetNonce() []byte {
@@ -3439,7 +3978,7 @@ type PCRValue struct {
 
 func (x *PCRValue) Reset() {
 	*x = PCRValue{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3451,7 +3990,7 @@ func (x *PCRValue) String() string {
 func (*PCRValue) ProtoMessage() {}
 
 func (x *PCRValue) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3464,7 +4003,7 @@ func (x *PCRValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
 func (*PCRValue) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *PCRValue) GetIndex() uint32 {
@@ -3505,7 +4044,7 @@ type Attestation struct {
 
 func (x *Attestation) Reset() {
 	*x = Attestation{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3517,7 +4056,7 @@ func (x *Attestation) String() string {
 func (*Attestation) ProtoMessage() {}
 
 func (x *Attestation) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3530,7 +4069,7 @@ func (x *Attestation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attestation.ProtoReflect.Descriptor instead.
 func (*Attestation) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *Attestation) GetQuote() []byte {
@@ -3589,11 +4128,476 @@ func (x *Attestation) GetMeasurementPcr() uint32 {
 	return 0
 }
 
+// NetworkRequest asks for the effective network of one container (by name
+// or UUID), or of every running container when empty.
+type NetworkRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Container     *string                `protobuf:"bytes,1,opt,name=container" json:"container,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkRequest) Reset() {
+	*x = NetworkRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkRequest) ProtoMessage() {}
+
+func (x *NetworkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkRequest.ProtoReflect.Descriptor instead.
+func (*NetworkRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *NetworkRequest) GetContainer() string {
+	if x != nil && x.Container != nil {
+		return *x.Container
+	}
+	return ""
+}
+
+// NetworkReport is what the kernel enforces, read back from it (interfaces,
+// addresses and routes from the container's namespace, flows and counters
+// from cmld's nftables table), not what the configs ask for.
+type NetworkReport struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Containers []*ContainerNetwork    `protobuf:"bytes,1,rep,name=containers" json:"containers,omitempty"`
+	// settings are the device's network settings in force.
+	Settings      *NetworkSettings `protobuf:"bytes,2,opt,name=settings" json:"settings,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkReport) Reset() {
+	*x = NetworkReport{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkReport) ProtoMessage() {}
+
+func (x *NetworkReport) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkReport.ProtoReflect.Descriptor instead.
+func (*NetworkReport) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *NetworkReport) GetContainers() []*ContainerNetwork {
+	if x != nil {
+		return x.Containers
+	}
+	return nil
+}
+
+func (x *NetworkReport) GetSettings() *NetworkSettings {
+	if x != nil {
+		return x.Settings
+	}
+	return nil
+}
+
+// ContainerNetwork is one running container's network.
+type ContainerNetwork struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Uuid  *string                `protobuf:"bytes,1,opt,name=uuid" json:"uuid,omitempty"`
+	Name  *string                `protobuf:"bytes,2,opt,name=name" json:"name,omitempty"`
+	// host_interface is the host side of the container's link.
+	HostInterface *string             `protobuf:"bytes,3,opt,name=host_interface,json=hostInterface" json:"host_interface,omitempty"`
+	HostAddress   *string             `protobuf:"bytes,4,opt,name=host_address,json=hostAddress" json:"host_address,omitempty"`
+	Interfaces    []*NetworkInterface `protobuf:"bytes,5,rep,name=interfaces" json:"interfaces,omitempty"`
+	Routes        []*NetworkRoute     `protobuf:"bytes,6,rep,name=routes" json:"routes,omitempty"`
+	Flows         []*EffectiveFlow    `protobuf:"bytes,7,rep,name=flows" json:"flows,omitempty"`
+	// Packets (and bytes) to or from the container that the policy let
+	// through or dropped, since its start.
+	AllowedPackets *uint64 `protobuf:"varint,8,opt,name=allowed_packets,json=allowedPackets" json:"allowed_packets,omitempty"`
+	AllowedBytes   *uint64 `protobuf:"varint,9,opt,name=allowed_bytes,json=allowedBytes" json:"allowed_bytes,omitempty"`
+	DroppedPackets *uint64 `protobuf:"varint,10,opt,name=dropped_packets,json=droppedPackets" json:"dropped_packets,omitempty"`
+	DroppedBytes   *uint64 `protobuf:"varint,11,opt,name=dropped_bytes,json=droppedBytes" json:"dropped_bytes,omitempty"`
+	// dns_server is the server written to the container's resolv.conf.
+	DnsServer     *string `protobuf:"bytes,12,opt,name=dns_server,json=dnsServer" json:"dns_server,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContainerNetwork) Reset() {
+	*x = ContainerNetwork{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContainerNetwork) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContainerNetwork) ProtoMessage() {}
+
+func (x *ContainerNetwork) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContainerNetwork.ProtoReflect.Descriptor instead.
+func (*ContainerNetwork) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *ContainerNetwork) GetUuid() string {
+	if x != nil && x.Uuid != nil {
+		return *x.Uuid
+	}
+	return ""
+}
+
+func (x *ContainerNetwork) GetName() string {
+	if x != nil && x.Name != nil {
+		return *x.Name
+	}
+	return ""
+}
+
+func (x *ContainerNetwork) GetHostInterface() string {
+	if x != nil && x.HostInterface != nil {
+		return *x.HostInterface
+	}
+	return ""
+}
+
+func (x *ContainerNetwork) GetHostAddress() string {
+	if x != nil && x.HostAddress != nil {
+		return *x.HostAddress
+	}
+	return ""
+}
+
+func (x *ContainerNetwork) GetInterfaces() []*NetworkInterface {
+	if x != nil {
+		return x.Interfaces
+	}
+	return nil
+}
+
+func (x *ContainerNetwork) GetRoutes() []*NetworkRoute {
+	if x != nil {
+		return x.Routes
+	}
+	return nil
+}
+
+func (x *ContainerNetwork) GetFlows() []*EffectiveFlow {
+	if x != nil {
+		return x.Flows
+	}
+	return nil
+}
+
+func (x *ContainerNetwork) GetAllowedPackets() uint64 {
+	if x != nil && x.AllowedPackets != nil {
+		return *x.AllowedPackets
+	}
+	return 0
+}
+
+func (x *ContainerNetwork) GetAllowedBytes() uint64 {
+	if x != nil && x.AllowedBytes != nil {
+		return *x.AllowedBytes
+	}
+	return 0
+}
+
+func (x *ContainerNetwork) GetDroppedPackets() uint64 {
+	if x != nil && x.DroppedPackets != nil {
+		return *x.DroppedPackets
+	}
+	return 0
+}
+
+func (x *ContainerNetwork) GetDroppedBytes() uint64 {
+	if x != nil && x.DroppedBytes != nil {
+		return *x.DroppedBytes
+	}
+	return 0
+}
+
+func (x *ContainerNetwork) GetDnsServer() string {
+	if x != nil && x.DnsServer != nil {
+		return *x.DnsServer
+	}
+	return ""
+}
+
+// NetworkInterface is one interface inside a container's namespace.
+type NetworkInterface struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	Mac       *string                `protobuf:"bytes,2,opt,name=mac" json:"mac,omitempty"`
+	Addresses []string               `protobuf:"bytes,3,rep,name=addresses" json:"addresses,omitempty"`
+	Up        *bool                  `protobuf:"varint,4,opt,name=up" json:"up,omitempty"`
+	// assigned: a host interface held exclusively (net_ifaces).
+	Assigned      *bool `protobuf:"varint,5,opt,name=assigned" json:"assigned,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkInterface) Reset() {
+	*x = NetworkInterface{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkInterface) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkInterface) ProtoMessage() {}
+
+func (x *NetworkInterface) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkInterface.ProtoReflect.Descriptor instead.
+func (*NetworkInterface) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *NetworkInterface) GetName() string {
+	if x != nil && x.Name != nil {
+		return *x.Name
+	}
+	return ""
+}
+
+func (x *NetworkInterface) GetMac() string {
+	if x != nil && x.Mac != nil {
+		return *x.Mac
+	}
+	return ""
+}
+
+func (x *NetworkInterface) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+func (x *NetworkInterface) GetUp() bool {
+	if x != nil && x.Up != nil {
+		return *x.Up
+	}
+	return false
+}
+
+func (x *NetworkInterface) GetAssigned() bool {
+	if x != nil && x.Assigned != nil {
+		return *x.Assigned
+	}
+	return false
+}
+
+// NetworkRoute is one IPv4 route inside a container's namespace.
+type NetworkRoute struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Destination   *string                `protobuf:"bytes,1,opt,name=destination" json:"destination,omitempty"`
+	Gateway       *string                `protobuf:"bytes,2,opt,name=gateway" json:"gateway,omitempty"`
+	Interface     *string                `protobuf:"bytes,3,opt,name=interface" json:"interface,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkRoute) Reset() {
+	*x = NetworkRoute{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkRoute) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkRoute) ProtoMessage() {}
+
+func (x *NetworkRoute) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkRoute.ProtoReflect.Descriptor instead.
+func (*NetworkRoute) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *NetworkRoute) GetDestination() string {
+	if x != nil && x.Destination != nil {
+		return *x.Destination
+	}
+	return ""
+}
+
+func (x *NetworkRoute) GetGateway() string {
+	if x != nil && x.Gateway != nil {
+		return *x.Gateway
+	}
+	return ""
+}
+
+func (x *NetworkRoute) GetInterface() string {
+	if x != nil && x.Interface != nil {
+		return *x.Interface
+	}
+	return ""
+}
+
+// EffectiveFlow is one allow rule as the kernel holds it.
+type EffectiveFlow struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Direction *NetworkFlow_Direction `protobuf:"varint,1,opt,name=direction,enum=cml.v1.NetworkFlow_Direction" json:"direction,omitempty"`
+	// peer: "uplink <if>", "container <name>", "interface <if>" (a container
+	// link whose container cmld does not know), or an IPv4 CIDR.
+	Peer          *string               `protobuf:"bytes,2,opt,name=peer" json:"peer,omitempty"`
+	Protocol      *NetworkFlow_Protocol `protobuf:"varint,3,opt,name=protocol,enum=cml.v1.NetworkFlow_Protocol" json:"protocol,omitempty"`
+	Ports         []string              `protobuf:"bytes,4,rep,name=ports" json:"ports,omitempty"`
+	OneWay        *bool                 `protobuf:"varint,5,opt,name=one_way,json=oneWay" json:"one_way,omitempty"`
+	Packets       *uint64               `protobuf:"varint,6,opt,name=packets" json:"packets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *EffectiveFlow) Reset() {
+	*x = EffectiveFlow{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EffectiveFlow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EffectiveFlow) ProtoMessage() {}
+
+func (x *EffectiveFlow) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EffectiveFlow.ProtoReflect.Descriptor instead.
+func (*EffectiveFlow) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *EffectiveFlow) GetDirection() NetworkFlow_Direction {
+	if x != nil && x.Direction != nil {
+		return *x.Direction
+	}
+	return NetworkFlow_EGRESS
+}
+
+func (x *EffectiveFlow) GetPeer() string {
+	if x != nil && x.Peer != nil {
+		return *x.Peer
+	}
+	return ""
+}
+
+func (x *EffectiveFlow) GetProtocol() NetworkFlow_Protocol {
+	if x != nil && x.Protocol != nil {
+		return *x.Protocol
+	}
+	return NetworkFlow_TCP
+}
+
+func (x *EffectiveFlow) GetPorts() []string {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *EffectiveFlow) GetOneWay() bool {
+	if x != nil && x.OneWay != nil {
+		return *x.OneWay
+	}
+	return false
+}
+
+func (x *EffectiveFlow) GetPackets() uint64 {
+	if x != nil && x.Packets != nil {
+		return *x.Packets
+	}
+	return 0
+}
+
 var File_api_cml_v1_cml_proto protoreflect.FileDescriptor
 
 const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\n" +
-	"\x14api/cml/v1/cml.proto\x12\x06cml.v1\"\x90\a\n" +
+	"\x14api/cml/v1/cml.proto\x12\x06cml.v1\"\xc6\b\n" +
 	"\x0fContainerConfig\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
 	"\bguest_os\x18\x02 \x01(\tR\aguestOs\x12'\n" +
@@ -3610,10 +4614,13 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x11allow_system_time\x18\x12 \x01(\b:\x05falseR\x0fallowSystemTime\x12\x1d\n" +
 	"\n" +
 	"dns_server\x18\x15 \x01(\tR\tdnsServer\x12\x1a\n" +
-	"\x05netns\x18\x16 \x01(\b:\x04trueR\x05netns\x12\x1b\n" +
+	"\x05netns\x18\x16 \x01(\b:\x04trueR\x05netns\x12:\n" +
+	"\n" +
+	"net_ifaces\x18\x17 \x03(\v2\x1b.cml.v1.ContainerPnetConfigR\tnetIfaces\x12\x1b\n" +
 	"\tallow_dev\x18\x19 \x03(\tR\ballowDev\x12\x1d\n" +
 	"\n" +
-	"assign_dev\x18\x1a \x03(\tR\tassignDev\x12?\n" +
+	"assign_dev\x18\x1a \x03(\tR\tassignDev\x12>\n" +
+	"\fvnet_configs\x18\x1b \x03(\v2\x1b.cml.v1.ContainerVnetConfigR\vvnetConfigs\x12?\n" +
 	"\n" +
 	"token_type\x18\x1e \x01(\x0e2\x1a.cml.v1.ContainerTokenType:\x04NONER\ttokenType\x12\x1d\n" +
 	"\n" +
@@ -3625,7 +4632,34 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x0fseccomp_profile\x18h \x01(\t:\adefaultR\x0eseccompProfile\x12.\n" +
 	"\x0freadonly_rootfs\x18i \x01(\b:\x05falseR\x0ereadonlyRootfs\x12!\n" +
 	"\fstop_timeout\x18j \x01(\rR\vstopTimeout\x12(\n" +
-	"\avolumes\x18k \x03(\v2\x0e.cml.v1.VolumeR\avolumes\"`\n" +
+	"\avolumes\x18k \x03(\v2\x0e.cml.v1.VolumeR\avolumes\x128\n" +
+	"\rnetwork_flows\x18l \x03(\v2\x13.cml.v1.NetworkFlowR\fnetworkFlows\"\x89\x01\n" +
+	"\x13ContainerVnetConfig\x12\x17\n" +
+	"\aif_name\x18\x01 \x01(\tR\x06ifName\x12\x1c\n" +
+	"\tconfigure\x18\x02 \x01(\bR\tconfigure\x12$\n" +
+	"\x0eif_rootns_name\x18\x03 \x01(\tR\fifRootnsName\x12\x15\n" +
+	"\x06if_mac\x18\x04 \x01(\tR\x05ifMac\"J\n" +
+	"\x13ContainerPnetConfig\x12\x14\n" +
+	"\x05netif\x18\x01 \x01(\tR\x05netif\x12\x1d\n" +
+	"\n" +
+	"mac_filter\x18\x02 \x03(\tR\tmacFilter\"\xed\x02\n" +
+	"\vNetworkFlow\x12;\n" +
+	"\tdirection\x18\x01 \x01(\x0e2\x1d.cml.v1.NetworkFlow.DirectionR\tdirection\x12\x1f\n" +
+	"\vpeer_uplink\x18\x02 \x01(\bR\n" +
+	"peerUplink\x12%\n" +
+	"\x0epeer_container\x18\x03 \x01(\tR\rpeerContainer\x12\x1b\n" +
+	"\tpeer_cidr\x18\x04 \x01(\tR\bpeerCidr\x128\n" +
+	"\bprotocol\x18\x05 \x01(\x0e2\x1c.cml.v1.NetworkFlow.ProtocolR\bprotocol\x12\x14\n" +
+	"\x05ports\x18\x06 \x03(\tR\x05ports\x12\x1e\n" +
+	"\aone_way\x18\a \x01(\b:\x05falseR\x06oneWay\"$\n" +
+	"\tDirection\x12\n" +
+	"\n" +
+	"\x06EGRESS\x10\x01\x12\v\n" +
+	"\aINGRESS\x10\x02\"&\n" +
+	"\bProtocol\x12\a\n" +
+	"\x03TCP\x10\x01\x12\a\n" +
+	"\x03UDP\x10\x02\x12\b\n" +
+	"\x04ICMP\x10\x03\"`\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
 	"\vmount_point\x18\x02 \x01(\tR\n" +
@@ -3668,8 +4702,22 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\anetwork\x18f \x01(\v2\x17.cml.v1.NetworkSettingsR\anetwork\x12+\n" +
 	"\x05audit\x18g \x01(\v2\x15.cml.v1.AuditSettingsR\x05audit\x12.\n" +
 	"\x06remote\x18h \x01(\v2\x16.cml.v1.RemoteSettingsR\x06remote\"\x11\n" +
-	"\x0fStorageSettings\"\x11\n" +
-	"\x0fNetworkSettings\"\x0f\n" +
+	"\x0fStorageSettings\"\xd7\x02\n" +
+	"\x0fNetworkSettings\x12\x16\n" +
+	"\x06uplink\x18\x01 \x01(\tR\x06uplink\x12.\n" +
+	"\vlink_prefix\x18\x02 \x01(\t:\r10.231.0.0/16R\n" +
+	"linkPrefix\x12\x16\n" +
+	"\x03nat\x18\x03 \x01(\b:\x04trueR\x03nat\x12\x1d\n" +
+	"\x06island\x18\x04 \x01(\b:\x05falseR\x06island\x12?\n" +
+	"\x0fuplink_only_via\x18\x05 \x01(\v2\x17.cml.v1.NetworkEndpointR\ruplinkOnlyVia\x12%\n" +
+	"\vnflog_group\x18\x06 \x01(\r:\x042771R\n" +
+	"nflogGroup\x12;\n" +
+	"\x18denied_events_per_second\x18\a \x01(\r:\x0210R\x15deniedEventsPerSecond\x12 \n" +
+	"\tnft_table\x18\b \x01(\t:\x03cmlR\bnftTable\"~\n" +
+	"\x0fNetworkEndpoint\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\x12=\n" +
+	"\bprotocol\x18\x02 \x01(\x0e2\x1c.cml.v1.NetworkFlow.Protocol:\x03TCPR\bprotocol\x12\x12\n" +
+	"\x04port\x18\x03 \x01(\rR\x04port\"\x0f\n" +
 	"\rAuditSettings\"\x10\n" +
 	"\x0eRemoteSettings\"\xd0\x03\n" +
 	"\tContainer\x12\x12\n" +
@@ -3849,7 +4897,48 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x0ftls_certificate\x18\x06 \x01(\fR\x0etlsCertificate\x12\x1f\n" +
 	"\vdevice_uuid\x18\a \x01(\tR\n" +
 	"deviceUuid\x12'\n" +
-	"\x0fmeasurement_pcr\x18\b \x01(\rR\x0emeasurementPcr*'\n" +
+	"\x0fmeasurement_pcr\x18\b \x01(\rR\x0emeasurementPcr\".\n" +
+	"\x0eNetworkRequest\x12\x1c\n" +
+	"\tcontainer\x18\x01 \x01(\tR\tcontainer\"~\n" +
+	"\rNetworkReport\x128\n" +
+	"\n" +
+	"containers\x18\x01 \x03(\v2\x18.cml.v1.ContainerNetworkR\n" +
+	"containers\x123\n" +
+	"\bsettings\x18\x02 \x01(\v2\x17.cml.v1.NetworkSettingsR\bsettings\"\xd4\x03\n" +
+	"\x10ContainerNetwork\x12\x12\n" +
+	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12%\n" +
+	"\x0ehost_interface\x18\x03 \x01(\tR\rhostInterface\x12!\n" +
+	"\fhost_address\x18\x04 \x01(\tR\vhostAddress\x128\n" +
+	"\n" +
+	"interfaces\x18\x05 \x03(\v2\x18.cml.v1.NetworkInterfaceR\n" +
+	"interfaces\x12,\n" +
+	"\x06routes\x18\x06 \x03(\v2\x14.cml.v1.NetworkRouteR\x06routes\x12+\n" +
+	"\x05flows\x18\a \x03(\v2\x15.cml.v1.EffectiveFlowR\x05flows\x12'\n" +
+	"\x0fallowed_packets\x18\b \x01(\x04R\x0eallowedPackets\x12#\n" +
+	"\rallowed_bytes\x18\t \x01(\x04R\fallowedBytes\x12'\n" +
+	"\x0fdropped_packets\x18\n" +
+	" \x01(\x04R\x0edroppedPackets\x12#\n" +
+	"\rdropped_bytes\x18\v \x01(\x04R\fdroppedBytes\x12\x1d\n" +
+	"\n" +
+	"dns_server\x18\f \x01(\tR\tdnsServer\"\x82\x01\n" +
+	"\x10NetworkInterface\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x10\n" +
+	"\x03mac\x18\x02 \x01(\tR\x03mac\x12\x1c\n" +
+	"\taddresses\x18\x03 \x03(\tR\taddresses\x12\x0e\n" +
+	"\x02up\x18\x04 \x01(\bR\x02up\x12\x1a\n" +
+	"\bassigned\x18\x05 \x01(\bR\bassigned\"h\n" +
+	"\fNetworkRoute\x12 \n" +
+	"\vdestination\x18\x01 \x01(\tR\vdestination\x12\x18\n" +
+	"\agateway\x18\x02 \x01(\tR\agateway\x12\x1c\n" +
+	"\tinterface\x18\x03 \x01(\tR\tinterface\"\xe3\x01\n" +
+	"\rEffectiveFlow\x12;\n" +
+	"\tdirection\x18\x01 \x01(\x0e2\x1d.cml.v1.NetworkFlow.DirectionR\tdirection\x12\x12\n" +
+	"\x04peer\x18\x02 \x01(\tR\x04peer\x128\n" +
+	"\bprotocol\x18\x03 \x01(\x0e2\x1c.cml.v1.NetworkFlow.ProtocolR\bprotocol\x12\x14\n" +
+	"\x05ports\x18\x04 \x03(\tR\x05ports\x12\x17\n" +
+	"\aone_way\x18\x05 \x01(\bR\x06oneWay\x12\x18\n" +
+	"\apackets\x18\x06 \x01(\x04R\apackets*'\n" +
 	"\rContainerType\x12\r\n" +
 	"\tCONTAINER\x10\x01\x12\a\n" +
 	"\x03KVM\x10\x02*1\n" +
@@ -3872,7 +4961,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\x8e\f\n" +
+	"\x06FAILED\x10\a2\xc8\f\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -3906,7 +4995,8 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\n" +
 	"DeviceCert\x12\x19.cml.v1.DeviceCertRequest\x1a\x16.cml.v1.DeviceIdentity\x12:\n" +
 	"\x11DeviceProvisioned\x12\r.cml.v1.Empty\x1a\x16.cml.v1.DeviceIdentity\x124\n" +
-	"\x06Attest\x12\x15.cml.v1.AttestRequest\x1a\x13.cml.v1.AttestationB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
+	"\x06Attest\x12\x15.cml.v1.AttestRequest\x1a\x13.cml.v1.Attestation\x128\n" +
+	"\aNetwork\x12\x16.cml.v1.NetworkRequest\x1a\x15.cml.v1.NetworkReportB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
 
 var (
 	file_api_cml_v1_cml_proto_rawDescOnce sync.Once
@@ -3920,147 +5010,175 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 	return file_api_cml_v1_cml_proto_rawDescData
 }
 
-var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
+var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 57)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
 	(TrustLevel)(0),                // 2: cml.v1.TrustLevel
 	(ContainerState)(0),            // 3: cml.v1.ContainerState
-	(DeviceCSRRequest_Key)(0),      // 4: cml.v1.DeviceCSRRequest.Key
-	(*ContainerConfig)(nil),        // 5: cml.v1.ContainerConfig
-	(*Volume)(nil),                 // 6: cml.v1.Volume
-	(*GuestOSMount)(nil),           // 7: cml.v1.GuestOSMount
-	(*GuestOSConfig)(nil),          // 8: cml.v1.GuestOSConfig
-	(*DeviceConfig)(nil),           // 9: cml.v1.DeviceConfig
-	(*StorageSettings)(nil),        // 10: cml.v1.StorageSettings
-	(*NetworkSettings)(nil),        // 11: cml.v1.NetworkSettings
-	(*AuditSettings)(nil),          // 12: cml.v1.AuditSettings
-	(*RemoteSettings)(nil),         // 13: cml.v1.RemoteSettings
-	(*Container)(nil),              // 14: cml.v1.Container
-	(*ContainerRef)(nil),           // 15: cml.v1.ContainerRef
-	(*ListRequest)(nil),            // 16: cml.v1.ListRequest
-	(*ListResponse)(nil),           // 17: cml.v1.ListResponse
-	(*CreateRequest)(nil),          // 18: cml.v1.CreateRequest
-	(*StopRequest)(nil),            // 19: cml.v1.StopRequest
-	(*KillRequest)(nil),            // 20: cml.v1.KillRequest
-	(*UpdateConfigRequest)(nil),    // 21: cml.v1.UpdateConfigRequest
-	(*Empty)(nil),                  // 22: cml.v1.Empty
-	(*ExecStart)(nil),              // 23: cml.v1.ExecStart
-	(*ExecRequest)(nil),            // 24: cml.v1.ExecRequest
-	(*Resize)(nil),                 // 25: cml.v1.Resize
-	(*ExecResponse)(nil),           // 26: cml.v1.ExecResponse
-	(*LogsRequest)(nil),            // 27: cml.v1.LogsRequest
-	(*LogsResponse)(nil),           // 28: cml.v1.LogsResponse
-	(*EventsRequest)(nil),          // 29: cml.v1.EventsRequest
-	(*Event)(nil),                  // 30: cml.v1.Event
-	(*GuestOS)(nil),                // 31: cml.v1.GuestOS
-	(*GuestOSListResponse)(nil),    // 32: cml.v1.GuestOSListResponse
-	(*GuestOSInstallRequest)(nil),  // 33: cml.v1.GuestOSInstallRequest
-	(*GuestOSInstallProgress)(nil), // 34: cml.v1.GuestOSInstallProgress
-	(*CA)(nil),                     // 35: cml.v1.CA
-	(*CAListResponse)(nil),         // 36: cml.v1.CAListResponse
-	(*CARegisterRequest)(nil),      // 37: cml.v1.CARegisterRequest
-	(*CARemoveRequest)(nil),        // 38: cml.v1.CARemoveRequest
-	(*CRLLoadRequest)(nil),         // 39: cml.v1.CRLLoadRequest
-	(*CRLLoadResponse)(nil),        // 40: cml.v1.CRLLoadResponse
-	(*CRL)(nil),                    // 41: cml.v1.CRL
-	(*CRLListResponse)(nil),        // 42: cml.v1.CRLListResponse
-	(*CRLRemoveRequest)(nil),       // 43: cml.v1.CRLRemoveRequest
-	(*GuestOSRemoveRequest)(nil),   // 44: cml.v1.GuestOSRemoveRequest
-	(*DeviceIdentity)(nil),         // 45: cml.v1.DeviceIdentity
-	(*DeviceCSRRequest)(nil),       // 46: cml.v1.DeviceCSRRequest
-	(*DeviceCSRResponse)(nil),      // 47: cml.v1.DeviceCSRResponse
-	(*DeviceCertRequest)(nil),      // 48: cml.v1.DeviceCertRequest
-	(*AttestRequest)(nil),          // 49: cml.v1.AttestRequest
-	(*PCRValue)(nil),               // 50: cml.v1.PCRValue
-	(*Attestation)(nil),            // 51: cml.v1.Attestation
+	(NetworkFlow_Direction)(0),     // 4: cml.v1.NetworkFlow.Direction
+	(NetworkFlow_Protocol)(0),      // 5: cml.v1.NetworkFlow.Protocol
+	(DeviceCSRRequest_Key)(0),      // 6: cml.v1.DeviceCSRRequest.Key
+	(*ContainerConfig)(nil),        // 7: cml.v1.ContainerConfig
+	(*ContainerVnetConfig)(nil),    // 8: cml.v1.ContainerVnetConfig
+	(*ContainerPnetConfig)(nil),    // 9: cml.v1.ContainerPnetConfig
+	(*NetworkFlow)(nil),            // 10: cml.v1.NetworkFlow
+	(*Volume)(nil),                 // 11: cml.v1.Volume
+	(*GuestOSMount)(nil),           // 12: cml.v1.GuestOSMount
+	(*GuestOSConfig)(nil),          // 13: cml.v1.GuestOSConfig
+	(*DeviceConfig)(nil),           // 14: cml.v1.DeviceConfig
+	(*StorageSettings)(nil),        // 15: cml.v1.StorageSettings
+	(*NetworkSettings)(nil),        // 16: cml.v1.NetworkSettings
+	(*NetworkEndpoint)(nil),        // 17: cml.v1.NetworkEndpoint
+	(*AuditSettings)(nil),          // 18: cml.v1.AuditSettings
+	(*RemoteSettings)(nil),         // 19: cml.v1.RemoteSettings
+	(*Container)(nil),              // 20: cml.v1.Container
+	(*ContainerRef)(nil),           // 21: cml.v1.ContainerRef
+	(*ListRequest)(nil),            // 22: cml.v1.ListRequest
+	(*ListResponse)(nil),           // 23: cml.v1.ListResponse
+	(*CreateRequest)(nil),          // 24: cml.v1.CreateRequest
+	(*StopRequest)(nil),            // 25: cml.v1.StopRequest
+	(*KillRequest)(nil),            // 26: cml.v1.KillRequest
+	(*UpdateConfigRequest)(nil),    // 27: cml.v1.UpdateConfigRequest
+	(*Empty)(nil),                  // 28: cml.v1.Empty
+	(*ExecStart)(nil),              // 29: cml.v1.ExecStart
+	(*ExecRequest)(nil),            // 30: cml.v1.ExecRequest
+	(*Resize)(nil),                 // 31: cml.v1.Resize
+	(*ExecResponse)(nil),           // 32: cml.v1.ExecResponse
+	(*LogsRequest)(nil),            // 33: cml.v1.LogsRequest
+	(*LogsResponse)(nil),           // 34: cml.v1.LogsResponse
+	(*EventsRequest)(nil),          // 35: cml.v1.EventsRequest
+	(*Event)(nil),                  // 36: cml.v1.Event
+	(*GuestOS)(nil),                // 37: cml.v1.GuestOS
+	(*GuestOSListResponse)(nil),    // 38: cml.v1.GuestOSListResponse
+	(*GuestOSInstallRequest)(nil),  // 39: cml.v1.GuestOSInstallRequest
+	(*GuestOSInstallProgress)(nil), // 40: cml.v1.GuestOSInstallProgress
+	(*CA)(nil),                     // 41: cml.v1.CA
+	(*CAListResponse)(nil),         // 42: cml.v1.CAListResponse
+	(*CARegisterRequest)(nil),      // 43: cml.v1.CARegisterRequest
+	(*CARemoveRequest)(nil),        // 44: cml.v1.CARemoveRequest
+	(*CRLLoadRequest)(nil),         // 45: cml.v1.CRLLoadRequest
+	(*CRLLoadResponse)(nil),        // 46: cml.v1.CRLLoadResponse
+	(*CRL)(nil),                    // 47: cml.v1.CRL
+	(*CRLListResponse)(nil),        // 48: cml.v1.CRLListResponse
+	(*CRLRemoveRequest)(nil),       // 49: cml.v1.CRLRemoveRequest
+	(*GuestOSRemoveRequest)(nil),   // 50: cml.v1.GuestOSRemoveRequest
+	(*DeviceIdentity)(nil),         // 51: cml.v1.DeviceIdentity
+	(*DeviceCSRRequest)(nil),       // 52: cml.v1.DeviceCSRRequest
+	(*DeviceCSRResponse)(nil),      // 53: cml.v1.DeviceCSRResponse
+	(*DeviceCertRequest)(nil),      // 54: cml.v1.DeviceCertRequest
+	(*AttestRequest)(nil),          // 55: cml.v1.AttestRequest
+	(*PCRValue)(nil),               // 56: cml.v1.PCRValue
+	(*Attestation)(nil),            // 57: cml.v1.Attestation
+	(*NetworkRequest)(nil),         // 58: cml.v1.NetworkRequest
+	(*NetworkReport)(nil),          // 59: cml.v1.NetworkReport
+	(*ContainerNetwork)(nil),       // 60: cml.v1.ContainerNetwork
+	(*NetworkInterface)(nil),       // 61: cml.v1.NetworkInterface
+	(*NetworkRoute)(nil),           // 62: cml.v1.NetworkRoute
+	(*EffectiveFlow)(nil),          // 63: cml.v1.EffectiveFlow
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
-	1,  // 1: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
-	6,  // 2: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
-	7,  // 3: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
-	10, // 4: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
-	11, // 5: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
-	12, // 6: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
-	13, // 7: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
-	3,  // 8: cml.v1.Container.state:type_name -> cml.v1.ContainerState
-	2,  // 9: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
-	14, // 10: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
-	5,  // 11: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
-	5,  // 12: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
-	23, // 13: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
-	25, // 14: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
-	14, // 15: cml.v1.Event.container:type_name -> cml.v1.Container
-	2,  // 16: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
-	31, // 17: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
-	31, // 18: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
-	35, // 19: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
-	41, // 20: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
-	4,  // 21: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
-	50, // 22: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
-	16, // 23: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	18, // 24: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	15, // 25: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	15, // 26: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	19, // 27: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	20, // 28: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	15, // 29: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	15, // 30: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	21, // 31: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	15, // 32: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	15, // 33: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	24, // 34: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	27, // 35: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	29, // 36: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	22, // 37: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	33, // 38: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	44, // 39: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	22, // 40: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	37, // 41: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	38, // 42: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	39, // 43: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	22, // 44: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
-	43, // 45: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
-	22, // 46: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
-	46, // 47: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
-	48, // 48: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
-	22, // 49: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
-	49, // 50: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
-	17, // 51: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	14, // 52: cml.v1.Control.Create:output_type -> cml.v1.Container
-	22, // 53: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	14, // 54: cml.v1.Control.Start:output_type -> cml.v1.Container
-	14, // 55: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	22, // 56: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	14, // 57: cml.v1.Control.State:output_type -> cml.v1.Container
-	5,  // 58: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	14, // 59: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	14, // 60: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	14, // 61: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	26, // 62: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	28, // 63: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	30, // 64: cml.v1.Control.Events:output_type -> cml.v1.Event
-	32, // 65: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	34, // 66: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	22, // 67: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	36, // 68: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	35, // 69: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	35, // 70: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	40, // 71: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	42, // 72: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	41, // 73: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	45, // 74: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	47, // 75: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	45, // 76: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	45, // 77: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	51, // 78: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	51, // [51:79] is the sub-list for method output_type
-	23, // [23:51] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	9,  // 1: cml.v1.ContainerConfig.net_ifaces:type_name -> cml.v1.ContainerPnetConfig
+	8,  // 2: cml.v1.ContainerConfig.vnet_configs:type_name -> cml.v1.ContainerVnetConfig
+	1,  // 3: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
+	11, // 4: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
+	10, // 5: cml.v1.ContainerConfig.network_flows:type_name -> cml.v1.NetworkFlow
+	4,  // 6: cml.v1.NetworkFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
+	5,  // 7: cml.v1.NetworkFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	12, // 8: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
+	15, // 9: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
+	16, // 10: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
+	18, // 11: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
+	19, // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
+	17, // 13: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
+	5,  // 14: cml.v1.NetworkEndpoint.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	3,  // 15: cml.v1.Container.state:type_name -> cml.v1.ContainerState
+	2,  // 16: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
+	20, // 17: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
+	7,  // 18: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
+	7,  // 19: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
+	29, // 20: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
+	31, // 21: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
+	20, // 22: cml.v1.Event.container:type_name -> cml.v1.Container
+	2,  // 23: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
+	37, // 24: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
+	37, // 25: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
+	41, // 26: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
+	47, // 27: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
+	6,  // 28: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
+	56, // 29: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
+	60, // 30: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
+	16, // 31: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
+	61, // 32: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
+	62, // 33: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
+	63, // 34: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
+	4,  // 35: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
+	5,  // 36: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	22, // 37: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	24, // 38: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	21, // 39: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	21, // 40: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	25, // 41: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	26, // 42: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	21, // 43: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	21, // 44: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	27, // 45: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	21, // 46: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	21, // 47: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	30, // 48: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	33, // 49: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	35, // 50: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	28, // 51: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	39, // 52: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	50, // 53: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	28, // 54: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	43, // 55: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	44, // 56: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	45, // 57: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	28, // 58: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
+	49, // 59: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
+	28, // 60: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	52, // 61: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	54, // 62: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	28, // 63: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	55, // 64: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	58, // 65: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
+	23, // 66: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	20, // 67: cml.v1.Control.Create:output_type -> cml.v1.Container
+	28, // 68: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	20, // 69: cml.v1.Control.Start:output_type -> cml.v1.Container
+	20, // 70: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	28, // 71: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	20, // 72: cml.v1.Control.State:output_type -> cml.v1.Container
+	7,  // 73: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	20, // 74: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	20, // 75: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	20, // 76: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	32, // 77: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	34, // 78: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	36, // 79: cml.v1.Control.Events:output_type -> cml.v1.Event
+	38, // 80: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	40, // 81: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	28, // 82: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	42, // 83: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	41, // 84: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	41, // 85: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	46, // 86: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	48, // 87: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	47, // 88: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	51, // 89: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	53, // 90: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	51, // 91: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	51, // 92: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	57, // 93: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	59, // 94: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	66, // [66:95] is the sub-list for method output_type
+	37, // [37:66] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -4068,13 +5186,13 @@ func file_api_cml_v1_cml_proto_init() {
 	if File_api_cml_v1_cml_proto != nil {
 		return
 	}
-	file_api_cml_v1_cml_proto_msgTypes[19].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[23].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinEof)(nil),
 		(*ExecRequest_Resize)(nil),
 	}
-	file_api_cml_v1_cml_proto_msgTypes[21].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[25].OneofWrappers = []any{
 		(*ExecResponse_Stdout)(nil),
 		(*ExecResponse_Stderr)(nil),
 		(*ExecResponse_ExitStatus)(nil),
@@ -4084,8 +5202,8 @@ func file_api_cml_v1_cml_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   47,
+			NumEnums:      7,
+			NumMessages:   57,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

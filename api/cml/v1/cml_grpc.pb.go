@@ -58,6 +58,7 @@ const (
 	Control_DeviceCert_FullMethodName        = "/cml.v1.Control/DeviceCert"
 	Control_DeviceProvisioned_FullMethodName = "/cml.v1.Control/DeviceProvisioned"
 	Control_Attest_FullMethodName            = "/cml.v1.Control/Attest"
+	Control_Network_FullMethodName           = "/cml.v1.Control/Network"
 )
 
 // ControlClient is the client API for Control service.
@@ -94,6 +95,7 @@ type ControlClient interface {
 	DeviceCert(ctx context.Context, in *DeviceCertRequest, opts ...grpc.CallOption) (*DeviceIdentity, error)
 	DeviceProvisioned(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*DeviceIdentity, error)
 	Attest(ctx context.Context, in *AttestRequest, opts ...grpc.CallOption) (*Attestation, error)
+	Network(ctx context.Context, in *NetworkRequest, opts ...grpc.CallOption) (*NetworkReport, error)
 }
 
 type controlClient struct {
@@ -414,6 +416,16 @@ func (c *controlClient) Attest(ctx context.Context, in *AttestRequest, opts ...g
 	return out, nil
 }
 
+func (c *controlClient) Network(ctx context.Context, in *NetworkRequest, opts ...grpc.CallOption) (*NetworkReport, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(NetworkReport)
+	err := c.cc.Invoke(ctx, Control_Network_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -448,6 +460,7 @@ type ControlServer interface {
 	DeviceCert(context.Context, *DeviceCertRequest) (*DeviceIdentity, error)
 	DeviceProvisioned(context.Context, *Empty) (*DeviceIdentity, error)
 	Attest(context.Context, *AttestRequest) (*Attestation, error)
+	Network(context.Context, *NetworkRequest) (*NetworkReport, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -541,6 +554,9 @@ func (UnimplementedControlServer) DeviceProvisioned(context.Context, *Empty) (*D
 }
 func (UnimplementedControlServer) Attest(context.Context, *AttestRequest) (*Attestation, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Attest not implemented")
+}
+func (UnimplementedControlServer) Network(context.Context, *NetworkRequest) (*NetworkReport, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Network not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -1035,6 +1051,24 @@ func _Control_Attest_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_Network_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(NetworkRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).Network(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_Network_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).Network(ctx, req.(*NetworkRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1137,6 +1171,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Attest",
 			Handler:    _Control_Attest_Handler,
+		},
+		{
+			MethodName: "Network",
+			Handler:    _Control_Network_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
