@@ -217,7 +217,7 @@ func moveOut(ns, host *os.File, a assignedIface) error {
 		return err
 	}
 	for _, l := range links {
-		if !strings.EqualFold(l.Attrs().HardwareAddr.String(), a.MAC) || l.Type() == "veth" {
+		if !strings.EqualFold(l.Attrs().HardwareAddr.String(), a.MAC) {
 			continue
 		}
 		h.LinkSetDown(l)

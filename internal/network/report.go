@@ -183,7 +183,7 @@ func (st *Stage) Report(id string) (*cmlv1.ContainerNetwork, error) {
 		ni := &cmlv1.NetworkInterface{Name: proto.String(a.Name), Up: proto.Bool(a.Flags&net.FlagUp != 0)}
 		if len(a.HardwareAddr) > 0 {
 			ni.Mac = proto.String(a.HardwareAddr.String())
-			ni.Assigned = proto.Bool(assigned[strings.ToLower(a.HardwareAddr.String())] && l.Type() != "veth")
+			ni.Assigned = proto.Bool(assigned[strings.ToLower(a.HardwareAddr.String())])
 		}
 		if as, err := h.AddrList(l, netlink.FAMILY_V4); err == nil {
 			for _, ad := range as {

@@ -7,6 +7,7 @@ import (
 	"sort"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 
@@ -76,7 +77,7 @@ type firewall struct {
 
 func newFirewall(s Settings) *firewall {
 	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: s.Table}
-	return &firewall{s: s, table: t, links: &nftables.Set{Table: t, Name: setLinks, KeyType: nftables.TypeIFName}}
+	return &firewall{s: s, table: t, links: &nftables.Set{Table: t, Name: setLinks, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian}}
 }
 
 func (f *firewall) chain(name string) *nftables.Chain { return &nftables.Chain{Table: f.table, Name: name} }

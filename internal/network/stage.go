@@ -158,6 +158,9 @@ func (st *Stage) policy(id string, cfg *cmlv1.ContainerConfig, link string, host
 			if st.settings.Uplink == "" {
 				return p, nil, errdefs.InvalidArgument("network_flows: flow %d: peer_uplink needs the device setting network.uplink", i+1)
 			}
+			if _, err := netlink.LinkByName(st.settings.Uplink); err != nil {
+				return p, nil, errdefs.FailedPrecondition("network: the device's uplink %s does not exist", st.settings.Uplink)
+			}
 			r.PeerIf = st.settings.Uplink
 		case f.PeerContainer != nil:
 			if st.Peers == nil {
@@ -466,14 +469,20 @@ func (st *Stage) Adopt(_ context.Context, id string, pid int, raw json.RawMessag
 // links of containers that are gone.
 func (st *Stage) Sweep(_ context.Context, alive map[string]bool) error {
 	st.mu.Lock()
-	var pols []Policy
+	var runs []*run
 	keep := map[string]bool{}
 	for id, r := range st.running {
-		pols = append(pols, r.rec.Policy)
+		runs = append(runs, r)
 		keep[id] = true
 	}
 	st.mu.Unlock()
-	sort.Slice(pols, func(i, j int) bool { return pols[i].ID < pols[j].ID })
+	// In the order the links were made (interface indexes only grow), so
+	// that the rebuilt table lists the rules as the old one did.
+	sort.Slice(runs, func(i, j int) bool { return runs[i].index < runs[j].index })
+	var pols []Policy
+	for _, r := range runs {
+		pols = append(pols, r.rec.Policy)
+	}
 	err := st.rebuild(pols)
 	st.mu.Lock()
 	st.ready = err

@@ -151,6 +151,10 @@ func (r *Runtime) State(ctx context.Context, id string) (*State, error) {
 
 // List returns the runtime's containers.
 func (r *Runtime) List(ctx context.Context) ([]State, error) {
+	// runc 1.1 lists nothing for a missing root; newer runc fails.
+	if _, err := os.Stat(r.Root); errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
 	out, err := r.run(ctx, "list", "--format", "json")
 	if err != nil {
 		return nil, err

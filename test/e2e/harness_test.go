@@ -10,12 +10,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
+	"github.com/vishvananda/netlink"
 
 	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/testutil"
@@ -50,6 +52,13 @@ func TestMain(m *testing.M) {
 	build.Stderr = os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Println("e2e: build:", err)
+		os.Exit(1)
+	}
+	// The network probe runs inside busybox containers: static.
+	build = exec.Command("go", "build", "-o", binDir+"/nettool", "./nettool")
+	build.Env, build.Stderr = append(os.Environ(), "CGO_ENABLED=0"), os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Println("e2e: build nettool:", err)
 		os.Exit(1)
 	}
 	pkiDir = filepath.Join(tmp, "pki")
@@ -90,7 +99,13 @@ type daemon struct {
 	log      *bytes.Buffer
 	// runtime, when set, is the OCI runtime cmld is started with.
 	runtime string
+	// table and nflog are this daemon's nftables table and NFLOG group:
+	// its own, so that no test touches another cmld's firewall.
+	table string
+	nflog int
 }
+
+var daemons atomic.Int32
 
 // startDaemon starts cmld on a fresh temporary state directory; everything
 // it leaves (containers, mounts, cgroups) is removed at cleanup, also when
@@ -105,7 +120,9 @@ func startDaemon(t *testing.T) *daemon {
 	}
 	// Container roots (subordinate uids) must traverse to their rootfs.
 	os.Chmod(root, 0o711)
-	d := &daemon{t: t, root: root, stateDir: filepath.Join(root, "state"), run: filepath.Join(root, "run")}
+	n := int(daemons.Add(1))
+	d := &daemon{t: t, root: root, stateDir: filepath.Join(root, "state"), run: filepath.Join(root, "run"),
+		table: fmt.Sprintf("cmle2e%d_%d", os.Getpid(), n), nflog: 3000 + os.Getpid()%500*20 + n%20}
 	d.socket = filepath.Join(d.run, "control.sock")
 	t.Cleanup(d.cleanup)
 	d.provision()
@@ -114,8 +131,8 @@ func startDaemon(t *testing.T) *daemon {
 		// a new device state, so each measures into the resettable
 		// PCR 23, reset first (a restart within a test keeps it).
 		resetPCR(t, kernelTPMPCR)
-		os.WriteFile(filepath.Join(d.stateDir, "device.conf"), []byte(deviceConfForTPM("")), 0o600)
 	}
+	os.WriteFile(filepath.Join(d.stateDir, "device.conf"), []byte(d.deviceConf("")), 0o600)
 	d.start()
 	return d
 }
@@ -135,12 +152,22 @@ func kernelTPM() bool {
 	return err == nil
 }
 
-// deviceConfForTPM adds the test PCR to a device.conf on a kernel TPM.
-func deviceConfForTPM(text string) string {
+// deviceConf adds the test PCR (on a kernel TPM) and, unless text has a
+// network section, the daemon's own firewall table to a device.conf.
+func (d *daemon) deviceConf(text string) string {
 	if kernelTPM() && !strings.Contains(text, "measurement_pcr") {
 		text += fmt.Sprintf("measurement_pcr: %d\n", kernelTPMPCR)
 	}
+	if !strings.Contains(text, "network {") {
+		text += d.networkConf("")
+	}
 	return text
+}
+
+// networkConf is a device.conf network section with the daemon's table
+// and NFLOG group and the given further settings.
+func (d *daemon) networkConf(extra string) string {
+	return fmt.Sprintf("network {\n  nft_table: %q\n  nflog_group: %d\n%s}\n", d.table, d.nflog, extra)
 }
 
 func resetPCR(t *testing.T, pcr int) {
@@ -216,6 +243,15 @@ func (d *daemon) cleanup() {
 	}
 	rootfs.Unmount(d.root)
 	os.RemoveAll(d.root)
+	// The daemon's firewall table outlives it by design; a test's goes.
+	exec.Command("nft", "delete", "table", "inet", d.table).Run()
+	if links, err := netlink.LinkList(); err == nil {
+		for _, l := range links {
+			if strings.HasPrefix(l.Attrs().Alias, d.table+":") {
+				netlink.LinkDel(l)
+			}
+		}
+	}
 }
 
 // ctl runs cmlctl against this daemon.

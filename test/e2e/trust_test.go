@@ -24,7 +24,7 @@ import (
 // writeDeviceConfig writes device.conf and restarts the daemon on it.
 func (d *daemon) restartWithDevice(text string) {
 	d.t.Helper()
-	if err := os.WriteFile(filepath.Join(d.stateDir, "device.conf"), []byte(deviceConfForTPM(text)), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(d.stateDir, "device.conf"), []byte(d.deviceConf(text)), 0o600); err != nil {
 		d.t.Fatal(err)
 	}
 	d.cmd.Process.Signal(os.Interrupt)
