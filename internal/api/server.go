@@ -54,7 +54,7 @@ type Server struct {
 	// daemon runs without network separation.
 	Networks NetworkReporter
 	Audit    audit.Recorder
-	Log    *slog.Logger
+	Log      *slog.Logger
 
 	auditBroken atomic.Bool
 	errRef      atomic.Uint64

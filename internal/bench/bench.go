@@ -25,7 +25,8 @@ type Options struct {
 	Script   string
 	// VerifyMiB sizes the image of the verification throughput figure.
 	VerifyMiB int
-	// Only runs one part: "verify", "attest", "start" or "console"; empty
+	// Only runs one part: "verify", "attest", "start", "network" or
+	// "console"; empty
 	// runs all.
 	Only string
 	// ConsoleMiB is how much a container floods its console with.
@@ -55,7 +56,7 @@ func Run(o Options, w io.Writer) error {
 			return fmt.Errorf("attestation: %w", err)
 		}
 	}
-	if o.Only != "" && o.Only != "start" && o.Only != "console" {
+	if o.Only != "" && o.Only != "start" && o.Only != "console" && o.Only != "network" {
 		return nil
 	}
 	// A signed busybox guest OS and configs under a throwaway PKI whose
@@ -75,6 +76,11 @@ func Run(o Options, w io.Writer) error {
 	build.Env = append(os.Environ(), "CMLSIGN="+filepath.Join(bin, "cmlsign"))
 	if out, err := build.CombinedOutput(); err != nil {
 		return fmt.Errorf("build guest OS: %v: %s", err, out)
+	}
+	// The device's network settings: an uplink into the bench's own
+	// outside namespace (made below, for the network figures).
+	if err := os.WriteFile(filepath.Join(tmp, "state", "device.conf"), []byte(benchNetConf), 0o600); err != nil {
+		return err
 	}
 	sock := filepath.Join(tmp, "run", "control.sock")
 	cmld := exec.Command(filepath.Join(bin, "cmld"), "--state-dir", filepath.Join(tmp, "state"), "--run-dir", filepath.Join(tmp, "run"))
@@ -115,6 +121,18 @@ func Run(o Options, w io.Writer) error {
 	if o.Only == "" || o.Only == "start" {
 		if err := startLatency(w, tmp, gos, ctl, conf, sock, o); err != nil {
 			return err
+		}
+	}
+	if o.Only == "" || o.Only == "network" {
+		cleanup, err := benchNetwork()
+		if err != nil {
+			return fmt.Errorf("network figures: %w", err)
+		}
+		err = networkFigures(w, tmp, ctl, conf, sock, o)
+		cleanup()
+		exec.Command("nft", "delete", "table", "inet", "cmlbench").Run()
+		if err != nil {
+			return fmt.Errorf("network figures: %w", err)
 		}
 	}
 	if o.Only == "" || o.Only == "console" {

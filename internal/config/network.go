@@ -220,4 +220,3 @@ func ValidateNetworkSettings(source string, n *cmlv1.NetworkSettings) error {
 	}
 	return nil
 }
-

@@ -34,7 +34,9 @@ func linkAddrs(prefix netip.Prefix, slot uint32) (host, ctr netip.Addr, err erro
 	}
 	b := prefix.Addr().As4()
 	base := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-	mk := func(v uint32) netip.Addr { return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}) }
+	mk := func(v uint32) netip.Addr {
+		return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+	}
 	return mk(base + 2*slot), mk(base + 2*slot + 1), nil
 }
 

@@ -254,3 +254,34 @@ func (st *Stage) Running() []string {
 	}
 	return ids
 }
+
+// readAll reads every counter of the table: of tagged rules by comment,
+// of the per-container chains' rules by chain and position.
+func (f *firewall) readAll(c *nftables.Conn) map[string]expr.Counter {
+	out := map[string]expr.Counter{}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return out
+	}
+	for _, ch := range chains {
+		if ch.Table.Name != f.table.Name {
+			continue
+		}
+		rules, err := c.GetRules(f.table, ch)
+		if err != nil {
+			continue
+		}
+		for i, r := range rules {
+			key := fmt.Sprintf("%s#%d", ch.Name, i)
+			if t, ok := commentOf(r.UserData); ok {
+				key = t
+			}
+			for _, e := range r.Exprs {
+				if n, ok := e.(*expr.Counter); ok {
+					out[key] = *n
+				}
+			}
+		}
+	}
+	return out
+}

@@ -73,6 +73,17 @@ type firewall struct {
 	s     Settings
 	table *nftables.Table
 	links *nftables.Set // the host sides of container links
+	// carry holds the counters of the table being replaced (by rule
+	// comment, or chain and position), so that a rebuild after a daemon
+	// restart keeps them.
+	carry map[string]expr.Counter
+}
+
+// counter is a counter expression, starting from what the replaced table
+// had counted for the same rule.
+func (f *firewall) counter(key string) *expr.Counter {
+	c := f.carry[key]
+	return &expr.Counter{Bytes: c.Bytes, Packets: c.Packets}
 }
 
 func newFirewall(s Settings) *firewall {
@@ -80,7 +91,9 @@ func newFirewall(s Settings) *firewall {
 	return &firewall{s: s, table: t, links: &nftables.Set{Table: t, Name: setLinks, KeyType: nftables.TypeIFName, KeyByteOrder: binaryutil.NativeEndian}}
 }
 
-func (f *firewall) chain(name string) *nftables.Chain { return &nftables.Chain{Table: f.table, Name: name} }
+func (f *firewall) chain(name string) *nftables.Chain {
+	return &nftables.Chain{Table: f.table, Name: name}
+}
 
 // Shared chains. The per-container chains are eg-<id> and in-<id>.
 const (
@@ -101,9 +114,9 @@ func ifname(n string) []byte {
 	return b
 }
 
-func tag(id, what string) []byte {
-	return userdataComment("cml " + id + " " + what)
-}
+func tagText(id, what string) string { return "cml " + id + " " + what }
+
+func tag(id, what string) []byte { return userdataComment(tagText(id, what)) }
 
 func protoNum(p cmlv1.NetworkFlow_Protocol) byte {
 	switch p {
@@ -296,7 +309,7 @@ func (f *firewall) build(c *nftables.Conn, pols []Policy) error {
 	})
 	// deny: per-container counted, logged drops come first; this one
 	// catches what names no known link.
-	c.AddRule(&nftables.Rule{Table: table, Chain: chain(chDeny), Exprs: one(s.logExpr("cml deny"), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}), UserData: userdataComment("cml deny rest")})
+	c.AddRule(&nftables.Rule{Table: table, Chain: chain(chDeny), Exprs: one(s.logExpr("cml deny"), f.counter("cml deny rest"), &expr.Verdict{Kind: expr.VerdictDrop}), UserData: userdataComment("cml deny rest")})
 
 	if s.NAT && s.Uplink != "" {
 		nat := c.AddChain(&nftables.Chain{Table: table, Name: "postrouting", Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource, Policy: &accept})
@@ -333,6 +346,7 @@ func (f *firewall) add(c *nftables.Conn, p Policy) error {
 	// Two-way rules first: when a packet matches both, its replies pass.
 	rules := append([]Rule(nil), p.Rules...)
 	sort.SliceStable(rules, func(i, j int) bool { return !rules[i].OneWay && rules[j].OneWay })
+	pos := map[*nftables.Chain]int{eg: 2, in: 2} // after the two fixed rules
 	for _, r := range rules {
 		ch, bit := eg, uint32(markEgress)
 		if r.Direction == cmlv1.NetworkFlow_INGRESS {
@@ -368,7 +382,9 @@ func (f *firewall) add(c *nftables.Conn, p Policy) error {
 			if pr.From != 0 {
 				pm = dport(pr)
 			}
-			c.AddRule(&nftables.Rule{Table: table, Chain: ch, Exprs: cat(peer, proto, pm, markSet(bit), one(&expr.Counter{}, verdict(expr.VerdictReturn, "")))})
+			key := fmt.Sprintf("%s#%d", ch.Name, pos[ch])
+			pos[ch]++
+			c.AddRule(&nftables.Rule{Table: table, Chain: ch, Exprs: cat(peer, proto, pm, markSet(bit), one(f.counter(key), verdict(expr.VerdictReturn, "")))})
 		}
 	}
 	link := ifname(p.Link)
@@ -379,11 +395,11 @@ func (f *firewall) add(c *nftables.Conn, p Policy) error {
 	tagged(chClassify, "ingress", cat(metaIs(expr.MetaKeyOIFNAME, expr.CmpOpEq, link), one(verdict(expr.VerdictJump, ingressChain(p.ID)))))
 	// Counters of what the policy let through, by container; the allow
 	// chain's verdicts follow them.
-	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chAllow), Exprs: cat(metaIs(expr.MetaKeyIIFNAME, expr.CmpOpEq, link), one(&expr.Counter{})), UserData: tag(p.ID, "allowed-out")})
-	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chAllow), Exprs: cat(metaIs(expr.MetaKeyOIFNAME, expr.CmpOpEq, link), one(&expr.Counter{})), UserData: tag(p.ID, "allowed-in")})
+	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chAllow), Exprs: cat(metaIs(expr.MetaKeyIIFNAME, expr.CmpOpEq, link), one(f.counter(tagText(p.ID, "allowed-out")))), UserData: tag(p.ID, "allowed-out")})
+	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chAllow), Exprs: cat(metaIs(expr.MetaKeyOIFNAME, expr.CmpOpEq, link), one(f.counter(tagText(p.ID, "allowed-in")))), UserData: tag(p.ID, "allowed-in")})
 	// Denied packets are counted per container, logged to NFLOG for the
 	// audit trail, and dropped.
-	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chDeny), Exprs: cat(metaIs(expr.MetaKeyIIFNAME, expr.CmpOpEq, link), one(s.logExpr("cml deny"), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})), UserData: tag(p.ID, "denied-out")})
-	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chDeny), Exprs: cat(metaIs(expr.MetaKeyOIFNAME, expr.CmpOpEq, link), one(s.logExpr("cml deny"), &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop})), UserData: tag(p.ID, "denied-in")})
+	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chDeny), Exprs: cat(metaIs(expr.MetaKeyIIFNAME, expr.CmpOpEq, link), one(s.logExpr("cml deny"), f.counter(tagText(p.ID, "denied-out")), &expr.Verdict{Kind: expr.VerdictDrop})), UserData: tag(p.ID, "denied-out")})
+	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chDeny), Exprs: cat(metaIs(expr.MetaKeyOIFNAME, expr.CmpOpEq, link), one(s.logExpr("cml deny"), f.counter(tagText(p.ID, "denied-in")), &expr.Verdict{Kind: expr.VerdictDrop})), UserData: tag(p.ID, "denied-in")})
 	return c.SetAddElements(linksSet, []nftables.SetElement{{Key: link}})
 }

@@ -20,6 +20,7 @@ import (
 	"sync"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 	"github.com/vishvananda/netlink"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
@@ -67,11 +68,11 @@ type run struct {
 
 // record is the stage's part of a run record.
 type record struct {
-	Name     string          `json:"name"`
-	Policy   Policy          `json:"policy"`
-	Inside   string          `json:"inside"`
-	DNS      string          `json:"dns,omitempty"`
-	Assigned []assignedIface `json:"assigned,omitempty"`
+	Name     string            `json:"name"`
+	Policy   Policy            `json:"policy"`
+	Inside   string            `json:"inside"`
+	DNS      string            `json:"dns,omitempty"`
+	Assigned []assignedIface   `json:"assigned,omitempty"`
 	Peers    map[string]string `json:"peers,omitempty"` // peer link -> container name
 }
 
@@ -507,9 +508,12 @@ func (st *Stage) rebuild(pols []Policy) error {
 	if err != nil {
 		return err
 	}
+	st.fw.carry = map[string]expr.Counter{}
 	if t, _ := c.ListTableOfFamily(st.fw.table.Name, nftables.TableFamilyINet); t != nil {
+		st.fw.carry = st.fw.readAll(c)
 		c.DelTable(st.fw.table)
 	}
+	defer func() { st.fw.carry = nil }()
 	if err := st.fw.build(c, pols); err != nil {
 		return err
 	}
