@@ -2,6 +2,8 @@ package network
 
 import (
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -20,9 +22,11 @@ import (
 func (f *firewall) alias(id string) string { return f.s.Table + ":" + id }
 
 // linkName is the host side of container id's link when its config names
-// none: "cml" and the first 12 hex digits of the id (15 bytes, IFNAMSIZ).
+// none: "cml" and 12 hex digits of the id's SHA-256 (15 bytes, IFNAMSIZ),
+// so that ids alike in their first digits get different names.
 func linkName(id string) string {
-	return "cml" + strings.ReplaceAll(id, "-", "")[:12]
+	h := sha256.Sum256([]byte(id))
+	return "cml" + hex.EncodeToString(h[:6])
 }
 
 // linkAddrs returns the host side's and the container's address of slot's
@@ -134,7 +138,7 @@ func makeLink(ns *os.File, l linkSpec) (index int, err error) {
 // renamed or leftover link is found too). Deleting one end of a veth
 // deletes the other.
 func deleteLinks(alias string) error {
-	links, err := netlink.LinkList()
+	links, err := linkList(nil)
 	if err != nil {
 		return err
 	}
@@ -149,9 +153,26 @@ func deleteLinks(alias string) error {
 	return errors.Join(errs...)
 }
 
+// linkList lists links; a dump the kernel interrupted (links changed
+// meanwhile, as concurrent starts do) is read again.
+func linkList(h *netlink.Handle) ([]netlink.Link, error) {
+	for i := 0; ; i++ {
+		var links []netlink.Link
+		var err error
+		if h == nil {
+			links, err = netlink.LinkList()
+		} else {
+			links, err = h.LinkList()
+		}
+		if !errors.Is(err, netlink.ErrDumpInterrupted) || i == 9 {
+			return links, err
+		}
+	}
+}
+
 // strayLinks lists host links made by cmld for containers not in keep.
 func strayLinks(prefix string, keep map[string]bool) []netlink.Link {
-	links, _ := netlink.LinkList()
+	links, _ := linkList(nil)
 	var out []netlink.Link
 	for _, l := range links {
 		if id, ok := strings.CutPrefix(l.Attrs().Alias, prefix); ok && !keep[id] {
@@ -164,7 +185,7 @@ func strayLinks(prefix string, keep map[string]bool) []netlink.Link {
 // findHostIface finds a host interface by name or MAC address.
 func findHostIface(netif string) (netlink.Link, error) {
 	if mac, err := net.ParseMAC(netif); err == nil {
-		links, err := netlink.LinkList()
+		links, err := linkList(nil)
 		if err != nil {
 			return nil, err
 		}
@@ -214,7 +235,7 @@ func moveOut(ns, host *os.File, a assignedIface) error {
 		return err
 	}
 	defer h.Close()
-	links, err := h.LinkList()
+	links, err := linkList(h)
 	if err != nil {
 		return err
 	}

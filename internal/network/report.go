@@ -168,7 +168,7 @@ func (st *Stage) Report(id string) (*cmlv1.ContainerNetwork, error) {
 		return nil, fmt.Errorf("network of %s: %w", rec.Name, err)
 	}
 	defer h.Close()
-	links, err := h.LinkList()
+	links, err := linkList(h)
 	if err != nil {
 		return nil, err
 	}

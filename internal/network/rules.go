@@ -2,9 +2,11 @@ package network
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"sort"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -402,4 +404,17 @@ func (f *firewall) add(c *nftables.Conn, p Policy) error {
 	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chDeny), Exprs: cat(metaIs(expr.MetaKeyIIFNAME, expr.CmpOpEq, link), one(s.logExpr("cml deny"), f.counter(tagText(p.ID, "denied-out")), &expr.Verdict{Kind: expr.VerdictDrop})), UserData: tag(p.ID, "denied-out")})
 	c.InsertRule(&nftables.Rule{Table: table, Chain: chain(chDeny), Exprs: cat(metaIs(expr.MetaKeyOIFNAME, expr.CmpOpEq, link), one(s.logExpr("cml deny"), f.counter(tagText(p.ID, "denied-in")), &expr.Verdict{Kind: expr.VerdictDrop})), UserData: tag(p.ID, "denied-in")})
 	return c.SetAddElements(linksSet, []nftables.SetElement{{Key: link}})
+}
+
+// explain turns an nftables error (the library repeats the kernel's answer
+// once per message of the batch, one per line) into one line.
+func (f *firewall) explain(err error) error {
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("cmld's nftables table %q or a chain of it is missing (removed by hand?); restart cmld to rebuild it", f.table.Name)
+	case errors.Is(err, unix.EPERM):
+		return fmt.Errorf("not permitted to change nftables (cmld needs CAP_NET_ADMIN)")
+	}
+	msg, _, _ := strings.Cut(err.Error(), "\n")
+	return errors.New(strings.TrimPrefix(msg, "conn.Receive: "))
 }

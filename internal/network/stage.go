@@ -240,34 +240,38 @@ func (st *Stage) Prepare(ctx context.Context, s *container.Start) (any, error) {
 	}
 	rec := record{Name: s.Name, Policy: pol, Inside: inside, DNS: cfg.GetDnsServer(), Peers: peers}
 
-	// Exclusive interfaces: reserve them, or refuse the start.
+	// Exclusive interfaces: find them (netlink, without the lock), then
+	// reserve them all or refuse the start.
 	var moving []assignedIface
 	var hostIfs []netlink.Link
-	st.mu.Lock()
 	for _, p := range cfg.GetNetIfaces() {
 		l, err := findHostIface(p.GetNetif())
 		if err != nil {
-			if holder, ok := st.ifaces[p.GetNetif()]; ok {
-				err = fmt.Errorf("interface %s is assigned to running container %s", p.GetNetif(), st.nameLocked(holder))
-			}
-			st.unreserveLocked(moving)
+			st.mu.Lock()
+			holder, held := st.ifaces[p.GetNetif()]
+			who := st.nameLocked(holder)
 			st.mu.Unlock()
+			if held {
+				return nil, errdefs.FailedPrecondition("net_ifaces: interface %s is assigned to running container %s", p.GetNetif(), who)
+			}
 			return nil, errdefs.InvalidArgument("net_ifaces: %v", err)
 		}
-		name := l.Attrs().Name
-		if holder, ok := st.ifaces[name]; ok {
-			st.unreserveLocked(moving)
-			st.mu.Unlock()
-			return nil, errdefs.FailedPrecondition("net_ifaces: interface %s is assigned to running container %s", name, st.nameLocked(holder))
+		if l.Attrs().Name == st.settings.Uplink {
+			return nil, errdefs.InvalidArgument("net_ifaces: interface %s is the device's uplink", l.Attrs().Name)
 		}
-		if name == st.settings.Uplink {
-			st.unreserveLocked(moving)
-			st.mu.Unlock()
-			return nil, errdefs.InvalidArgument("net_ifaces: interface %s is the device's uplink", name)
-		}
-		st.ifaces[name] = s.ID
-		moving = append(moving, assignedIface{Netif: p.GetNetif(), Name: name, MAC: l.Attrs().HardwareAddr.String()})
+		moving = append(moving, assignedIface{Netif: p.GetNetif(), Name: l.Attrs().Name, MAC: l.Attrs().HardwareAddr.String()})
 		hostIfs = append(hostIfs, l)
+	}
+	st.mu.Lock()
+	for _, a := range moving {
+		if holder, ok := st.ifaces[a.Name]; ok {
+			who := st.nameLocked(holder)
+			st.mu.Unlock()
+			return nil, errdefs.FailedPrecondition("net_ifaces: interface %s is assigned to running container %s", a.Name, who)
+		}
+	}
+	for _, a := range moving {
+		st.ifaces[a.Name] = s.ID
 	}
 	st.mu.Unlock()
 	rec.Assigned = moving
@@ -306,7 +310,7 @@ func (st *Stage) Prepare(ctx context.Context, s *container.Start) (any, error) {
 		return nil, fmt.Errorf("network: rules: %w", err)
 	}
 	if err := c.Flush(); err != nil {
-		return nil, fmt.Errorf("network: install the container's firewall rules: %w", err)
+		return nil, fmt.Errorf("network: install the container's firewall rules: %w", st.fw.explain(err))
 	}
 	if err := st.files(s, rec, addr); err != nil {
 		return nil, fmt.Errorf("network: %w", err)
@@ -518,7 +522,7 @@ func (st *Stage) rebuild(pols []Policy) error {
 		return err
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("nftables: %w", err)
+		return fmt.Errorf("nftables: %w", st.fw.explain(err))
 	}
 	return nil
 }
