@@ -6,7 +6,8 @@
 // A plain wait4(-1) loop would steal the statuses of cmld's own commands
 // (exec.Cmd waits for those itself), so the reaper reaps only children it
 // can tell were inherited: processes in a pid namespace below cmld's (the
-// container's) and runc's own intermediate stages ("runc:[...]"). Every
+// container's) and runc's own intermediate stages ("runc:[...]", or a
+// descriptor number before runc renames itself). Every
 // other child is left to whoever started it. Waiters ask for one pid; a
 // process that is not cmld's child (a container re-adopted after a daemon
 // restart) is followed through a pidfd, with its status unknown.
@@ -242,7 +243,8 @@ func inherited(pid int) bool {
 	for _, line := range bytes.Split(b, []byte("\n")) {
 		switch {
 		case bytes.HasPrefix(line, []byte("Name:")):
-			if bytes.HasPrefix(bytes.TrimSpace(line[5:]), []byte("runc:[")) {
+			name := bytes.TrimSpace(line[5:])
+			if bytes.HasPrefix(name, []byte("runc:[")) || numeric(name) {
 				return true
 			}
 		case bytes.HasPrefix(line, []byte("NSpid:")):
@@ -250,6 +252,22 @@ func inherited(pid int) bool {
 		}
 	}
 	return false
+}
+
+// numeric reports a command name of digits only: runc 1.2 and later
+// re-executes itself from a sealed memfd (fexecve), so until its nsexec
+// stage renames it, its name is the descriptor number. cmld starts no
+// program that way.
+func numeric(name []byte) bool {
+	if len(name) == 0 {
+		return false
+	}
+	for _, c := range name {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // parent returns pid's parent, or 0.

@@ -172,3 +172,13 @@ func TestExitString(t *testing.T) {
 		}
 	}
 }
+
+// runc 1.2+ runs from a memfd by descriptor: until it renames itself its
+// name is that number, and such a child is runc's, not one of cmld's.
+func TestNumericNamesAreRuncs(t *testing.T) {
+	for name, want := range map[string]bool{"6": true, "12": true, "": false, "runc": false, "6a": false, "losetup": false} {
+		if got := numeric([]byte(name)); got != want {
+			t.Errorf("numeric(%q) = %t", name, got)
+		}
+	}
+}
