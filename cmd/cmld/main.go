@@ -15,6 +15,10 @@ import (
 )
 
 func main() {
+	if err := daemon.OwnMountNamespace(); err != nil {
+		fmt.Fprintln(os.Stderr, "cmld:", err)
+		os.Exit(1)
+	}
 	var c daemon.Config
 	// cmld's own flag set: libraries it links register flags on the
 	// global one (go-tpm-tools' SEV and TDX guest code) that are not

@@ -180,9 +180,13 @@ func Unmount(dir string) error {
 }
 
 // MountsUnder lists mount points at or below dir, deepest first.
-func MountsUnder(dir string) ([]string, error) {
+func MountsUnder(dir string) ([]string, error) { return MountsUnderIn("self", dir) }
+
+// MountsUnderIn lists mount points below dir in the mount namespace of
+// process pid ("self" for this one).
+func MountsUnderIn(pid, dir string) ([]string, error) {
 	dir = filepath.Clean(dir)
-	f, err := os.Open("/proc/self/mountinfo")
+	f, err := os.Open("/proc/" + pid + "/mountinfo")
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -373,11 +374,34 @@ func (d *daemon) auditLines() []string {
 	return lines
 }
 
-// mountsUnder counts mounts below dir.
+// mountsUnder lists mounts below dir in the host's mount namespace and in
+// cmld's own (while it runs).
 func mountsUnder(t *testing.T, dir string) []string {
 	mps, err := rootfs.MountsUnder(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, d := range daemonsRunning() {
+		in, _ := rootfs.MountsUnderIn(strconv.Itoa(d), dir)
+		mps = append(mps, in...)
+	}
 	return mps
+}
+
+// daemonsRunning lists the pids of the cmld processes of this test run:
+// each has a mount namespace of its own.
+func daemonsRunning() []int {
+	want := filepath.Join(binDir, "cmld")
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if exe, err := os.Readlink("/proc/" + e.Name() + "/exe"); err == nil && exe == want {
+			out = append(out, pid)
+		}
+	}
+	return out
 }

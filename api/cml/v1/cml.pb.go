@@ -90,27 +90,35 @@ func (ContainerType) EnumDescriptor() ([]byte, []int) {
 }
 
 // ContainerTokenType is GyroidOS's token type that protects the container's
-// storage key. Encrypted storage arrives in a later release; NONE is the only
-// type accepted today.
+// storage key (docs/storage.md). NONE: no encryption. SOFT: a PIN-wrapped
+// key file. USB: a smartcard through PKCS#11 (GyroidOS's SmartCard-HSM);
+// PKCS11: any PKCS#11 module; TPM: a TPM NV index under a PIN policy. The
+// module and token of USB and PKCS11 are device settings.
 type ContainerTokenType int32
 
 const (
-	ContainerTokenType_NONE ContainerTokenType = 1
-	ContainerTokenType_SOFT ContainerTokenType = 2
-	ContainerTokenType_USB  ContainerTokenType = 3
+	ContainerTokenType_NONE   ContainerTokenType = 1
+	ContainerTokenType_SOFT   ContainerTokenType = 2
+	ContainerTokenType_USB    ContainerTokenType = 3
+	ContainerTokenType_PKCS11 ContainerTokenType = 100
+	ContainerTokenType_TPM    ContainerTokenType = 101
 )
 
 // Enum value maps for ContainerTokenType.
 var (
 	ContainerTokenType_name = map[int32]string{
-		1: "NONE",
-		2: "SOFT",
-		3: "USB",
+		1:   "NONE",
+		2:   "SOFT",
+		3:   "USB",
+		100: "PKCS11",
+		101: "TPM",
 	}
 	ContainerTokenType_value = map[string]int32{
-		"NONE": 1,
-		"SOFT": 2,
-		"USB":  3,
+		"NONE":   1,
+		"SOFT":   2,
+		"USB":    3,
+		"PKCS11": 100,
+		"TPM":    101,
 	}
 )
 
@@ -151,6 +159,72 @@ func (ContainerTokenType) EnumDescriptor() ([]byte, []int) {
 	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{1}
 }
 
+// CryptfsMode is GyroidOS's name for how a container's data is protected.
+type CryptfsMode int32
+
+const (
+	CryptfsMode_NOT_IMPLEMENTED   CryptfsMode = 1
+	CryptfsMode_AUTHENC           CryptfsMode = 2
+	CryptfsMode_ENCRYPT_ONLY      CryptfsMode = 3
+	CryptfsMode_INTEGRITY_ENCRYPT CryptfsMode = 4
+	CryptfsMode_INTEGRITY_ONLY    CryptfsMode = 5
+)
+
+// Enum value maps for CryptfsMode.
+var (
+	CryptfsMode_name = map[int32]string{
+		1: "NOT_IMPLEMENTED",
+		2: "AUTHENC",
+		3: "ENCRYPT_ONLY",
+		4: "INTEGRITY_ENCRYPT",
+		5: "INTEGRITY_ONLY",
+	}
+	CryptfsMode_value = map[string]int32{
+		"NOT_IMPLEMENTED":   1,
+		"AUTHENC":           2,
+		"ENCRYPT_ONLY":      3,
+		"INTEGRITY_ENCRYPT": 4,
+		"INTEGRITY_ONLY":    5,
+	}
+)
+
+func (x CryptfsMode) Enum() *CryptfsMode {
+	p := new(CryptfsMode)
+	*p = x
+	return p
+}
+
+func (x CryptfsMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (CryptfsMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_api_cml_v1_cml_proto_enumTypes[2].Descriptor()
+}
+
+func (CryptfsMode) Type() protoreflect.EnumType {
+	return &file_api_cml_v1_cml_proto_enumTypes[2]
+}
+
+func (x CryptfsMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Do not use.
+func (x *CryptfsMode) UnmarshalJSON(b []byte) error {
+	num, err := protoimpl.X.UnmarshalJSONEnum(x.Descriptor(), b)
+	if err != nil {
+		return err
+	}
+	*x = CryptfsMode(num)
+	return nil
+}
+
+// Deprecated: Use CryptfsMode.Descriptor instead.
+func (CryptfsMode) EnumDescriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{2}
+}
+
 // TrustLevel says who vouches for a guest OS or config: a signer chaining
 // to a vendor CA (SIGNED), to an owner CA registered on the device
 // (LOCALLY_SIGNED), or nobody (UNSIGNED, only with signed_configs off).
@@ -187,11 +261,11 @@ func (x TrustLevel) String() string {
 }
 
 func (TrustLevel) Descriptor() protoreflect.EnumDescriptor {
-	return file_api_cml_v1_cml_proto_enumTypes[2].Descriptor()
+	return file_api_cml_v1_cml_proto_enumTypes[3].Descriptor()
 }
 
 func (TrustLevel) Type() protoreflect.EnumType {
-	return &file_api_cml_v1_cml_proto_enumTypes[2]
+	return &file_api_cml_v1_cml_proto_enumTypes[3]
 }
 
 func (x TrustLevel) Number() protoreflect.EnumNumber {
@@ -210,7 +284,7 @@ func (x *TrustLevel) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use TrustLevel.Descriptor instead.
 func (TrustLevel) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{2}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3}
 }
 
 // ContainerState is the lifecycle state of a container.
@@ -260,11 +334,11 @@ func (x ContainerState) String() string {
 }
 
 func (ContainerState) Descriptor() protoreflect.EnumDescriptor {
-	return file_api_cml_v1_cml_proto_enumTypes[3].Descriptor()
+	return file_api_cml_v1_cml_proto_enumTypes[4].Descriptor()
 }
 
 func (ContainerState) Type() protoreflect.EnumType {
-	return &file_api_cml_v1_cml_proto_enumTypes[3]
+	return &file_api_cml_v1_cml_proto_enumTypes[4]
 }
 
 func (x ContainerState) Number() protoreflect.EnumNumber {
@@ -283,7 +357,7 @@ func (x *ContainerState) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use ContainerState.Descriptor instead.
 func (ContainerState) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{4}
 }
 
 type NetworkFlow_Direction int32
@@ -316,11 +390,11 @@ func (x NetworkFlow_Direction) String() string {
 }
 
 func (NetworkFlow_Direction) Descriptor() protoreflect.EnumDescriptor {
-	return file_api_cml_v1_cml_proto_enumTypes[4].Descriptor()
+	return file_api_cml_v1_cml_proto_enumTypes[5].Descriptor()
 }
 
 func (NetworkFlow_Direction) Type() protoreflect.EnumType {
-	return &file_api_cml_v1_cml_proto_enumTypes[4]
+	return &file_api_cml_v1_cml_proto_enumTypes[5]
 }
 
 func (x NetworkFlow_Direction) Number() protoreflect.EnumNumber {
@@ -375,11 +449,11 @@ func (x NetworkFlow_Protocol) String() string {
 }
 
 func (NetworkFlow_Protocol) Descriptor() protoreflect.EnumDescriptor {
-	return file_api_cml_v1_cml_proto_enumTypes[5].Descriptor()
+	return file_api_cml_v1_cml_proto_enumTypes[6].Descriptor()
 }
 
 func (NetworkFlow_Protocol) Type() protoreflect.EnumType {
-	return &file_api_cml_v1_cml_proto_enumTypes[5]
+	return &file_api_cml_v1_cml_proto_enumTypes[6]
 }
 
 func (x NetworkFlow_Protocol) Number() protoreflect.EnumNumber {
@@ -431,11 +505,11 @@ func (x DeviceCSRRequest_Key) String() string {
 }
 
 func (DeviceCSRRequest_Key) Descriptor() protoreflect.EnumDescriptor {
-	return file_api_cml_v1_cml_proto_enumTypes[6].Descriptor()
+	return file_api_cml_v1_cml_proto_enumTypes[7].Descriptor()
 }
 
 func (DeviceCSRRequest_Key) Type() protoreflect.EnumType {
-	return &file_api_cml_v1_cml_proto_enumTypes[6]
+	return &file_api_cml_v1_cml_proto_enumTypes[7]
 }
 
 func (x DeviceCSRRequest_Key) Number() protoreflect.EnumNumber {
@@ -1414,10 +1488,32 @@ func (x *DeviceConfig) GetRemote() *RemoteSettings {
 
 // StorageSettings configure encrypted container storage and tokens.
 type StorageSettings struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// require_encryption refuses configs with token_type NONE.
+	RequireEncryption *bool `protobuf:"varint,1,opt,name=require_encryption,json=requireEncryption,def=0" json:"require_encryption,omitempty"`
+	// pkcs11_module is the PKCS#11 library of USB and PKCS11 tokens (e.g.
+	// OpenSC's opensc-pkcs11.so for a SmartCard-HSM, or SoftHSM2's).
+	Pkcs11Module *string `protobuf:"bytes,2,opt,name=pkcs11_module,json=pkcs11Module" json:"pkcs11_module,omitempty"`
+	// pkcs11_token_label selects the token; empty = the first with a token.
+	Pkcs11TokenLabel *string `protobuf:"bytes,3,opt,name=pkcs11_token_label,json=pkcs11TokenLabel" json:"pkcs11_token_label,omitempty"`
+	// max_pin_attempts: wrong PINs in a row before a token locks until an
+	// administrator resets it.
+	MaxPinAttempts *uint32 `protobuf:"varint,4,opt,name=max_pin_attempts,json=maxPinAttempts,def=3" json:"max_pin_attempts,omitempty"`
+	// volume_size_mib is the size of a container's encrypted volume (a
+	// sparse file; only what is written takes space).
+	VolumeSizeMib *uint32 `protobuf:"varint,5,opt,name=volume_size_mib,json=volumeSizeMib,def=1024" json:"volume_size_mib,omitempty"`
+	// tpm_pcrs binds TPM tokens to these PCRs' values at key creation.
+	TpmPcrs       []uint32 `protobuf:"varint,6,rep,name=tpm_pcrs,json=tpmPcrs" json:"tpm_pcrs,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
+
+// Default values for StorageSettings fields.
+const (
+	Default_StorageSettings_RequireEncryption = bool(false)
+	Default_StorageSettings_MaxPinAttempts    = uint32(3)
+	Default_StorageSettings_VolumeSizeMib     = uint32(1024)
+)
 
 func (x *StorageSettings) Reset() {
 	*x = StorageSettings{}
@@ -1447,6 +1543,48 @@ func (x *StorageSettings) ProtoReflect() protoreflect.Message {
 // Deprecated: Use StorageSettings.ProtoReflect.Descriptor instead.
 func (*StorageSettings) Descriptor() ([]byte, []int) {
 	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *StorageSettings) GetRequireEncryption() bool {
+	if x != nil && x.RequireEncryption != nil {
+		return *x.RequireEncryption
+	}
+	return Default_StorageSettings_RequireEncryption
+}
+
+func (x *StorageSettings) GetPkcs11Module() string {
+	if x != nil && x.Pkcs11Module != nil {
+		return *x.Pkcs11Module
+	}
+	return ""
+}
+
+func (x *StorageSettings) GetPkcs11TokenLabel() string {
+	if x != nil && x.Pkcs11TokenLabel != nil {
+		return *x.Pkcs11TokenLabel
+	}
+	return ""
+}
+
+func (x *StorageSettings) GetMaxPinAttempts() uint32 {
+	if x != nil && x.MaxPinAttempts != nil {
+		return *x.MaxPinAttempts
+	}
+	return Default_StorageSettings_MaxPinAttempts
+}
+
+func (x *StorageSettings) GetVolumeSizeMib() uint32 {
+	if x != nil && x.VolumeSizeMib != nil {
+		return *x.VolumeSizeMib
+	}
+	return Default_StorageSettings_VolumeSizeMib
+}
+
+func (x *StorageSettings) GetTpmPcrs() []uint32 {
+	if x != nil {
+		return x.TpmPcrs
+	}
+	return nil
 }
 
 // NetworkSettings configure the uplink, container links and flow policy.
@@ -1739,7 +1877,14 @@ type Container struct {
 	ConfigSigner *string `protobuf:"bytes,13,opt,name=config_signer,json=configSigner" json:"config_signer,omitempty"`
 	// exit_signal is the signal that killed init's last run; unset when it
 	// exited by itself.
-	ExitSignal    *int32 `protobuf:"varint,14,opt,name=exit_signal,json=exitSignal" json:"exit_signal,omitempty"`
+	ExitSignal *int32 `protobuf:"varint,14,opt,name=exit_signal,json=exitSignal" json:"exit_signal,omitempty"`
+	// token_type protects the container's storage key; cryptfs_mode and
+	// storage_backend say how its data is protected (unset: not encrypted).
+	TokenType      *ContainerTokenType `protobuf:"varint,15,opt,name=token_type,json=tokenType,enum=cml.v1.ContainerTokenType" json:"token_type,omitempty"`
+	CryptfsMode    *CryptfsMode        `protobuf:"varint,16,opt,name=cryptfs_mode,json=cryptfsMode,enum=cml.v1.CryptfsMode" json:"cryptfs_mode,omitempty"`
+	StorageBackend *string             `protobuf:"bytes,17,opt,name=storage_backend,json=storageBackend" json:"storage_backend,omitempty"`
+	// token_locked: too many wrong PINs; an administrator must reset it.
+	TokenLocked   *bool `protobuf:"varint,18,opt,name=token_locked,json=tokenLocked" json:"token_locked,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1872,10 +2017,41 @@ func (x *Container) GetExitSignal() int32 {
 	return 0
 }
 
+func (x *Container) GetTokenType() ContainerTokenType {
+	if x != nil && x.TokenType != nil {
+		return *x.TokenType
+	}
+	return ContainerTokenType_NONE
+}
+
+func (x *Container) GetCryptfsMode() CryptfsMode {
+	if x != nil && x.CryptfsMode != nil {
+		return *x.CryptfsMode
+	}
+	return CryptfsMode_NOT_IMPLEMENTED
+}
+
+func (x *Container) GetStorageBackend() string {
+	if x != nil && x.StorageBackend != nil {
+		return *x.StorageBackend
+	}
+	return ""
+}
+
+func (x *Container) GetTokenLocked() bool {
+	if x != nil && x.TokenLocked != nil {
+		return *x.TokenLocked
+	}
+	return false
+}
+
 type ContainerRef struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// name_or_uuid addresses a container by name or UUID.
-	NameOrUuid    *string `protobuf:"bytes,1,opt,name=name_or_uuid,json=nameOrUuid" json:"name_or_uuid,omitempty"`
+	NameOrUuid *string `protobuf:"bytes,1,opt,name=name_or_uuid,json=nameOrUuid" json:"name_or_uuid,omitempty"`
+	// pin unlocks the container's token (Start of an encrypted container).
+	// Never logged or audited.
+	Pin           []byte `protobuf:"bytes,2,opt,name=pin" json:"pin,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1915,6 +2091,13 @@ func (x *ContainerRef) GetNameOrUuid() string {
 		return *x.NameOrUuid
 	}
 	return ""
+}
+
+func (x *ContainerRef) GetPin() []byte {
+	if x != nil {
+		return x.Pin
+	}
+	return nil
 }
 
 type ListRequest struct {
@@ -4593,6 +4776,122 @@ func (x *EffectiveFlow) GetPackets() uint64 {
 	return 0
 }
 
+// ChangePinRequest changes a container token's PIN.
+type ChangePinRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NameOrUuid    *string                `protobuf:"bytes,1,opt,name=name_or_uuid,json=nameOrUuid" json:"name_or_uuid,omitempty"`
+	OldPin        []byte                 `protobuf:"bytes,2,opt,name=old_pin,json=oldPin" json:"old_pin,omitempty"`
+	NewPin        []byte                 `protobuf:"bytes,3,opt,name=new_pin,json=newPin" json:"new_pin,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChangePinRequest) Reset() {
+	*x = ChangePinRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChangePinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChangePinRequest) ProtoMessage() {}
+
+func (x *ChangePinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChangePinRequest.ProtoReflect.Descriptor instead.
+func (*ChangePinRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *ChangePinRequest) GetNameOrUuid() string {
+	if x != nil && x.NameOrUuid != nil {
+		return *x.NameOrUuid
+	}
+	return ""
+}
+
+func (x *ChangePinRequest) GetOldPin() []byte {
+	if x != nil {
+		return x.OldPin
+	}
+	return nil
+}
+
+func (x *ChangePinRequest) GetNewPin() []byte {
+	if x != nil {
+		return x.NewPin
+	}
+	return nil
+}
+
+// WipeResponse says what a wipe destroyed, and what it cannot promise.
+type WipeResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Container *Container             `protobuf:"bytes,1,opt,name=container" json:"container,omitempty"`
+	// note: e.g. for a soft token, that an old copy of the wrapped key file
+	// and the PIN still recover the key.
+	Note          *string `protobuf:"bytes,2,opt,name=note" json:"note,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WipeResponse) Reset() {
+	*x = WipeResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WipeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WipeResponse) ProtoMessage() {}
+
+func (x *WipeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WipeResponse.ProtoReflect.Descriptor instead.
+func (*WipeResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *WipeResponse) GetContainer() *Container {
+	if x != nil {
+		return x.Container
+	}
+	return nil
+}
+
+func (x *WipeResponse) GetNote() string {
+	if x != nil && x.Note != nil {
+		return *x.Note
+	}
+	return ""
+}
+
 var File_api_cml_v1_cml_proto protoreflect.FileDescriptor
 
 const file_api_cml_v1_cml_proto_rawDesc = "" +
@@ -4701,8 +5000,14 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\astorage\x18e \x01(\v2\x17.cml.v1.StorageSettingsR\astorage\x121\n" +
 	"\anetwork\x18f \x01(\v2\x17.cml.v1.NetworkSettingsR\anetwork\x12+\n" +
 	"\x05audit\x18g \x01(\v2\x15.cml.v1.AuditSettingsR\x05audit\x12.\n" +
-	"\x06remote\x18h \x01(\v2\x16.cml.v1.RemoteSettingsR\x06remote\"\x11\n" +
-	"\x0fStorageSettings\"\xd7\x02\n" +
+	"\x06remote\x18h \x01(\v2\x16.cml.v1.RemoteSettingsR\x06remote\"\x90\x02\n" +
+	"\x0fStorageSettings\x124\n" +
+	"\x12require_encryption\x18\x01 \x01(\b:\x05falseR\x11requireEncryption\x12#\n" +
+	"\rpkcs11_module\x18\x02 \x01(\tR\fpkcs11Module\x12,\n" +
+	"\x12pkcs11_token_label\x18\x03 \x01(\tR\x10pkcs11TokenLabel\x12+\n" +
+	"\x10max_pin_attempts\x18\x04 \x01(\r:\x013R\x0emaxPinAttempts\x12,\n" +
+	"\x0fvolume_size_mib\x18\x05 \x01(\r:\x041024R\rvolumeSizeMib\x12\x19\n" +
+	"\btpm_pcrs\x18\x06 \x03(\rR\atpmPcrs\"\xd7\x02\n" +
 	"\x0fNetworkSettings\x12\x16\n" +
 	"\x06uplink\x18\x01 \x01(\tR\x06uplink\x12.\n" +
 	"\vlink_prefix\x18\x02 \x01(\t:\r10.231.0.0/16R\n" +
@@ -4719,7 +5024,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\bprotocol\x18\x02 \x01(\x0e2\x1c.cml.v1.NetworkFlow.Protocol:\x03TCPR\bprotocol\x12\x12\n" +
 	"\x04port\x18\x03 \x01(\rR\x04port\"\x0f\n" +
 	"\rAuditSettings\"\x10\n" +
-	"\x0eRemoteSettings\"\xd0\x03\n" +
+	"\x0eRemoteSettings\"\x8f\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
@@ -4738,10 +5043,16 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"trustLevel\x12#\n" +
 	"\rconfig_signer\x18\r \x01(\tR\fconfigSigner\x12\x1f\n" +
 	"\vexit_signal\x18\x0e \x01(\x05R\n" +
-	"exitSignal\"0\n" +
+	"exitSignal\x129\n" +
+	"\n" +
+	"token_type\x18\x0f \x01(\x0e2\x1a.cml.v1.ContainerTokenTypeR\ttokenType\x126\n" +
+	"\fcryptfs_mode\x18\x10 \x01(\x0e2\x13.cml.v1.CryptfsModeR\vcryptfsMode\x12'\n" +
+	"\x0fstorage_backend\x18\x11 \x01(\tR\x0estorageBackend\x12!\n" +
+	"\ftoken_locked\x18\x12 \x01(\bR\vtokenLocked\"B\n" +
 	"\fContainerRef\x12 \n" +
 	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
-	"nameOrUuid\"\r\n" +
+	"nameOrUuid\x12\x10\n" +
+	"\x03pin\x18\x02 \x01(\fR\x03pin\"\r\n" +
 	"\vListRequest\"A\n" +
 	"\fListResponse\x121\n" +
 	"\n" +
@@ -4938,14 +5249,31 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\bprotocol\x18\x03 \x01(\x0e2\x1c.cml.v1.NetworkFlow.ProtocolR\bprotocol\x12\x14\n" +
 	"\x05ports\x18\x04 \x03(\tR\x05ports\x12\x17\n" +
 	"\aone_way\x18\x05 \x01(\bR\x06oneWay\x12\x18\n" +
-	"\apackets\x18\x06 \x01(\x04R\apackets*'\n" +
+	"\apackets\x18\x06 \x01(\x04R\apackets\"f\n" +
+	"\x10ChangePinRequest\x12 \n" +
+	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
+	"nameOrUuid\x12\x17\n" +
+	"\aold_pin\x18\x02 \x01(\fR\x06oldPin\x12\x17\n" +
+	"\anew_pin\x18\x03 \x01(\fR\x06newPin\"S\n" +
+	"\fWipeResponse\x12/\n" +
+	"\tcontainer\x18\x01 \x01(\v2\x11.cml.v1.ContainerR\tcontainer\x12\x12\n" +
+	"\x04note\x18\x02 \x01(\tR\x04note*'\n" +
 	"\rContainerType\x12\r\n" +
 	"\tCONTAINER\x10\x01\x12\a\n" +
-	"\x03KVM\x10\x02*1\n" +
+	"\x03KVM\x10\x02*F\n" +
 	"\x12ContainerTokenType\x12\b\n" +
 	"\x04NONE\x10\x01\x12\b\n" +
 	"\x04SOFT\x10\x02\x12\a\n" +
-	"\x03USB\x10\x03*:\n" +
+	"\x03USB\x10\x03\x12\n" +
+	"\n" +
+	"\x06PKCS11\x10d\x12\a\n" +
+	"\x03TPM\x10e*l\n" +
+	"\vCryptfsMode\x12\x13\n" +
+	"\x0fNOT_IMPLEMENTED\x10\x01\x12\v\n" +
+	"\aAUTHENC\x10\x02\x12\x10\n" +
+	"\fENCRYPT_ONLY\x10\x03\x12\x15\n" +
+	"\x11INTEGRITY_ENCRYPT\x10\x04\x12\x12\n" +
+	"\x0eINTEGRITY_ONLY\x10\x05*:\n" +
 	"\n" +
 	"TrustLevel\x12\f\n" +
 	"\bUNSIGNED\x10\x00\x12\x12\n" +
@@ -4961,7 +5289,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xc8\f\n" +
+	"\x06FAILED\x10\a2\xe9\r\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -4996,7 +5324,11 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"DeviceCert\x12\x19.cml.v1.DeviceCertRequest\x1a\x16.cml.v1.DeviceIdentity\x12:\n" +
 	"\x11DeviceProvisioned\x12\r.cml.v1.Empty\x1a\x16.cml.v1.DeviceIdentity\x124\n" +
 	"\x06Attest\x12\x15.cml.v1.AttestRequest\x1a\x13.cml.v1.Attestation\x128\n" +
-	"\aNetwork\x12\x16.cml.v1.NetworkRequest\x1a\x15.cml.v1.NetworkReportB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
+	"\aNetwork\x12\x16.cml.v1.NetworkRequest\x1a\x15.cml.v1.NetworkReport\x124\n" +
+	"\tChangePin\x12\x18.cml.v1.ChangePinRequest\x1a\r.cml.v1.Empty\x125\n" +
+	"\n" +
+	"TokenReset\x12\x14.cml.v1.ContainerRef\x1a\x11.cml.v1.Container\x122\n" +
+	"\x04Wipe\x12\x14.cml.v1.ContainerRef\x1a\x14.cml.v1.WipeResponseB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
 
 var (
 	file_api_cml_v1_cml_proto_rawDescOnce sync.Once
@@ -5010,175 +5342,187 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 	return file_api_cml_v1_cml_proto_rawDescData
 }
 
-var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 57)
+var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 59)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
-	(TrustLevel)(0),                // 2: cml.v1.TrustLevel
-	(ContainerState)(0),            // 3: cml.v1.ContainerState
-	(NetworkFlow_Direction)(0),     // 4: cml.v1.NetworkFlow.Direction
-	(NetworkFlow_Protocol)(0),      // 5: cml.v1.NetworkFlow.Protocol
-	(DeviceCSRRequest_Key)(0),      // 6: cml.v1.DeviceCSRRequest.Key
-	(*ContainerConfig)(nil),        // 7: cml.v1.ContainerConfig
-	(*ContainerVnetConfig)(nil),    // 8: cml.v1.ContainerVnetConfig
-	(*ContainerPnetConfig)(nil),    // 9: cml.v1.ContainerPnetConfig
-	(*NetworkFlow)(nil),            // 10: cml.v1.NetworkFlow
-	(*Volume)(nil),                 // 11: cml.v1.Volume
-	(*GuestOSMount)(nil),           // 12: cml.v1.GuestOSMount
-	(*GuestOSConfig)(nil),          // 13: cml.v1.GuestOSConfig
-	(*DeviceConfig)(nil),           // 14: cml.v1.DeviceConfig
-	(*StorageSettings)(nil),        // 15: cml.v1.StorageSettings
-	(*NetworkSettings)(nil),        // 16: cml.v1.NetworkSettings
-	(*NetworkEndpoint)(nil),        // 17: cml.v1.NetworkEndpoint
-	(*AuditSettings)(nil),          // 18: cml.v1.AuditSettings
-	(*RemoteSettings)(nil),         // 19: cml.v1.RemoteSettings
-	(*Container)(nil),              // 20: cml.v1.Container
-	(*ContainerRef)(nil),           // 21: cml.v1.ContainerRef
-	(*ListRequest)(nil),            // 22: cml.v1.ListRequest
-	(*ListResponse)(nil),           // 23: cml.v1.ListResponse
-	(*CreateRequest)(nil),          // 24: cml.v1.CreateRequest
-	(*StopRequest)(nil),            // 25: cml.v1.StopRequest
-	(*KillRequest)(nil),            // 26: cml.v1.KillRequest
-	(*UpdateConfigRequest)(nil),    // 27: cml.v1.UpdateConfigRequest
-	(*Empty)(nil),                  // 28: cml.v1.Empty
-	(*ExecStart)(nil),              // 29: cml.v1.ExecStart
-	(*ExecRequest)(nil),            // 30: cml.v1.ExecRequest
-	(*Resize)(nil),                 // 31: cml.v1.Resize
-	(*ExecResponse)(nil),           // 32: cml.v1.ExecResponse
-	(*LogsRequest)(nil),            // 33: cml.v1.LogsRequest
-	(*LogsResponse)(nil),           // 34: cml.v1.LogsResponse
-	(*EventsRequest)(nil),          // 35: cml.v1.EventsRequest
-	(*Event)(nil),                  // 36: cml.v1.Event
-	(*GuestOS)(nil),                // 37: cml.v1.GuestOS
-	(*GuestOSListResponse)(nil),    // 38: cml.v1.GuestOSListResponse
-	(*GuestOSInstallRequest)(nil),  // 39: cml.v1.GuestOSInstallRequest
-	(*GuestOSInstallProgress)(nil), // 40: cml.v1.GuestOSInstallProgress
-	(*CA)(nil),                     // 41: cml.v1.CA
-	(*CAListResponse)(nil),         // 42: cml.v1.CAListResponse
-	(*CARegisterRequest)(nil),      // 43: cml.v1.CARegisterRequest
-	(*CARemoveRequest)(nil),        // 44: cml.v1.CARemoveRequest
-	(*CRLLoadRequest)(nil),         // 45: cml.v1.CRLLoadRequest
-	(*CRLLoadResponse)(nil),        // 46: cml.v1.CRLLoadResponse
-	(*CRL)(nil),                    // 47: cml.v1.CRL
-	(*CRLListResponse)(nil),        // 48: cml.v1.CRLListResponse
-	(*CRLRemoveRequest)(nil),       // 49: cml.v1.CRLRemoveRequest
-	(*GuestOSRemoveRequest)(nil),   // 50: cml.v1.GuestOSRemoveRequest
-	(*DeviceIdentity)(nil),         // 51: cml.v1.DeviceIdentity
-	(*DeviceCSRRequest)(nil),       // 52: cml.v1.DeviceCSRRequest
-	(*DeviceCSRResponse)(nil),      // 53: cml.v1.DeviceCSRResponse
-	(*DeviceCertRequest)(nil),      // 54: cml.v1.DeviceCertRequest
-	(*AttestRequest)(nil),          // 55: cml.v1.AttestRequest
-	(*PCRValue)(nil),               // 56: cml.v1.PCRValue
-	(*Attestation)(nil),            // 57: cml.v1.Attestation
-	(*NetworkRequest)(nil),         // 58: cml.v1.NetworkRequest
-	(*NetworkReport)(nil),          // 59: cml.v1.NetworkReport
-	(*ContainerNetwork)(nil),       // 60: cml.v1.ContainerNetwork
-	(*NetworkInterface)(nil),       // 61: cml.v1.NetworkInterface
-	(*NetworkRoute)(nil),           // 62: cml.v1.NetworkRoute
-	(*EffectiveFlow)(nil),          // 63: cml.v1.EffectiveFlow
+	(CryptfsMode)(0),               // 2: cml.v1.CryptfsMode
+	(TrustLevel)(0),                // 3: cml.v1.TrustLevel
+	(ContainerState)(0),            // 4: cml.v1.ContainerState
+	(NetworkFlow_Direction)(0),     // 5: cml.v1.NetworkFlow.Direction
+	(NetworkFlow_Protocol)(0),      // 6: cml.v1.NetworkFlow.Protocol
+	(DeviceCSRRequest_Key)(0),      // 7: cml.v1.DeviceCSRRequest.Key
+	(*ContainerConfig)(nil),        // 8: cml.v1.ContainerConfig
+	(*ContainerVnetConfig)(nil),    // 9: cml.v1.ContainerVnetConfig
+	(*ContainerPnetConfig)(nil),    // 10: cml.v1.ContainerPnetConfig
+	(*NetworkFlow)(nil),            // 11: cml.v1.NetworkFlow
+	(*Volume)(nil),                 // 12: cml.v1.Volume
+	(*GuestOSMount)(nil),           // 13: cml.v1.GuestOSMount
+	(*GuestOSConfig)(nil),          // 14: cml.v1.GuestOSConfig
+	(*DeviceConfig)(nil),           // 15: cml.v1.DeviceConfig
+	(*StorageSettings)(nil),        // 16: cml.v1.StorageSettings
+	(*NetworkSettings)(nil),        // 17: cml.v1.NetworkSettings
+	(*NetworkEndpoint)(nil),        // 18: cml.v1.NetworkEndpoint
+	(*AuditSettings)(nil),          // 19: cml.v1.AuditSettings
+	(*RemoteSettings)(nil),         // 20: cml.v1.RemoteSettings
+	(*Container)(nil),              // 21: cml.v1.Container
+	(*ContainerRef)(nil),           // 22: cml.v1.ContainerRef
+	(*ListRequest)(nil),            // 23: cml.v1.ListRequest
+	(*ListResponse)(nil),           // 24: cml.v1.ListResponse
+	(*CreateRequest)(nil),          // 25: cml.v1.CreateRequest
+	(*StopRequest)(nil),            // 26: cml.v1.StopRequest
+	(*KillRequest)(nil),            // 27: cml.v1.KillRequest
+	(*UpdateConfigRequest)(nil),    // 28: cml.v1.UpdateConfigRequest
+	(*Empty)(nil),                  // 29: cml.v1.Empty
+	(*ExecStart)(nil),              // 30: cml.v1.ExecStart
+	(*ExecRequest)(nil),            // 31: cml.v1.ExecRequest
+	(*Resize)(nil),                 // 32: cml.v1.Resize
+	(*ExecResponse)(nil),           // 33: cml.v1.ExecResponse
+	(*LogsRequest)(nil),            // 34: cml.v1.LogsRequest
+	(*LogsResponse)(nil),           // 35: cml.v1.LogsResponse
+	(*EventsRequest)(nil),          // 36: cml.v1.EventsRequest
+	(*Event)(nil),                  // 37: cml.v1.Event
+	(*GuestOS)(nil),                // 38: cml.v1.GuestOS
+	(*GuestOSListResponse)(nil),    // 39: cml.v1.GuestOSListResponse
+	(*GuestOSInstallRequest)(nil),  // 40: cml.v1.GuestOSInstallRequest
+	(*GuestOSInstallProgress)(nil), // 41: cml.v1.GuestOSInstallProgress
+	(*CA)(nil),                     // 42: cml.v1.CA
+	(*CAListResponse)(nil),         // 43: cml.v1.CAListResponse
+	(*CARegisterRequest)(nil),      // 44: cml.v1.CARegisterRequest
+	(*CARemoveRequest)(nil),        // 45: cml.v1.CARemoveRequest
+	(*CRLLoadRequest)(nil),         // 46: cml.v1.CRLLoadRequest
+	(*CRLLoadResponse)(nil),        // 47: cml.v1.CRLLoadResponse
+	(*CRL)(nil),                    // 48: cml.v1.CRL
+	(*CRLListResponse)(nil),        // 49: cml.v1.CRLListResponse
+	(*CRLRemoveRequest)(nil),       // 50: cml.v1.CRLRemoveRequest
+	(*GuestOSRemoveRequest)(nil),   // 51: cml.v1.GuestOSRemoveRequest
+	(*DeviceIdentity)(nil),         // 52: cml.v1.DeviceIdentity
+	(*DeviceCSRRequest)(nil),       // 53: cml.v1.DeviceCSRRequest
+	(*DeviceCSRResponse)(nil),      // 54: cml.v1.DeviceCSRResponse
+	(*DeviceCertRequest)(nil),      // 55: cml.v1.DeviceCertRequest
+	(*AttestRequest)(nil),          // 56: cml.v1.AttestRequest
+	(*PCRValue)(nil),               // 57: cml.v1.PCRValue
+	(*Attestation)(nil),            // 58: cml.v1.Attestation
+	(*NetworkRequest)(nil),         // 59: cml.v1.NetworkRequest
+	(*NetworkReport)(nil),          // 60: cml.v1.NetworkReport
+	(*ContainerNetwork)(nil),       // 61: cml.v1.ContainerNetwork
+	(*NetworkInterface)(nil),       // 62: cml.v1.NetworkInterface
+	(*NetworkRoute)(nil),           // 63: cml.v1.NetworkRoute
+	(*EffectiveFlow)(nil),          // 64: cml.v1.EffectiveFlow
+	(*ChangePinRequest)(nil),       // 65: cml.v1.ChangePinRequest
+	(*WipeResponse)(nil),           // 66: cml.v1.WipeResponse
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
-	9,  // 1: cml.v1.ContainerConfig.net_ifaces:type_name -> cml.v1.ContainerPnetConfig
-	8,  // 2: cml.v1.ContainerConfig.vnet_configs:type_name -> cml.v1.ContainerVnetConfig
+	10, // 1: cml.v1.ContainerConfig.net_ifaces:type_name -> cml.v1.ContainerPnetConfig
+	9,  // 2: cml.v1.ContainerConfig.vnet_configs:type_name -> cml.v1.ContainerVnetConfig
 	1,  // 3: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
-	11, // 4: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
-	10, // 5: cml.v1.ContainerConfig.network_flows:type_name -> cml.v1.NetworkFlow
-	4,  // 6: cml.v1.NetworkFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
-	5,  // 7: cml.v1.NetworkFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	12, // 8: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
-	15, // 9: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
-	16, // 10: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
-	18, // 11: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
-	19, // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
-	17, // 13: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
-	5,  // 14: cml.v1.NetworkEndpoint.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	3,  // 15: cml.v1.Container.state:type_name -> cml.v1.ContainerState
-	2,  // 16: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
-	20, // 17: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
-	7,  // 18: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
-	7,  // 19: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
-	29, // 20: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
-	31, // 21: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
-	20, // 22: cml.v1.Event.container:type_name -> cml.v1.Container
-	2,  // 23: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
-	37, // 24: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
-	37, // 25: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
-	41, // 26: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
-	47, // 27: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
-	6,  // 28: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
-	56, // 29: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
-	60, // 30: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
-	16, // 31: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
-	61, // 32: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
-	62, // 33: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
-	63, // 34: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
-	4,  // 35: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
-	5,  // 36: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	22, // 37: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	24, // 38: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	21, // 39: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	21, // 40: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	25, // 41: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	26, // 42: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	21, // 43: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	21, // 44: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	27, // 45: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	21, // 46: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	21, // 47: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	30, // 48: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	33, // 49: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	35, // 50: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	28, // 51: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	39, // 52: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	50, // 53: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	28, // 54: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	43, // 55: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	44, // 56: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	45, // 57: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	28, // 58: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
-	49, // 59: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
-	28, // 60: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
-	52, // 61: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
-	54, // 62: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
-	28, // 63: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
-	55, // 64: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
-	58, // 65: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
-	23, // 66: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	20, // 67: cml.v1.Control.Create:output_type -> cml.v1.Container
-	28, // 68: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	20, // 69: cml.v1.Control.Start:output_type -> cml.v1.Container
-	20, // 70: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	28, // 71: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	20, // 72: cml.v1.Control.State:output_type -> cml.v1.Container
-	7,  // 73: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	20, // 74: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	20, // 75: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	20, // 76: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	32, // 77: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	34, // 78: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	36, // 79: cml.v1.Control.Events:output_type -> cml.v1.Event
-	38, // 80: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	40, // 81: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	28, // 82: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	42, // 83: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	41, // 84: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	41, // 85: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	46, // 86: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	48, // 87: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	47, // 88: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	51, // 89: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	53, // 90: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	51, // 91: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	51, // 92: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	57, // 93: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	59, // 94: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
-	66, // [66:95] is the sub-list for method output_type
-	37, // [37:66] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	12, // 4: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
+	11, // 5: cml.v1.ContainerConfig.network_flows:type_name -> cml.v1.NetworkFlow
+	5,  // 6: cml.v1.NetworkFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
+	6,  // 7: cml.v1.NetworkFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	13, // 8: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
+	16, // 9: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
+	17, // 10: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
+	19, // 11: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
+	20, // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
+	18, // 13: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
+	6,  // 14: cml.v1.NetworkEndpoint.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	4,  // 15: cml.v1.Container.state:type_name -> cml.v1.ContainerState
+	3,  // 16: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
+	1,  // 17: cml.v1.Container.token_type:type_name -> cml.v1.ContainerTokenType
+	2,  // 18: cml.v1.Container.cryptfs_mode:type_name -> cml.v1.CryptfsMode
+	21, // 19: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
+	8,  // 20: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
+	8,  // 21: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
+	30, // 22: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
+	32, // 23: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
+	21, // 24: cml.v1.Event.container:type_name -> cml.v1.Container
+	3,  // 25: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
+	38, // 26: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
+	38, // 27: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
+	42, // 28: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
+	48, // 29: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
+	7,  // 30: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
+	57, // 31: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
+	61, // 32: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
+	17, // 33: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
+	62, // 34: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
+	63, // 35: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
+	64, // 36: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
+	5,  // 37: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
+	6,  // 38: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	21, // 39: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
+	23, // 40: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	25, // 41: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	22, // 42: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	22, // 43: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	26, // 44: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	27, // 45: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	22, // 46: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	22, // 47: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	28, // 48: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	22, // 49: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	22, // 50: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	31, // 51: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	34, // 52: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	36, // 53: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	29, // 54: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	40, // 55: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	51, // 56: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	29, // 57: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	44, // 58: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	45, // 59: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	46, // 60: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	29, // 61: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
+	50, // 62: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
+	29, // 63: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	53, // 64: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	55, // 65: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	29, // 66: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	56, // 67: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	59, // 68: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
+	65, // 69: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
+	22, // 70: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
+	22, // 71: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
+	24, // 72: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	21, // 73: cml.v1.Control.Create:output_type -> cml.v1.Container
+	29, // 74: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	21, // 75: cml.v1.Control.Start:output_type -> cml.v1.Container
+	21, // 76: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	29, // 77: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	21, // 78: cml.v1.Control.State:output_type -> cml.v1.Container
+	8,  // 79: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	21, // 80: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	21, // 81: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	21, // 82: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	33, // 83: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	35, // 84: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	37, // 85: cml.v1.Control.Events:output_type -> cml.v1.Event
+	39, // 86: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	41, // 87: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	29, // 88: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	43, // 89: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	42, // 90: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	42, // 91: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	47, // 92: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	49, // 93: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	48, // 94: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	52, // 95: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	54, // 96: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	52, // 97: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	52, // 98: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	58, // 99: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	60, // 100: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	29, // 101: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
+	21, // 102: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
+	66, // 103: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
+	72, // [72:104] is the sub-list for method output_type
+	40, // [40:72] is the sub-list for method input_type
+	40, // [40:40] is the sub-list for extension type_name
+	40, // [40:40] is the sub-list for extension extendee
+	0,  // [0:40] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -5202,8 +5546,8 @@ func file_api_cml_v1_cml_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
-			NumEnums:      7,
-			NumMessages:   57,
+			NumEnums:      8,
+			NumMessages:   59,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -59,6 +59,9 @@ const (
 	Control_DeviceProvisioned_FullMethodName = "/cml.v1.Control/DeviceProvisioned"
 	Control_Attest_FullMethodName            = "/cml.v1.Control/Attest"
 	Control_Network_FullMethodName           = "/cml.v1.Control/Network"
+	Control_ChangePin_FullMethodName         = "/cml.v1.Control/ChangePin"
+	Control_TokenReset_FullMethodName        = "/cml.v1.Control/TokenReset"
+	Control_Wipe_FullMethodName              = "/cml.v1.Control/Wipe"
 )
 
 // ControlClient is the client API for Control service.
@@ -96,6 +99,9 @@ type ControlClient interface {
 	DeviceProvisioned(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*DeviceIdentity, error)
 	Attest(ctx context.Context, in *AttestRequest, opts ...grpc.CallOption) (*Attestation, error)
 	Network(ctx context.Context, in *NetworkRequest, opts ...grpc.CallOption) (*NetworkReport, error)
+	ChangePin(ctx context.Context, in *ChangePinRequest, opts ...grpc.CallOption) (*Empty, error)
+	TokenReset(ctx context.Context, in *ContainerRef, opts ...grpc.CallOption) (*Container, error)
+	Wipe(ctx context.Context, in *ContainerRef, opts ...grpc.CallOption) (*WipeResponse, error)
 }
 
 type controlClient struct {
@@ -426,6 +432,36 @@ func (c *controlClient) Network(ctx context.Context, in *NetworkRequest, opts ..
 	return out, nil
 }
 
+func (c *controlClient) ChangePin(ctx context.Context, in *ChangePinRequest, opts ...grpc.CallOption) (*Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Empty)
+	err := c.cc.Invoke(ctx, Control_ChangePin_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) TokenReset(ctx context.Context, in *ContainerRef, opts ...grpc.CallOption) (*Container, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Container)
+	err := c.cc.Invoke(ctx, Control_TokenReset_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) Wipe(ctx context.Context, in *ContainerRef, opts ...grpc.CallOption) (*WipeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(WipeResponse)
+	err := c.cc.Invoke(ctx, Control_Wipe_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -461,6 +497,9 @@ type ControlServer interface {
 	DeviceProvisioned(context.Context, *Empty) (*DeviceIdentity, error)
 	Attest(context.Context, *AttestRequest) (*Attestation, error)
 	Network(context.Context, *NetworkRequest) (*NetworkReport, error)
+	ChangePin(context.Context, *ChangePinRequest) (*Empty, error)
+	TokenReset(context.Context, *ContainerRef) (*Container, error)
+	Wipe(context.Context, *ContainerRef) (*WipeResponse, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -557,6 +596,15 @@ func (UnimplementedControlServer) Attest(context.Context, *AttestRequest) (*Atte
 }
 func (UnimplementedControlServer) Network(context.Context, *NetworkRequest) (*NetworkReport, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Network not implemented")
+}
+func (UnimplementedControlServer) ChangePin(context.Context, *ChangePinRequest) (*Empty, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ChangePin not implemented")
+}
+func (UnimplementedControlServer) TokenReset(context.Context, *ContainerRef) (*Container, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method TokenReset not implemented")
+}
+func (UnimplementedControlServer) Wipe(context.Context, *ContainerRef) (*WipeResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Wipe not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -1069,6 +1117,60 @@ func _Control_Network_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_ChangePin_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ChangePinRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).ChangePin(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_ChangePin_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).ChangePin(ctx, req.(*ChangePinRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_TokenReset_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ContainerRef)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).TokenReset(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_TokenReset_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).TokenReset(ctx, req.(*ContainerRef))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_Wipe_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ContainerRef)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).Wipe(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_Wipe_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).Wipe(ctx, req.(*ContainerRef))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1175,6 +1277,18 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Network",
 			Handler:    _Control_Network_Handler,
+		},
+		{
+			MethodName: "ChangePin",
+			Handler:    _Control_ChangePin_Handler,
+		},
+		{
+			MethodName: "TokenReset",
+			Handler:    _Control_TokenReset_Handler,
+		},
+		{
+			MethodName: "Wipe",
+			Handler:    _Control_Wipe_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
