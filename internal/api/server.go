@@ -15,6 +15,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -53,6 +54,7 @@ type Server struct {
 	// Network reports containers' effective networks; nil when the
 	// daemon runs without network separation.
 	Networks NetworkReporter
+	Storage  Storage
 	Audit    audit.Recorder
 	Log      *slog.Logger
 
@@ -92,6 +94,8 @@ func objectOf(req any) string {
 		return r.GetSource()
 	case *cmlv1.LogsRequest:
 		return r.GetNameOrUuid()
+	case *cmlv1.ChangePinRequest:
+		return r.GetNameOrUuid() // never the PINs
 	case *cmlv1.GuestOSInstallRequest:
 		return r.GetDir() + r.GetUrl()
 	case *cmlv1.CARemoveRequest:
@@ -191,7 +195,31 @@ func (s *Server) StreamInterceptor(srv any, ss grpc.ServerStream, info *grpc.Str
 var streamQueries = map[string]bool{"/cml.v1.Control/Events": true}
 
 func (s *Server) List(ctx context.Context, _ *cmlv1.ListRequest) (*cmlv1.ListResponse, error) {
-	return &cmlv1.ListResponse{Containers: s.Containers.List()}, nil
+	cs := s.Containers.List()
+	for _, c := range cs {
+		s.storageInfo(c)
+	}
+	return &cmlv1.ListResponse{Containers: cs}, nil
+}
+
+// storageInfo adds how a container's data is protected: its token type,
+// GyroidOS's cryptfs mode, the backend recorded for it, and whether its
+// token is locked (read outside every lock).
+func (s *Server) storageInfo(c *cmlv1.Container) {
+	if s.Storage == nil {
+		return
+	}
+	_, _, dir, cfg, _, err := s.Containers.ContainerDir(c.GetUuid())
+	if err != nil || cfg.GetTokenType() == cmlv1.ContainerTokenType_NONE {
+		return
+	}
+	c.TokenType = cfg.GetTokenType().Enum()
+	c.CryptfsMode = cmlv1.CryptfsMode_NOT_IMPLEMENTED.Enum()
+	if b, err := os.ReadFile(filepath.Join(dir, "backend")); err == nil {
+		c.StorageBackend = proto.String(strings.TrimSpace(string(b)))
+		c.CryptfsMode = cmlv1.CryptfsMode_AUTHENC.Enum()
+	}
+	c.TokenLocked = proto.Bool(s.Storage.TokenLocked(dir))
 }
 
 // configFile takes a config from a request: its exact bytes with signature
@@ -221,7 +249,7 @@ func (s *Server) Create(ctx context.Context, r *cmlv1.CreateRequest) (*cmlv1.Con
 }
 
 func (s *Server) Remove(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Empty, error) {
-	if err := s.Containers.Remove(ctx, r.GetNameOrUuid()); err != nil {
+	if err := s.Containers.Remove(ctx, r.GetNameOrUuid(), r.GetPin()); err != nil {
 		return nil, err
 	}
 	s.collectGuestOS(ctx)
@@ -229,7 +257,64 @@ func (s *Server) Remove(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Empt
 }
 
 func (s *Server) Start(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Container, error) {
-	return s.Containers.Start(ctx, r.GetNameOrUuid(), container.StartOptions{})
+	return s.Containers.Start(ctx, r.GetNameOrUuid(), container.StartOptions{Secret: r.GetPin()})
+}
+
+// Storage is the token side of encrypted storage: PIN changes, resets of
+// locked tokens, and what a wipe cannot promise. Nil when the daemon has
+// no storage stage.
+type Storage interface {
+	ChangePIN(ctx context.Context, id, name, dir string, cfg *cmlv1.ContainerConfig, oldPIN, newPIN []byte) error
+	ResetToken(dir string) error
+	TokenLocked(dir string) bool
+}
+
+func (s *Server) ChangePin(ctx context.Context, r *cmlv1.ChangePinRequest) (*cmlv1.Empty, error) {
+	if s.Storage == nil {
+		return nil, errdefs.FailedPrecondition("encrypted storage is not available on this device")
+	}
+	id, name, dir, cfg, _, err := s.Containers.ContainerDir(r.GetNameOrUuid())
+	if err != nil {
+		return nil, err
+	}
+	return &cmlv1.Empty{}, s.Storage.ChangePIN(ctx, id, name, dir, cfg, r.GetOldPin(), r.GetNewPin())
+}
+
+func (s *Server) TokenReset(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Container, error) {
+	if s.Storage == nil {
+		return nil, errdefs.FailedPrecondition("encrypted storage is not available on this device")
+	}
+	_, name, dir, cfg, _, err := s.Containers.ContainerDir(r.GetNameOrUuid())
+	if err != nil {
+		return nil, err
+	}
+	if cfg.GetTokenType() == cmlv1.ContainerTokenType_NONE {
+		return nil, errdefs.FailedPrecondition("container %s has no token (token_type NONE)", name)
+	}
+	if err := s.Storage.ResetToken(dir); err != nil {
+		return nil, err
+	}
+	return s.Containers.State(r.GetNameOrUuid())
+}
+
+func (s *Server) Wipe(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.WipeResponse, error) {
+	st, err := s.Containers.State(r.GetNameOrUuid())
+	if err != nil {
+		return nil, err
+	}
+	switch st.GetState() {
+	case cmlv1.ContainerState_STOPPED, cmlv1.ContainerState_FAILED:
+	default:
+		if _, err := s.stop(ctx, &cmlv1.StopRequest{NameOrUuid: r.NameOrUuid}); err != nil {
+			return nil, fmt.Errorf("wipe: stop first: %w", err)
+		}
+	}
+	c, err := s.Containers.Wipe(ctx, r.GetNameOrUuid(), r.GetPin())
+	if err != nil {
+		return nil, err
+	}
+	_, _, _, cfg, _, _ := s.Containers.ContainerDir(r.GetNameOrUuid())
+	return &cmlv1.WipeResponse{Container: c, Note: proto.String(storageWipeNote(cfg.GetTokenType()))}, nil
 }
 
 func (s *Server) stop(ctx context.Context, r *cmlv1.StopRequest) (*cmlv1.Container, error) {
@@ -248,7 +333,11 @@ func (s *Server) Kill(ctx context.Context, r *cmlv1.KillRequest) (*cmlv1.Empty, 
 }
 
 func (s *Server) State(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.Container, error) {
-	return s.Containers.State(r.GetNameOrUuid())
+	c, err := s.Containers.State(r.GetNameOrUuid())
+	if err == nil {
+		s.storageInfo(c)
+	}
+	return c, err
 }
 
 func (s *Server) Config(ctx context.Context, r *cmlv1.ContainerRef) (*cmlv1.ContainerConfig, error) {
@@ -678,4 +767,15 @@ func (s *Server) exec(ctx context.Context, stream cmlv1.Control_ExecServer, star
 		}
 	}
 	return code, err
+}
+
+// storageWipeNote says what a wipe cannot promise for a token type.
+func storageWipeNote(t cmlv1.ContainerTokenType) string {
+	switch t {
+	case cmlv1.ContainerTokenType_SOFT:
+		return "soft token: the wrapped key file was deleted, but a copy taken earlier (a backup, a disk image) still opens with the PIN; only PKCS#11 and TPM tokens destroy the key itself"
+	case cmlv1.ContainerTokenType_NONE:
+		return "the container's data was not encrypted: it was deleted, not crypto-erased"
+	}
+	return "the key was destroyed in the token: no copy of the wrapped key can be unwrapped again"
 }

@@ -232,9 +232,6 @@ func validateContainer(source string, text []byte, c *cmlv1.ContainerConfig) err
 			v.fail("assign_dev", "%q: an exclusively assigned device needs a fixed major:minor, not '*'", r)
 		}
 	}
-	if t := c.GetTokenType(); t != cmlv1.ContainerTokenType_NONE {
-		v.fail("token_type", "%s: encrypted container storage is not available in this release; use NONE", t)
-	}
 	if p := c.GetPidsLimit(); p > MaxPidsLimit {
 		v.fail("pids_limit", "%d is out of range (0..%d)", p, MaxPidsLimit)
 	}
@@ -387,6 +384,22 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 	}
 	if err := ValidateNetworkSettings(source, d.GetNetwork()); err != nil {
 		return nil, err
+	}
+	if st := d.GetStorage(); st != nil {
+		if p := st.GetPkcs11Module(); p != "" && p[0] != '/' {
+			return nil, errdefs.InvalidArgument("%s: field storage.pkcs11_module: %q is not an absolute path", source, p)
+		}
+		if n := st.GetMaxPinAttempts(); n == 0 || n > 100 {
+			return nil, errdefs.InvalidArgument("%s: field storage.max_pin_attempts: %d is out of range (1..100)", source, n)
+		}
+		if n := st.GetVolumeSizeMib(); n < 64 || n > 1<<20 {
+			return nil, errdefs.InvalidArgument("%s: field storage.volume_size_mib: %d is out of range (64..1048576)", source, n)
+		}
+		for _, p := range st.GetTpmPcrs() {
+			if p > 23 {
+				return nil, errdefs.InvalidArgument("%s: field storage.tpm_pcrs: PCR %d does not exist (0 to 23)", source, p)
+			}
+		}
 	}
 	return d, nil
 }

@@ -20,7 +20,6 @@ func TestParseContainerErrors(t *testing.T) {
 		{"cpus", "name: \"x\"\nguest_os: \"g\"\nassign_cpus: \"3-1\"\n", "reversed"},
 		{"env", "name: \"x\"\nguest_os: \"g\"\ninit_env: \"NOEQUALS\"\n", "not KEY=value"},
 		{"dev", "name: \"x\"\nguest_os: \"g\"\nassign_dev: \"c *:1 rw\"\n", "fixed major:minor"},
-		{"token", "name: \"x\"\nguest_os: \"g\"\ntoken_type: SOFT\n", "token_type"},
 		{"volume escape", "name: \"x\"\nguest_os: \"g\"\nvolumes { name: \"v\" mount_point: \"/a/../proc\" }\n", "not a clean path"},
 		{"oversized", strings.Repeat("#", MaxFileSize+1), "larger than"},
 	}

@@ -106,7 +106,8 @@ func (p *probe) Release(_ context.Context, id string, rec json.RawMessage) error
 	return nil
 }
 
-func (p *probe) Remove(ctx context.Context, id string) error {
+func (p *probe) Remove(ctx context.Context, r Removal) error {
+	id := r.ID
 	if err := p.wait(ctx, id); err != nil {
 		return err
 	}
@@ -274,3 +275,8 @@ func within(t *testing.T, what string, fn func()) {
 }
 
 var errInjected = errors.New("injected")
+
+var (
+	_ Stage   = (*probe)(nil)
+	_ Remover = (*probe)(nil)
+)

@@ -318,6 +318,9 @@ func (m *Manager) specOptions(c *Container, s *Start) (oci.SpecOptions, error) {
 	}
 	for _, v := range cfg.GetVolumes() {
 		src := filepath.Join(s.Dir, "volumes", v.GetName())
+		if s.DataDir != "" {
+			src = filepath.Join(s.DataDir, "volumes", v.GetName())
+		}
 		if err := os.MkdirAll(src, 0o755); err != nil {
 			return so, fmt.Errorf("volume %s: %w", v.GetName(), err)
 		}

@@ -45,7 +45,7 @@ func TestStartStopRemove(t *testing.T) {
 	if f.probe.released[id] == 0 {
 		t.Error("stages not released after exit")
 	}
-	if err := f.m.Remove(t.Context(), "a"); err != nil {
+	if err := f.m.Remove(t.Context(), "a", nil); err != nil {
 		t.Fatal(err)
 	}
 	if f.probe.removed[id] != 1 {
@@ -132,7 +132,7 @@ func TestFreezeRacingExit(t *testing.T) {
 	if _, err := f.m.Stop(t.Context(), "a", time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.m.Remove(t.Context(), "a"); err != nil {
+	if err := f.m.Remove(t.Context(), "a", nil); err != nil {
 		t.Fatalf("remove after the race: %v", err)
 	}
 }
@@ -175,7 +175,7 @@ func TestStartQueuedBehindRemove(t *testing.T) {
 	id := f.id("a")
 	release := f.probe.block()
 	removed := make(chan error)
-	go func() { removed <- f.m.Remove(context.Background(), "a") }()
+	go func() { removed <- f.m.Remove(context.Background(), "a", nil) }()
 	<-f.probe.entered // Remove holds a's operation lock now
 	started := make(chan error)
 	updated := make(chan error)
@@ -227,7 +227,7 @@ func TestSlowWorkDoesNotBlockOthers(t *testing.T) {
 	defer release()
 	go f.m.Start(context.Background(), "slow", StartOptions{})
 	<-f.probe.entered
-	go f.m.Remove(context.Background(), "other")
+	go f.m.Remove(context.Background(), "other", nil)
 	within(t, "list during a blocked start", func() { f.m.List() })
 	within(t, "state during a blocked start", func() { f.m.State("slow") })
 	within(t, "create during a blocked start", func() { f.create("third", "") })
@@ -279,7 +279,7 @@ func TestAuditFailsClosed(t *testing.T) {
 	if len(f.rt.Running()) != 0 {
 		t.Error("an unaudited container is running")
 	}
-	if err := f.m.Remove(t.Context(), "a"); !errors.Is(err, errdefs.ErrUnavailable) {
+	if err := f.m.Remove(t.Context(), "a", nil); !errors.Is(err, errdefs.ErrUnavailable) {
 		t.Errorf("remove with a broken audit trail: %v", err)
 	}
 	if _, err := f.m.State("a"); err != nil {
@@ -346,7 +346,7 @@ func TestConcurrentOperations(t *testing.T) {
 						f.rt.Exit(c.GetUuid(), exitCode(i))
 					}
 				case 8:
-					if err := f.m.Remove(ctx, n); err == nil {
+					if err := f.m.Remove(ctx, n, nil); err == nil {
 						f.m.Create(ctx, ConfigFile{Source: n, Text: []byte(fmt.Sprintf("name: %q\nguest_os: \"busybox\"\n", n))})
 					}
 				}
@@ -378,7 +378,7 @@ func TestConcurrentOperations(t *testing.T) {
 				t.Errorf("stop %s at the end: %v", n, err)
 			}
 		}
-		if err := f.m.Remove(ctx, n); err != nil {
+		if err := f.m.Remove(ctx, n, nil); err != nil {
 			t.Errorf("remove %s at the end: %v", n, err)
 		}
 	}

@@ -536,7 +536,7 @@ func (m *Manager) UpdateConfig(ctx context.Context, ref string, f ConfigFile) (*
 
 // Remove deletes a stopped container and all its data. The container
 // leaves the table at once; its files are deleted without the manager lock.
-func (m *Manager) Remove(ctx context.Context, ref string) error {
+func (m *Manager) Remove(ctx context.Context, ref string, secret []byte) error {
 	c, err := m.acquire(ref)
 	if err != nil {
 		return err
@@ -549,17 +549,19 @@ func (m *Manager) Remove(ctx context.Context, ref string) error {
 		m.mu.Unlock()
 		return errdefs.FailedPrecondition("container %s is %s; stop it first", name, s)
 	}
+	cfg := c.cfg
 	m.mu.Unlock()
 	// Recorded before anything irreversible happens: a removal the trail
 	// cannot hold does not happen.
 	if err := m.record(ctx, "container.remove", c.uuid, name, nil, ""); err != nil {
 		return err
 	}
-	// Stages with per-container state (a wrapped key, later) go next: a
-	// failure there keeps the container's files.
+	// Stages with per-container state (a wrapped key) go next: a failure
+	// there keeps the container's files.
+	rm := Removal{ID: c.uuid, Name: name, Dir: m.containerDir(c.uuid), Config: cfg, Secret: secret}
 	for _, st := range m.o.Stages {
 		if r, ok := st.(Remover); ok {
-			if err := r.Remove(ctx, c.uuid); err != nil {
+			if err := r.Remove(ctx, rm); err != nil {
 				m.record(ctx, "container.remove", c.uuid, name, err, "stage "+st.Name())
 				return fmt.Errorf("container %s: remove %s: %w", name, st.Name(), err)
 			}
@@ -582,6 +584,68 @@ func (m *Manager) Remove(ctx context.Context, ref string) error {
 	m.mu.Unlock()
 	os.RemoveAll(m.runDir(c.uuid))
 	return os.RemoveAll(trash)
+}
+
+// Wipe destroys a stopped container's data and, for an encrypted one, its
+// key in the token first (crypto-erase); the container and its config
+// stay (GyroidOS CONTAINER_WIPE). The next start begins with empty data.
+func (m *Manager) Wipe(ctx context.Context, ref string, secret []byte) (*cmlv1.Container, error) {
+	c, err := m.acquire(ref)
+	if err != nil {
+		return nil, err
+	}
+	defer c.op.Unlock()
+	m.mu.Lock()
+	name, cfg := c.cfg.GetName(), c.cfg
+	if hasRun(c.state) {
+		s := c.state
+		m.mu.Unlock()
+		return nil, errdefs.FailedPrecondition("container %s is %s; stop it first", name, s)
+	}
+	m.mu.Unlock()
+	if err := m.record(ctx, "container.wipe", c.uuid, name, nil, "started"); err != nil {
+		return nil, err
+	}
+	dir := m.containerDir(c.uuid)
+	rm := Removal{ID: c.uuid, Name: name, Dir: dir, Config: cfg, Secret: secret}
+	for _, st := range m.o.Stages {
+		if r, ok := st.(Remover); ok {
+			if err := r.Remove(ctx, rm); err != nil {
+				m.record(ctx, "container.wipe", c.uuid, name, err, "stage "+st.Name())
+				return nil, fmt.Errorf("container %s: wipe %s: %w", name, st.Name(), err)
+			}
+		}
+	}
+	for _, d := range []string{"data", "volumes"} {
+		if err := os.RemoveAll(filepath.Join(dir, d)); err != nil {
+			return nil, err
+		}
+	}
+	m.record(ctx, "container.wipe", c.uuid, name, nil, "data destroyed")
+	return m.State(c.uuid)
+}
+
+// Annotate sets a running container's state reason (an integrity failure
+// its storage reported, say) and publishes it.
+func (m *Manager) Annotate(id, reason string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if c := m.containers[id]; c != nil && c.run != nil {
+		c.reason = reason
+		m.publishLocked(c)
+	}
+}
+
+// ContainerDir is a container's persistent state directory, with its id
+// and config (for stages' operations outside a start).
+func (m *Manager) ContainerDir(ref string) (id, name, dir string, cfg *cmlv1.ContainerConfig, running bool, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c, err := m.lookupLocked(ref)
+	if err != nil {
+		return "", "", "", nil, false, err
+	}
+	return c.uuid, c.cfg.GetName(), m.containerDir(c.uuid), c.cfg, hasRun(c.state), nil
 }
 
 // Subscribe returns a channel of state changes; call the returned function

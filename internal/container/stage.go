@@ -56,10 +56,20 @@ type Sweeper interface {
 }
 
 // Remover is a Stage with per-container state that outlives runs (a
-// wrapped storage key, say); Remove deletes it when the container is
-// removed, before its data. An error stops the removal.
+// wrapped storage key, say); Remove destroys it when the container is
+// removed or wiped, before its data. An error stops the removal.
 type Remover interface {
-	Remove(ctx context.Context, id string) error
+	Remove(ctx context.Context, r Removal) error
+}
+
+// Removal is a container being removed or wiped.
+type Removal struct {
+	ID, Name string
+	Dir      string // persistent state directory
+	Config   *cmlv1.ContainerConfig
+	// Secret proves the caller may destroy a token's key (a PIN); nil
+	// when none was sent.
+	Secret []byte
 }
 
 // Start is one start going through the pipeline: the input every stage
@@ -91,6 +101,10 @@ type Start struct {
 	GuestOS    *guestos.GuestOS
 	ConfigText []byte
 	Image      string
+	// DataDir, set by the storage stage for an encrypted container, is
+	// where the writable layer and the volumes live (default: Dir/data
+	// and Dir/volumes).
+	DataDir string
 	// Set by the rootfs stage.
 	Rootfs string
 	// Mounts and Devices are added to the spec; NetNSPath, when set, is a

@@ -226,7 +226,11 @@ func (*RootfsStage) Name() string { return "rootfs" }
 
 // Prepare implements Stage.
 func (*RootfsStage) Prepare(_ context.Context, s *Start) (any, error) {
-	req := rootfs.Request{Image: s.Image, FSType: s.GuestOS.Root().GetFsType(), DataDir: filepath.Join(s.Dir, "data"),
+	data := filepath.Join(s.Dir, "data")
+	if s.DataDir != "" {
+		data = s.DataDir
+	}
+	req := rootfs.Request{Image: s.Image, FSType: s.GuestOS.Root().GetFsType(), DataDir: data,
 		ReadOnly: s.Config.GetReadonlyRootfs(), UIDBase: s.UIDBase, IDCount: s.IDCount}
 	rfs, err := rootfs.Mount(s.RunDir, req)
 	if err != nil {

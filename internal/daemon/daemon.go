@@ -32,6 +32,7 @@ import (
 	"github.com/cmlproject/cml/internal/network"
 	"github.com/cmlproject/cml/internal/oci"
 	"github.com/cmlproject/cml/internal/reaper"
+	"github.com/cmlproject/cml/internal/storage"
 	"github.com/cmlproject/cml/internal/tpm"
 	"github.com/cmlproject/cml/internal/trust"
 )
@@ -197,11 +198,13 @@ func Run(ctx context.Context, c Config) error {
 	if err := auditNetworkSettings(ctx, c.StateDir, dev.GetNetwork(), sink); err != nil {
 		return err
 	}
+	storageStage := storage.New(dev.GetStorage(), filepath.Join(c.RunDir, "storage"), sink, c.Log)
 	// The start pipeline, in order. Release, recovery and removal run the
-	// same stages in reverse. Storage plugs in here.
+	// same stages in reverse.
 	stages := []container.Stage{
 		&container.VerifyStage{GuestOS: store, Configs: configs, Refused: refused("container.verify")},
 		container.NewDeviceStage(),
+		storageStage,
 		&container.RootfsStage{Runs: filepath.Join(c.RunDir, "containers")},
 		netStage,
 		measure,
@@ -220,6 +223,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
+	storageStage.Notify = mgr.Annotate
 	netStage.Peers = func(name string) (network.Peer, error) {
 		id, n, slot, cfg, err := mgr.Peer(name)
 		return network.Peer{ID: id, Name: n, Slot: slot, Config: cfg}, err
@@ -246,7 +250,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Audit: sink, Log: c.Log}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Log: c.Log}
 	gs := grpc.NewServer(
 		grpc.Creds(api.PeerCredentials()),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),

@@ -581,3 +581,10 @@ func Describe(n *cmlv1.NetworkSettings) string {
 	return fmt.Sprintf("uplink=%q link_prefix=%s nat=%t island=%t uplink_only_via=%s nflog_group=%d denied_events_per_second=%d nft_table=%s",
 		n.GetUplink(), n.GetLinkPrefix(), n.GetNat(), n.GetIsland(), via, n.GetNflogGroup(), n.GetDeniedEventsPerSecond(), n.GetNftTable())
 }
+
+var (
+	_ container.Stage   = (*Stage)(nil)
+	_ container.Adopter = (*Stage)(nil)
+	_ container.Checker = (*Stage)(nil)
+	_ container.Sweeper = (*Stage)(nil)
+)

@@ -244,3 +244,17 @@ func (p *PKCS11) Exists(dir, _ string) bool {
 	_, err := os.Stat(filepath.Join(dir, pkcs11Name))
 	return err == nil
 }
+
+// ChangePIN changes the token's user PIN (C_SetPIN): a PKCS#11 token has
+// one PIN for every container whose key it holds.
+func (p *PKCS11) ChangePIN(_ context.Context, oldPIN, newPIN []byte) error {
+	sh, err := p.session(oldPIN)
+	if err != nil {
+		return err
+	}
+	defer p.done(sh)
+	if err := p.ctx.SetPIN(sh, string(oldPIN), string(newPIN)); err != nil {
+		return fmt.Errorf("set the token's PIN: %w", err)
+	}
+	return nil
+}
