@@ -157,10 +157,11 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(a.listCmd(), a.createCmd(), a.refCmd("remove", "Remove a stopped container and its data"),
-		a.refCmd("start", "Start a container"), a.stopCmd(), a.killCmd(), a.refCmd("state", "Show a container's state"),
+	root.AddCommand(a.listCmd(), a.createCmd(), a.removeCmd(),
+		a.startCmd(), a.stopCmd(), a.killCmd(), a.refCmd("state", "Show a container's state"),
 		a.refCmd("config", "Show a container's config"), a.updateConfigCmd(), a.refCmd("freeze", "Freeze a container"),
-		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd(), a.caCmd(), a.deviceCmd(), a.networkCmd())
+		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd(), a.caCmd(), a.deviceCmd(), a.networkCmd(),
+		a.wipeCmd(), a.changePinCmd(), a.tokenCmd())
 	err := root.Execute()
 	if a.conn != nil {
 		a.conn.Close()
@@ -227,9 +228,9 @@ func (a *app) listCmd() *cobra.Command {
 				if v := ct.GetGuestosVersion(); v > 0 {
 					gos += " " + strconv.FormatUint(v, 10)
 				}
-				rows = append(rows, []string{ct.GetName(), ct.GetUuid(), ct.GetState().String(), gos, ct.GetTrustLevel().String(), pid, ct.GetReason()})
+				rows = append(rows, []string{ct.GetName(), ct.GetUuid(), ct.GetState().String(), gos, ct.GetTrustLevel().String(), storageText(ct), pid, ct.GetReason()})
 			}
-			return a.table(resp, "NAME\tUUID\tSTATE\tGUEST OS\tTRUST\tPID\tREASON", rows)
+			return a.table(resp, "NAME\tUUID\tSTATE\tGUEST OS\tTRUST\tSTORAGE\tPID\tREASON", rows)
 		},
 	}
 }
@@ -284,7 +285,7 @@ func (a *app) printContainer(ct *cmlv1.Container) error {
 	if a.output == "json" {
 		return a.json(ct)
 	}
-	fmt.Fprintf(a.stdout, "%s %s %s %s", ct.GetName(), ct.GetUuid(), ct.GetState(), ct.GetTrustLevel())
+	fmt.Fprintf(a.stdout, "%s %s %s %s %s", ct.GetName(), ct.GetUuid(), ct.GetState(), ct.GetTrustLevel(), storageText(ct))
 	if ct.GetReason() != "" {
 		fmt.Fprintf(a.stdout, " (%s)", ct.GetReason())
 	}
@@ -304,11 +305,6 @@ func (a *app) refCmd(name, short string) *cobra.Command {
 			ref := &cmlv1.ContainerRef{NameOrUuid: proto.String(args[0])}
 			var ct *cmlv1.Container
 			switch name {
-			case "remove":
-				_, err = c.Remove(ctx, ref)
-				return err
-			case "start":
-				ct, err = c.Start(ctx, ref)
 			case "state":
 				ct, err = c.State(ctx, ref)
 			case "freeze":

@@ -1,0 +1,141 @@
+package token
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cmlproject/cml/internal/testutil"
+)
+
+const id = "6f1c2d3e-0000-4000-8000-000000000001"
+
+func TestSoftToken(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	k := &Keeper{MaxAttempts: 3}
+	s, err := k.Create(ctx, Soft{}, dir, id, []byte("1234"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := k.Unlock(ctx, Soft{}, dir, id, []byte("1234"))
+	if err != nil || !bytes.Equal(got, s) {
+		t.Fatalf("unlock: %v", err)
+	}
+	// The secret is nowhere in the file.
+	b, _ := os.ReadFile(filepath.Join(dir, softName))
+	if bytes.Contains(b, s) {
+		t.Error("secret in the soft token file")
+	}
+	// The file is bound to its container: under another id it does not
+	// open, even with the PIN.
+	if _, err := (Soft{}).Unwrap(ctx, dir, "another-id", []byte("1234")); !errors.Is(err, ErrWrongPIN) {
+		t.Errorf("file opened for another container: %v", err)
+	}
+}
+
+// TestLockout: wrong PINs are counted across keepers (a daemon restart),
+// lock the token at the limit, after which the right PIN is refused too
+// with the same message; a reset unlocks.
+func TestLockout(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	if _, err := (&Keeper{}).Create(ctx, Soft{}, dir, id, []byte("1234")); err != nil {
+		t.Fatal(err)
+	}
+	var msgs []string
+	for i := 0; i < 3; i++ {
+		k := &Keeper{MaxAttempts: 3} // a new one each time: the count is on disk
+		_, err := k.Unlock(ctx, Soft{}, dir, id, []byte("0000"))
+		var ue *UnlockError
+		if !errors.As(err, &ue) {
+			t.Fatalf("wrong PIN %d: %v", i, err)
+		}
+		msgs = append(msgs, err.Error())
+		if i == 2 && !strings.Contains(ue.Detail, "locked") {
+			t.Errorf("third wrong PIN: %q, want locked", ue.Detail)
+		}
+	}
+	_, err := (&Keeper{MaxAttempts: 3}).Unlock(ctx, Soft{}, dir, id, []byte("1234"))
+	var ue *UnlockError
+	if !errors.As(err, &ue) || !strings.Contains(ue.Detail, "locked") {
+		t.Fatalf("right PIN on a locked token: %v", err)
+	}
+	_, err2 := (&Keeper{}).Unlock(ctx, Soft{}, t.TempDir(), id, []byte("1234"))
+	for _, m := range append(msgs, err.Error(), err2.Error()) {
+		if m != msgs[0] {
+			t.Errorf("refusals differ: %q vs %q (CR 1.10)", m, msgs[0])
+		}
+	}
+	k := &Keeper{}
+	if !k.Locked(dir) {
+		t.Error("not locked")
+	}
+	if err := k.Reset(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := k.Unlock(ctx, Soft{}, dir, id, []byte("1234")); err != nil {
+		t.Errorf("after reset: %v", err)
+	}
+	if err := k.ChangePIN(ctx, Soft{}, dir, id, []byte("1234"), []byte("98765")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := k.Unlock(ctx, Soft{}, dir, id, []byte("98765")); err != nil {
+		t.Errorf("new PIN: %v", err)
+	}
+	if _, err := k.Unlock(ctx, Soft{}, dir, id, []byte("1234")); err == nil {
+		t.Error("old PIN still opens")
+	}
+}
+
+func softHSM(t *testing.T) *PKCS11 {
+	testutil.RequireTool(t, "softhsm2-util")
+	module := "/usr/lib/softhsm/libsofthsm2.so"
+	if _, err := os.Stat(module); err != nil {
+		t.Skip("SoftHSM2 module not installed (apt-get install softhsm2)")
+	}
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "tokens"), 0o700)
+	conf := filepath.Join(dir, "softhsm2.conf")
+	os.WriteFile(conf, []byte("directories.tokendir = "+filepath.Join(dir, "tokens")+"\nobjectstore.backend = file\n"), 0o600)
+	t.Setenv("SOFTHSM2_CONF", conf)
+	if out, err := exec.Command("softhsm2-util", "--init-token", "--free", "--label", "cmltest", "--pin", "1234", "--so-pin", "5678").CombinedOutput(); err != nil {
+		t.Fatalf("softhsm2-util: %v\n%s", err, out)
+	}
+	return &PKCS11{Module: module, Label: "cmltest"}
+}
+
+// TestPKCS11Token: a SoftHSM2 token wraps the secret with a key that
+// never leaves it; a wrong PIN is refused; after Destroy a saved copy of
+// the wrapped file no longer opens with the right PIN.
+func TestPKCS11Token(t *testing.T) {
+	p := softHSM(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	k := &Keeper{MaxAttempts: 3}
+	s, err := k.Create(ctx, p, dir, id, []byte("1234"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := k.Unlock(ctx, p, dir, id, []byte("1234"))
+	if err != nil || !bytes.Equal(got, s) {
+		t.Fatalf("unlock: %v", err)
+	}
+	var ue *UnlockError
+	if _, err := k.Unlock(ctx, p, dir, id, []byte("9999")); !errors.As(err, &ue) || !strings.Contains(ue.Detail, "wrong PIN (1 of 3") {
+		t.Errorf("wrong PIN: %v", err)
+	}
+	saved, _ := os.ReadFile(filepath.Join(dir, pkcs11Name))
+	if err := p.DestroyWithPIN(ctx, dir, id, []byte("1234")); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, pkcs11Name), saved, 0o600)
+	if _, err := p.Unwrap(ctx, dir, id, []byte("1234")); err == nil {
+		t.Fatal("the saved wrapped key still unwraps after the wipe")
+	}
+}
