@@ -198,7 +198,7 @@ func Run(ctx context.Context, c Config) error {
 	if err := auditNetworkSettings(ctx, c.StateDir, dev.GetNetwork(), sink); err != nil {
 		return err
 	}
-	storageStage := storage.New(dev.GetStorage(), filepath.Join(c.RunDir, "storage"), sink, c.Log)
+	storageStage := storage.New(dev.GetStorage(), filepath.Join(c.RunDir, "storage"), sink, c.Log, tpmConn)
 	// The start pipeline, in order. Release, recovery and removal run the
 	// same stages in reverse.
 	stages := []container.Stage{

@@ -39,6 +39,9 @@ type volume struct {
 	Plain   string `json:"plain"`          // gocryptfs mount point
 	Data    string `json:"data"`           // ext4 mount point
 	Log     string `json:"log"`            // gocryptfs's output
+	// FuseConn is the FUSE connection's number (/sys/fs/fuse/connections/N):
+	// the last resort to end a gocryptfs that cannot exit.
+	FuseConn uint32 `json:"fuse_conn,omitempty"`
 	// Formatted is set when this start made the filesystem (the first).
 	Formatted time.Duration `json:"formatted_ns,omitempty"`
 }
@@ -91,7 +94,7 @@ func openGocryptfs(ctx context.Context, cipher, run string, key []byte, sizeMiB 
 	stdin.Close()
 	defer func() {
 		if err != nil {
-			closeVolume(v)
+			closeVolume(v, filepath.Dir(filepath.Dir(run)))
 		}
 	}()
 	if werr != nil {
@@ -99,6 +102,10 @@ func openGocryptfs(ctx context.Context, cipher, run string, key []byte, sizeMiB 
 	}
 	if err := waitFuse(ctx, v.Plain, v.Pid); err != nil {
 		return nil, fmt.Errorf("gocryptfs: %w (%s)", err, lastLine(v.Log))
+	}
+	var st unix.Stat_t
+	if unix.Stat(v.Plain, &st) == nil {
+		v.FuseConn = unix.Minor(st.Dev)
 	}
 	img := filepath.Join(v.Plain, volumeFile)
 	if _, err := os.Stat(img); errors.Is(err, os.ErrNotExist) {
@@ -171,8 +178,15 @@ func waitFuse(ctx context.Context, dir string, pid int) error {
 }
 
 // closeVolume unmounts the ext4, frees the loop device, unmounts the
-// gocryptfs view and waits for gocryptfs to end. Idempotent.
-func closeVolume(v *volume) error {
+// gocryptfs view and waits for gocryptfs to end. A gocryptfs left by a
+// daemon that died keeps that daemon's mount namespace alive: whatever
+// is mounted under runDir there is detached first. Idempotent.
+func closeVolume(v *volume, runDir string) error {
+	if self, _ := os.Readlink("/proc/self/ns/mnt"); v.Pid > 0 && isGocryptfs(v.Pid, v.Plain) {
+		if ns, _ := os.Readlink("/proc/" + strconv.Itoa(v.Pid) + "/ns/mnt"); ns != "" && ns != self {
+			detachAll(v.Pid, runDir)
+		}
+	}
 	var errs []error
 	if err := unix.Unmount(v.Data, 0); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		errs = append(errs, fmt.Errorf("unmount volume: %w", err))
@@ -183,23 +197,67 @@ func closeVolume(v *volume) error {
 	if err := unix.Unmount(v.Plain, 0); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
 		unix.Unmount(v.Plain, unix.MNT_DETACH)
 	}
-	stopGocryptfs(v.Pid, v.Plain)
+	stopGocryptfs(v.Pid, v.Plain, v.FuseConn)
 	return errors.Join(errs...)
 }
 
 // stopGocryptfs ends gocryptfs pid if it still serves plain (the pid may
-// have been reused after a restart: its command line must match).
-func stopGocryptfs(pid int, plain string) {
+// have been reused after a restart: its command line must match). A
+// gocryptfs that does not end (its exit waits on I/O only it could serve)
+// has its FUSE connection aborted: pending requests fail instead of
+// hanging forever.
+func stopGocryptfs(pid int, plain string, conn uint32) {
 	if pid <= 0 || !isGocryptfs(pid, plain) {
 		return
 	}
+	abortLater := time.AfterFunc(2*time.Second, func() { abortFuse(conn) })
+	defer abortLater.Stop()
 	unix.Kill(pid, unix.SIGTERM)
-	for i := 0; i < 200 && isGocryptfs(pid, plain); i++ {
-		time.Sleep(10 * time.Millisecond)
+	if waitGone(pid, plain, 2*time.Second) {
+		return
 	}
-	if isGocryptfs(pid, plain) {
-		unix.Kill(pid, unix.SIGKILL)
+	abortFuse(conn)
+	unix.Kill(pid, unix.SIGKILL)
+	waitGone(pid, plain, 2*time.Second)
+}
+
+func waitGone(pid int, plain string, d time.Duration) bool {
+	for t0 := time.Now(); time.Since(t0) < d; time.Sleep(10 * time.Millisecond) {
+		if !isGocryptfs(pid, plain) && !exiting(pid) {
+			return true
+		}
 	}
+	return false
+}
+
+// exiting reports a process with a thread that has not finished exiting
+// (a leader already a zombie can have threads stuck in the kernel, with
+// the FUSE device still open).
+func exiting(pid int) bool {
+	tasks, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/stat")
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		if i := bytes.LastIndexByte(b, ')'); i > 0 && i+2 < len(b) && b[i+2] != 'Z' && b[i+2] != 'X' {
+			return true
+		}
+	}
+	return false
+}
+
+// abortFuse aborts FUSE connection conn through fusectl (mounted in
+// cmld's namespace on first use).
+func abortFuse(conn uint32) {
+	if conn == 0 {
+		return
+	}
+	dir := "/sys/fs/fuse/connections"
+	if _, err := os.Stat(filepath.Join(dir, strconv.Itoa(int(conn)))); err != nil {
+		unix.Mount("fusectl", dir, "fusectl", 0, "")
+	}
+	os.WriteFile(filepath.Join(dir, strconv.Itoa(int(conn)), "abort"), []byte("1"), 0)
 }
 
 func isGocryptfs(pid int, plain string) bool {
@@ -211,18 +269,17 @@ func isGocryptfs(pid int, plain string) bool {
 	return len(args) > 0 && filepath.Base(string(args[0])) == "gocryptfs" && string(args[len(args)-1]) == plain
 }
 
-// sweepGocryptfs ends every gocryptfs serving a mount point under runs and
-// frees loop devices backed by files there (after a daemon crash).
-func sweepGocryptfs(under string) {
-	if out, err := exec.Command("losetup", "-n", "-O", "NAME,BACK-FILE", "-l").Output(); err == nil {
-		sc := bufio.NewScanner(bytes.NewReader(out))
-		for sc.Scan() {
-			f := strings.Fields(sc.Text())
-			if len(f) == 2 && strings.HasPrefix(f[1], under+"/") {
-				exec.Command("losetup", "-d", f[0]).Run()
-			}
-		}
-	}
+// CleanupUnder ends what encrypted volumes under dir left behind after a
+// daemon died: for each gocryptfs serving a mount point under dir whose
+// mount namespace is not ours (the dead daemon's, which it keeps alive),
+// every mount under runDir (container roots and volumes) in that
+// namespace is detached first, so that no
+// decrypted volume stays mounted there and gocryptfs's exit does not wait
+// on I/O only it could serve; then loop devices backed by files under dir
+// are freed and gocryptfs is stopped. keep names mount points whose
+// gocryptfs must stay (re-adopted containers).
+func CleanupUnder(dir, runDir string, keep map[string]bool) {
+	self, _ := os.Readlink("/proc/self/ns/mnt")
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
@@ -234,8 +291,73 @@ func sweepGocryptfs(under string) {
 			continue
 		}
 		args := bytes.Split(bytes.TrimRight(b, "\x00"), []byte{0})
-		if len(args) > 1 && filepath.Base(string(args[0])) == "gocryptfs" && strings.HasPrefix(string(args[len(args)-1]), under+"/") {
-			stopGocryptfs(pid, string(args[len(args)-1]))
+		if len(args) < 2 || filepath.Base(string(args[0])) != "gocryptfs" {
+			continue
+		}
+		plain := string(args[len(args)-1])
+		if !strings.HasPrefix(plain, dir+"/") {
+			continue
+		}
+		if ns, _ := os.Readlink("/proc/" + e.Name() + "/ns/mnt"); ns != "" && ns != self {
+			detachAll(pid, runDir)
+		}
+		if keep[plain] {
+			continue
+		}
+		var conn uint32
+		if mi, err := os.ReadFile("/proc/" + e.Name() + "/mountinfo"); err == nil {
+			conn = fuseConnIn(mi, plain)
+		}
+		freeLoops(filepath.Dir(plain))
+		stopGocryptfs(pid, plain, conn)
+	}
+	freeLoops(dir)
+}
+
+// detachAll lazily unmounts, in process pid's mount namespace, every
+// mount under dir, deepest first.
+func detachAll(pid int, dir string) {
+	mi, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/mountinfo")
+	if err != nil {
+		return
+	}
+	var mps []string
+	for _, l := range strings.Split(string(mi), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+			mps = append(mps, f[4])
+		}
+	}
+	for i := len(mps) - 1; i >= 0; i-- {
+		exec.Command("nsenter", "-t", strconv.Itoa(pid), "-m", "umount", "-l", mps[i]).Run()
+	}
+}
+
+// fuseConnIn finds the FUSE connection of mount point mp in a mountinfo.
+func fuseConnIn(mi []byte, mp string) uint32 {
+	for _, l := range strings.Split(string(mi), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 4 && f[4] == mp {
+			if _, minor, ok := strings.Cut(f[2], ":"); ok {
+				n, _ := strconv.Atoi(minor)
+				return uint32(n)
+			}
+		}
+	}
+	return 0
+}
+
+// freeLoops detaches loop devices backed by files under dir.
+func freeLoops(dir string) {
+	out, err := exec.Command("losetup", "-n", "-O", "NAME,BACK-FILE", "-l").Output()
+	if err != nil {
+		return
+	}
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 && strings.HasPrefix(f[1], dir+"/") {
+			exec.Command("losetup", "-d", f[0]).Run()
 		}
 	}
 }

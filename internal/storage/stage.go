@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -49,8 +50,9 @@ type Stage struct {
 }
 
 // New returns the storage stage for the device's settings: soft tokens
-// always, USB and PKCS11 tokens when a PKCS#11 module is set.
-func New(settings *cmlv1.StorageSettings, runs string, rec audit.Recorder, log *slog.Logger) *Stage {
+// always, USB and PKCS11 tokens when a PKCS#11 module is set, TPM tokens
+// on the device's TPM (tpmRW; nil: none).
+func New(settings *cmlv1.StorageSettings, runs string, rec audit.Recorder, log *slog.Logger, tpmRW io.ReadWriter) *Stage {
 	if settings == nil {
 		settings = &cmlv1.StorageSettings{}
 	}
@@ -62,6 +64,9 @@ func New(settings *cmlv1.StorageSettings, runs string, rec audit.Recorder, log *
 		p := &token.PKCS11{Module: m, Label: settings.GetPkcs11TokenLabel()}
 		st.Backends[cmlv1.ContainerTokenType_USB] = p
 		st.Backends[cmlv1.ContainerTokenType_PKCS11] = p
+	}
+	if tpmRW != nil {
+		st.Backends[cmlv1.ContainerTokenType_TPM] = &token.TPM{RW: tpmRW, PCRs: settings.GetTpmPcrs()}
 	}
 	return st
 }
@@ -235,10 +240,10 @@ func (st *Stage) Release(_ context.Context, id string, raw json.RawMessage) erro
 		}
 	}
 	if v != nil {
-		return closeVolume(v)
+		return closeVolume(v, filepath.Dir(st.Runs))
 	}
 	// No record: a start the daemon did not finish recording.
-	sweepGocryptfs(filepath.Join(st.Runs, id))
+	CleanupUnder(filepath.Join(st.Runs, id), filepath.Dir(st.Runs), nil)
 	return nil
 }
 
@@ -262,10 +267,18 @@ func (st *Stage) Adopt(ctx context.Context, id string, _ int, raw json.RawMessag
 // Sweep implements container.Sweeper: gocryptfs processes and loop
 // devices of runs that no longer run go.
 func (st *Stage) Sweep(_ context.Context, alive map[string]bool) error {
+	keep := map[string]bool{}
+	st.mu.Lock()
+	for id, v := range st.running {
+		if alive[id] {
+			keep[v.Plain] = true
+		}
+	}
+	st.mu.Unlock()
+	CleanupUnder(st.Runs, filepath.Dir(st.Runs), keep)
 	ents, _ := os.ReadDir(st.Runs)
 	for _, e := range ents {
 		if !alive[e.Name()] {
-			sweepGocryptfs(filepath.Join(st.Runs, e.Name()))
 			os.RemoveAll(filepath.Join(st.Runs, e.Name()))
 		}
 	}

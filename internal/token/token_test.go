@@ -10,7 +10,11 @@ import (
 	"strings"
 	"testing"
 
+	tpm2legacy "github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpmutil"
+
 	"github.com/cmlproject/cml/internal/testutil"
+	"github.com/cmlproject/cml/internal/tpmtest"
 )
 
 const id = "6f1c2d3e-0000-4000-8000-000000000001"
@@ -137,5 +141,51 @@ func TestPKCS11Token(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, pkcs11Name), saved, 0o600)
 	if _, err := p.Unwrap(ctx, dir, id, []byte("1234")); err == nil {
 		t.Fatal("the saved wrapped key still unwraps after the wipe")
+	}
+}
+
+// TestTPMToken: the secret lives in an NV index of a real (simulated) TPM
+// under the PIN; a wrong PIN is refused; after Destroy a saved copy of the
+// token file opens nothing with the right PIN. With PCRs bound, a PCR
+// change refuses the right PIN.
+func TestTPMToken(t *testing.T) {
+	c := tpmtest.Simulator(t)
+	for _, pcrs := range [][]uint32{nil, {16}} {
+		tp := &TPM{RW: c, PCRs: pcrs}
+		ctx := context.Background()
+		dir := t.TempDir()
+		k := &Keeper{MaxAttempts: 5}
+		s, err := k.Create(ctx, tp, dir, id, []byte("1234"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := k.Unlock(ctx, tp, dir, id, []byte("1234"))
+		if err != nil || !bytes.Equal(got, s) {
+			t.Fatalf("pcrs %v: unlock: %v", pcrs, err)
+		}
+		var ue *UnlockError
+		if _, err := k.Unlock(ctx, tp, dir, id, []byte("9999")); !errors.As(err, &ue) || !strings.Contains(ue.Detail, "wrong PIN") {
+			t.Errorf("pcrs %v: wrong PIN: %v", pcrs, err)
+		}
+		if err := k.ChangePIN(ctx, tp, dir, id, []byte("1234"), []byte("4321")); err != nil {
+			t.Fatalf("change PIN: %v", err)
+		}
+		if got, err := k.Unlock(ctx, tp, dir, id, []byte("4321")); err != nil || !bytes.Equal(got, s) {
+			t.Errorf("new PIN: %v", err)
+		}
+		if len(pcrs) > 0 {
+			tpm2legacy.PCRExtend(c, tpmutil.Handle(16), tpm2legacy.AlgSHA256, make([]byte, 32), "")
+			if _, err := tp.Unwrap(ctx, dir, id, []byte("4321")); err == nil || errors.Is(err, ErrWrongPIN) {
+				t.Errorf("PCR changed, right PIN: %v, want a PCR refusal", err)
+			}
+		}
+		saved, _ := os.ReadFile(filepath.Join(dir, tpmName))
+		if err := tp.Destroy(ctx, dir, id); err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(dir, tpmName), saved, 0o600)
+		if _, err := tp.Unwrap(ctx, dir, id, []byte("4321")); err == nil {
+			t.Fatal("the saved token file still opens after the wipe")
+		}
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/cmlproject/cml/internal/rootfs"
+	"github.com/cmlproject/cml/internal/storage"
 	"github.com/cmlproject/cml/internal/testutil"
 	"github.com/cmlproject/cml/internal/tpm"
 )
@@ -242,6 +243,9 @@ func (d *daemon) cleanup() {
 			exec.Command("runc", "--root", rt, "delete", "--force", id).Run()
 		}
 	}
+	// Encrypted volumes: a killed cmld's mount namespace lives on in its
+	// gocryptfs processes; empty it, then end them.
+	storage.CleanupUnder(d.root, d.root, nil)
 	rootfs.Unmount(d.root)
 	os.RemoveAll(d.root)
 	// The daemon's firewall table outlives it by design; a test's goes.

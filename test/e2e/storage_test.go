@@ -291,4 +291,82 @@ func TestEncryptedStorageSurvivesCrash(t *testing.T) {
 	if out, _ := d.exec("vault", "cat /root/marker"); !strings.Contains(out, "more") {
 		t.Errorf("data after the interrupted start: %q", out)
 	}
+	d.must("stop", "vault")
+	// No process is stuck in the kernel on a FUSE volume whose server is
+	// gone (a gocryptfs ending while mounts on its own volume remained in
+	// its namespace would hang there for ever, and every sync with it).
+	noStuckIO(t)
+}
+
+func noStuckIO(t *testing.T) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := exec.CommandContext(ctx, "sync").Run(); err != nil {
+		t.Errorf("sync did not complete: %v (a FUSE volume hangs)", err)
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, p := range procs {
+		b, _ := os.ReadFile(p)
+		if i := bytes.LastIndexByte(b, ')'); i > 0 && i+2 < len(b) && b[i+2] == 'D' && bytes.Contains(b, []byte("(gocryptfs)")) {
+			t.Errorf("gocryptfs stuck in uninterruptible sleep: %s", b[:i+1])
+		}
+	}
+}
+
+// TestWipeDestroysTokenKeys: for PKCS#11 (SoftHSM2) and TPM (cmld's
+// swtpm, or the kernel's TPM) tokens, a copy of the token's files taken
+// before a wipe, put back afterwards, opens nothing with the right PIN:
+// the key was destroyed in the token (CR 4.2, FDP_RIP.2).
+func TestWipeDestroysTokenKeys(t *testing.T) {
+	requireGocryptfs(t)
+	testutil.RequireTool(t, "softhsm2-util")
+	module := "/usr/lib/softhsm/libsofthsm2.so"
+	if _, err := os.Stat(module); err != nil {
+		t.Skip("SoftHSM2 module not installed (apt-get install softhsm2)")
+	}
+	hsm := t.TempDir()
+	os.MkdirAll(filepath.Join(hsm, "tokens"), 0o700)
+	conf := filepath.Join(hsm, "softhsm2.conf")
+	os.WriteFile(conf, []byte("directories.tokendir = "+filepath.Join(hsm, "tokens")+"\nobjectstore.backend = file\n"), 0o600)
+	t.Setenv("SOFTHSM2_CONF", conf)
+	if out, err := exec.Command("softhsm2-util", "--init-token", "--free", "--label", "cml", "--pin", testPIN, "--so-pin", "so-9911").CombinedOutput(); err != nil {
+		t.Fatalf("softhsm2-util: %v\n%s", err, out)
+	}
+	d := startDaemon(t)
+	d.restartWithDevice(fmt.Sprintf("storage {\n  pkcs11_module: %q\n  pkcs11_token_label: \"cml\"\n}\n", module))
+	d.installGuestOS()
+	pin := d.pinFile("pin", testPIN)
+	for _, tt := range []string{"PKCS11", "TPM"} {
+		name := strings.ToLower(tt)
+		d.create(name, "token_type: "+tt+"\n")
+		d.must("start", name, "--pin-file", pin)
+		d.exec(name, "echo "+dataMarker+" > /root/marker; sync")
+		d.must("stop", name)
+		id := uuidOf(t, d, name)
+		dir := filepath.Join(d.stateDir, "containers", id)
+		saved := filepath.Join(d.root, name+"-saved")
+		if out, err := exec.Command("cp", "-a", dir, saved).CombinedOutput(); err != nil {
+			t.Fatalf("save: %v %s", err, out)
+		}
+		// A PKCS#11 token's key is destroyed only with its PIN.
+		if tt == "PKCS11" {
+			d.refuse("could not be unlocked", "wipe", name, "--pin-file", d.pinFile("wrong", "0000"))
+		}
+		if out := d.must("wipe", name, "--pin-file", pin); !strings.Contains(out, "destroyed in the token") {
+			t.Errorf("%s wipe: %s", tt, out)
+		}
+		if !d.hasAudit("token.destroy", "success", name+"/") {
+			t.Errorf("%s: key destruction not audited", tt)
+		}
+		// Put the whole saved state back: wrapped key, ciphertext, all.
+		for _, sub := range []string{"token", "crypt", "backend"} {
+			os.RemoveAll(filepath.Join(dir, sub))
+			exec.Command("cp", "-a", filepath.Join(saved, sub), filepath.Join(dir, sub)).Run()
+		}
+		d.refuse("could not be unlocked", "start", name, "--pin-file", pin)
+		if !d.hasAudit("token.unlock", "failure", "not") {
+			t.Errorf("%s: the refusal's detail is not audited", tt)
+		}
+	}
 }
