@@ -25,8 +25,8 @@ type Options struct {
 	Script   string
 	// VerifyMiB sizes the image of the verification throughput figure.
 	VerifyMiB int
-	// Only runs one part: "verify", "attest", "start", "network" or
-	// "console"; empty
+	// Only runs one part: "verify", "attest", "start", "network",
+	// "storage" or "console"; empty
 	// runs all.
 	Only string
 	// ConsoleMiB is how much a container floods its console with.
@@ -56,7 +56,7 @@ func Run(o Options, w io.Writer) error {
 			return fmt.Errorf("attestation: %w", err)
 		}
 	}
-	if o.Only != "" && o.Only != "start" && o.Only != "console" && o.Only != "network" {
+	if o.Only != "" && o.Only != "start" && o.Only != "console" && o.Only != "network" && o.Only != "storage" {
 		return nil
 	}
 	// A signed busybox guest OS and configs under a throwaway PKI whose
@@ -133,6 +133,11 @@ func Run(o Options, w io.Writer) error {
 		exec.Command("nft", "delete", "table", "inet", "cmlbench").Run()
 		if err != nil {
 			return fmt.Errorf("network figures: %w", err)
+		}
+	}
+	if o.Only == "" || o.Only == "storage" {
+		if err := storageFigures(w, tmp, ctl, conf, sock, o); err != nil {
+			return fmt.Errorf("storage figures: %w", err)
 		}
 	}
 	if o.Only == "" || o.Only == "console" {
