@@ -769,6 +769,42 @@ func (s *Server) exec(ctx context.Context, stream cmlv1.Control_ExecServer, star
 	return code, err
 }
 
+// DeviceWipe returns the device to the state before any container
+// existed: every container is stopped and removed, an encrypted one's key
+// destroyed in its token first. The wipe is audited before it starts (the
+// interceptor refuses it when the trail cannot record it).
+func (s *Server) DeviceWipe(ctx context.Context, r *cmlv1.DeviceWipeRequest) (*cmlv1.DeviceWipeResponse, error) {
+	if err := s.Audit.Record(ctx, audit.Event{Type: "device", Operation: "device.wipe", Subject: audit.SubjectFrom(ctx), Outcome: audit.Success, Reason: "started: every container is stopped and removed"}); err != nil {
+		return nil, err
+	}
+	out := &cmlv1.DeviceWipeResponse{}
+	soft := false
+	for _, c := range s.Containers.List() {
+		switch c.GetState() {
+		case cmlv1.ContainerState_STOPPED, cmlv1.ContainerState_FAILED:
+		default:
+			if _, err := s.stop(ctx, &cmlv1.StopRequest{NameOrUuid: c.Uuid}); err != nil {
+				return out, fmt.Errorf("device wipe: stop %s: %w", c.GetName(), err)
+			}
+		}
+		if _, _, _, cfg, _, err := s.Containers.ContainerDir(c.GetUuid()); err == nil && cfg.GetTokenType() == cmlv1.ContainerTokenType_SOFT {
+			soft = true
+		}
+		if err := s.Containers.Remove(ctx, c.GetUuid(), r.GetPin()); err != nil {
+			return out, fmt.Errorf("device wipe: remove %s: %w", c.GetName(), err)
+		}
+		out.Removed = append(out.Removed, c.GetName())
+	}
+	s.collectGuestOS(ctx)
+	note := "every container and its data is gone; keys in PKCS#11 and TPM tokens were destroyed"
+	if soft {
+		note += "; " + storageWipeNote(cmlv1.ContainerTokenType_SOFT)
+	}
+	out.Note = proto.String(note)
+	s.Audit.Record(ctx, audit.Event{Type: "device", Operation: "device.wipe", Subject: audit.SubjectFrom(ctx), Outcome: audit.Success, Reason: fmt.Sprintf("done: %d containers removed", len(out.Removed))})
+	return out, nil
+}
+
 // storageWipeNote says what a wipe cannot promise for a token type.
 func storageWipeNote(t cmlv1.ContainerTokenType) string {
 	switch t {

@@ -146,7 +146,40 @@ func (a *app) deviceCmd() *cobra.Command {
 	attest.Flags().StringVar(&nonceHex, "nonce", "", "the verifier's challenge, hex (8 to 64 bytes); default: a random one, printed on stderr")
 	attest.Flags().StringVar(&pcrList, "pcrs", "", "further PCRs to quote, e.g. 0,2,4,7 (the measurement PCR is always quoted)")
 	attest.Flags().StringVarP(&out, "file", "f", "", "write to this file instead of standard output")
-	dev.AddCommand(info, csr, cert, provisioned, attest)
+	var wipePIN string
+	var yes bool
+	wipe := &cobra.Command{
+		Use: "wipe", Short: "Stop and remove every container, destroying encrypted containers' keys in their tokens (audited before it starts)", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !yes {
+				return fmt.Errorf("this destroys every container and its data: add --yes")
+			}
+			c, ctx, cancel, err := a.call()
+			if err != nil {
+				return err
+			}
+			defer cancel()
+			req := &cmlv1.DeviceWipeRequest{}
+			if wipePIN != "" {
+				if req.Pin, err = readPIN("", wipePIN); err != nil {
+					return err
+				}
+				defer zero(req.Pin)
+			}
+			r, err := c.DeviceWipe(ctx, req)
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.json(r)
+			}
+			fmt.Fprintf(a.stdout, "removed %d containers: %s\n%s\n", len(r.GetRemoved()), strings.Join(r.GetRemoved(), ", "), r.GetNote())
+			return nil
+		},
+	}
+	wipe.Flags().StringVar(&wipePIN, "pin-file", "", "the PKCS#11 token's PIN, from this file (needed to destroy keys on it)")
+	wipe.Flags().BoolVar(&yes, "yes", false, "confirm")
+	dev.AddCommand(info, csr, cert, provisioned, attest, wipe)
 	return dev
 }
 

@@ -370,3 +370,74 @@ func TestWipeDestroysTokenKeys(t *testing.T) {
 		}
 	}
 }
+
+// TestEncryptedStartsAtOnceAndDeviceWipe: encrypted containers start and
+// stop at the same time, each on its own volume; a device that requires
+// encryption refuses a plain config; a device wipe removes everything and
+// is audited before it starts.
+func TestEncryptedStartsAtOnceAndDeviceWipe(t *testing.T) {
+	requireGocryptfs(t)
+	d := startDaemon(t)
+	d.installGuestOS()
+	pin := d.pinFile("pin", testPIN)
+	names := []string{"e1", "e2", "e3"}
+	for _, n := range names {
+		d.create(n, "token_type: SOFT\n")
+	}
+	d.create("plain", "")
+	parallel := func(args func(n string) []string) {
+		errs := make(chan string, len(names))
+		for _, n := range names {
+			go func(n string) {
+				_, e, code := d.ctl(args(n)...)
+				if code != 0 {
+					errs <- n + ": " + e
+				} else {
+					errs <- ""
+				}
+			}(n)
+		}
+		for range names {
+			if e := <-errs; e != "" {
+				t.Errorf("at once: %s", e)
+			}
+		}
+	}
+	parallel(func(n string) []string { return []string{"start", n, "--pin-file", pin} })
+	for _, n := range names {
+		d.exec(n, "echo "+n+" > /root/who")
+	}
+	for _, n := range names {
+		if out, _ := d.exec(n, "cat /root/who"); strings.TrimSpace(out) != n {
+			t.Errorf("%s reads %q from its volume", n, out)
+		}
+	}
+	parallel(func(n string) []string { return []string{"stop", n} })
+	for _, n := range names {
+		if g := gocryptfsFor(uuidOf(t, d, n)); len(g) != 0 {
+			t.Errorf("%s: gocryptfs left after the stop", n)
+		}
+	}
+	d.must("start", "e1", "--pin-file", pin)
+
+	d.restartWithDevice("signed_configs: false\nstorage { require_encryption: true }\n")
+	p := filepath.Join(d.root, "plain2.conf")
+	os.WriteFile(p, []byte("name: \"plain2\"\nguest_os: \"busybox\"\n"), 0o644)
+	d.refuse("token_type", "create", p)
+
+	out := d.must("device", "wipe", "--yes")
+	if !strings.Contains(out, "removed 4 containers") || !strings.Contains(out, "copy taken earlier") {
+		t.Errorf("device wipe: %s", out)
+	}
+	if l := d.must("list"); strings.Contains(l, "e1") || strings.Contains(l, "plain") {
+		t.Errorf("containers left after the device wipe:\n%s", l)
+	}
+	if !d.hasAudit("device.wipe", "success", "started") {
+		t.Errorf("the device wipe is not audited")
+	}
+	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "containers"))
+	if len(ents) != 0 {
+		t.Errorf("container state left after the device wipe: %v", ents)
+	}
+	noStuckIO(t)
+}

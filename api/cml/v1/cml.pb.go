@@ -4892,6 +4892,105 @@ func (x *WipeResponse) GetNote() string {
 	return ""
 }
 
+// DeviceWipeRequest wipes every container (GyroidOS's device wipe).
+type DeviceWipeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// pin of the PKCS#11 token, when containers' keys are on one.
+	Pin           []byte `protobuf:"bytes,1,opt,name=pin" json:"pin,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceWipeRequest) Reset() {
+	*x = DeviceWipeRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceWipeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceWipeRequest) ProtoMessage() {}
+
+func (x *DeviceWipeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceWipeRequest.ProtoReflect.Descriptor instead.
+func (*DeviceWipeRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *DeviceWipeRequest) GetPin() []byte {
+	if x != nil {
+		return x.Pin
+	}
+	return nil
+}
+
+// DeviceWipeResponse lists what was wiped.
+type DeviceWipeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Removed       []string               `protobuf:"bytes,1,rep,name=removed" json:"removed,omitempty"`
+	Note          *string                `protobuf:"bytes,2,opt,name=note" json:"note,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeviceWipeResponse) Reset() {
+	*x = DeviceWipeResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeviceWipeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeviceWipeResponse) ProtoMessage() {}
+
+func (x *DeviceWipeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeviceWipeResponse.ProtoReflect.Descriptor instead.
+func (*DeviceWipeResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *DeviceWipeResponse) GetRemoved() []string {
+	if x != nil {
+		return x.Removed
+	}
+	return nil
+}
+
+func (x *DeviceWipeResponse) GetNote() string {
+	if x != nil && x.Note != nil {
+		return *x.Note
+	}
+	return ""
+}
+
 var File_api_cml_v1_cml_proto protoreflect.FileDescriptor
 
 const file_api_cml_v1_cml_proto_rawDesc = "" +
@@ -5257,6 +5356,11 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\anew_pin\x18\x03 \x01(\fR\x06newPin\"S\n" +
 	"\fWipeResponse\x12/\n" +
 	"\tcontainer\x18\x01 \x01(\v2\x11.cml.v1.ContainerR\tcontainer\x12\x12\n" +
+	"\x04note\x18\x02 \x01(\tR\x04note\"%\n" +
+	"\x11DeviceWipeRequest\x12\x10\n" +
+	"\x03pin\x18\x01 \x01(\fR\x03pin\"B\n" +
+	"\x12DeviceWipeResponse\x12\x18\n" +
+	"\aremoved\x18\x01 \x03(\tR\aremoved\x12\x12\n" +
 	"\x04note\x18\x02 \x01(\tR\x04note*'\n" +
 	"\rContainerType\x12\r\n" +
 	"\tCONTAINER\x10\x01\x12\a\n" +
@@ -5289,7 +5393,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xe9\r\n" +
+	"\x06FAILED\x10\a2\xae\x0e\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -5328,7 +5432,9 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\tChangePin\x12\x18.cml.v1.ChangePinRequest\x1a\r.cml.v1.Empty\x125\n" +
 	"\n" +
 	"TokenReset\x12\x14.cml.v1.ContainerRef\x1a\x11.cml.v1.Container\x122\n" +
-	"\x04Wipe\x12\x14.cml.v1.ContainerRef\x1a\x14.cml.v1.WipeResponseB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
+	"\x04Wipe\x12\x14.cml.v1.ContainerRef\x1a\x14.cml.v1.WipeResponse\x12C\n" +
+	"\n" +
+	"DeviceWipe\x12\x19.cml.v1.DeviceWipeRequest\x1a\x1a.cml.v1.DeviceWipeResponseB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
 
 var (
 	file_api_cml_v1_cml_proto_rawDescOnce sync.Once
@@ -5343,7 +5449,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 }
 
 var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 59)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 61)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
@@ -5412,6 +5518,8 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(*EffectiveFlow)(nil),          // 64: cml.v1.EffectiveFlow
 	(*ChangePinRequest)(nil),       // 65: cml.v1.ChangePinRequest
 	(*WipeResponse)(nil),           // 66: cml.v1.WipeResponse
+	(*DeviceWipeRequest)(nil),      // 67: cml.v1.DeviceWipeRequest
+	(*DeviceWipeResponse)(nil),     // 68: cml.v1.DeviceWipeResponse
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
@@ -5486,40 +5594,42 @@ var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	65, // 69: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
 	22, // 70: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
 	22, // 71: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
-	24, // 72: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	21, // 73: cml.v1.Control.Create:output_type -> cml.v1.Container
-	29, // 74: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	21, // 75: cml.v1.Control.Start:output_type -> cml.v1.Container
-	21, // 76: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	29, // 77: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	21, // 78: cml.v1.Control.State:output_type -> cml.v1.Container
-	8,  // 79: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	21, // 80: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	21, // 81: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	21, // 82: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	33, // 83: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	35, // 84: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	37, // 85: cml.v1.Control.Events:output_type -> cml.v1.Event
-	39, // 86: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	41, // 87: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	29, // 88: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	43, // 89: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	42, // 90: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	42, // 91: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	47, // 92: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	49, // 93: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	48, // 94: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	52, // 95: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	54, // 96: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	52, // 97: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	52, // 98: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	58, // 99: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	60, // 100: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
-	29, // 101: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
-	21, // 102: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
-	66, // 103: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
-	72, // [72:104] is the sub-list for method output_type
-	40, // [40:72] is the sub-list for method input_type
+	67, // 72: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
+	24, // 73: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	21, // 74: cml.v1.Control.Create:output_type -> cml.v1.Container
+	29, // 75: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	21, // 76: cml.v1.Control.Start:output_type -> cml.v1.Container
+	21, // 77: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	29, // 78: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	21, // 79: cml.v1.Control.State:output_type -> cml.v1.Container
+	8,  // 80: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	21, // 81: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	21, // 82: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	21, // 83: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	33, // 84: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	35, // 85: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	37, // 86: cml.v1.Control.Events:output_type -> cml.v1.Event
+	39, // 87: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	41, // 88: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	29, // 89: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	43, // 90: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	42, // 91: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	42, // 92: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	47, // 93: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	49, // 94: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	48, // 95: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	52, // 96: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	54, // 97: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	52, // 98: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	52, // 99: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	58, // 100: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	60, // 101: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	29, // 102: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
+	21, // 103: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
+	66, // 104: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
+	68, // 105: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
+	73, // [73:106] is the sub-list for method output_type
+	40, // [40:73] is the sub-list for method input_type
 	40, // [40:40] is the sub-list for extension type_name
 	40, // [40:40] is the sub-list for extension extendee
 	0,  // [0:40] is the sub-list for field type_name
@@ -5547,7 +5657,7 @@ func file_api_cml_v1_cml_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   59,
+			NumMessages:   61,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

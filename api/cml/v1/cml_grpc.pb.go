@@ -62,6 +62,7 @@ const (
 	Control_ChangePin_FullMethodName         = "/cml.v1.Control/ChangePin"
 	Control_TokenReset_FullMethodName        = "/cml.v1.Control/TokenReset"
 	Control_Wipe_FullMethodName              = "/cml.v1.Control/Wipe"
+	Control_DeviceWipe_FullMethodName        = "/cml.v1.Control/DeviceWipe"
 )
 
 // ControlClient is the client API for Control service.
@@ -102,6 +103,7 @@ type ControlClient interface {
 	ChangePin(ctx context.Context, in *ChangePinRequest, opts ...grpc.CallOption) (*Empty, error)
 	TokenReset(ctx context.Context, in *ContainerRef, opts ...grpc.CallOption) (*Container, error)
 	Wipe(ctx context.Context, in *ContainerRef, opts ...grpc.CallOption) (*WipeResponse, error)
+	DeviceWipe(ctx context.Context, in *DeviceWipeRequest, opts ...grpc.CallOption) (*DeviceWipeResponse, error)
 }
 
 type controlClient struct {
@@ -462,6 +464,16 @@ func (c *controlClient) Wipe(ctx context.Context, in *ContainerRef, opts ...grpc
 	return out, nil
 }
 
+func (c *controlClient) DeviceWipe(ctx context.Context, in *DeviceWipeRequest, opts ...grpc.CallOption) (*DeviceWipeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeviceWipeResponse)
+	err := c.cc.Invoke(ctx, Control_DeviceWipe_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -500,6 +512,7 @@ type ControlServer interface {
 	ChangePin(context.Context, *ChangePinRequest) (*Empty, error)
 	TokenReset(context.Context, *ContainerRef) (*Container, error)
 	Wipe(context.Context, *ContainerRef) (*WipeResponse, error)
+	DeviceWipe(context.Context, *DeviceWipeRequest) (*DeviceWipeResponse, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -605,6 +618,9 @@ func (UnimplementedControlServer) TokenReset(context.Context, *ContainerRef) (*C
 }
 func (UnimplementedControlServer) Wipe(context.Context, *ContainerRef) (*WipeResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Wipe not implemented")
+}
+func (UnimplementedControlServer) DeviceWipe(context.Context, *DeviceWipeRequest) (*DeviceWipeResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeviceWipe not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -1171,6 +1187,24 @@ func _Control_Wipe_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_DeviceWipe_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeviceWipeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).DeviceWipe(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_DeviceWipe_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).DeviceWipe(ctx, req.(*DeviceWipeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1289,6 +1323,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Wipe",
 			Handler:    _Control_Wipe_Handler,
+		},
+		{
+			MethodName: "DeviceWipe",
+			Handler:    _Control_DeviceWipe_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
