@@ -82,7 +82,7 @@ func storageFigures(w io.Writer, tmp string, ctl func(...string) error, conf fun
 	dropCaches := func() { exec.Command("sync").Run(); os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0) }
 	type op struct {
 		name, script, stdin string
-		before             func()
+		before              func()
 	}
 	ops := []op{
 		{"write 512 MiB", "dd if=/dev/zero of=/root/f bs=1M count=512 conv=fsync 2>/dev/null", "", nil},
