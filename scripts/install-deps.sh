@@ -12,7 +12,7 @@ for pair in runc:runc busybox:busybox-static mkfs.erofs:erofs-utils mksquashfs:s
 	openssl:openssl softhsm2-util:softhsm2 pkcs11-tool:opensc \
 	swtpm:swtpm swtpm_setup:swtpm-tools tpm2_checkquote:tpm2-tools \
 	qemu-system-x86_64:qemu-system-x86 nft:nftables ip:iproute2 iperf3:iperf3 \
-	pkg-config:pkg-config; do
+	pkg-config:pkg-config gocryptfs:gocryptfs debugfs:e2fsprogs nsenter:util-linux; do
 	bin=${pair%%:*}
 	pkg=${pair#*:}
 	command -v "$bin" >/dev/null 2>&1 || need="$need $pkg"
