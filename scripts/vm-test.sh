@@ -67,7 +67,7 @@ libs() {
 		cp -L "$l" "$root$l"
 	done
 }
-for tool in runc veritysetup openssl tpm2_checkquote tpm2_pcrread; do
+for tool in runc veritysetup cryptsetup mkfs.ext4 losetup openssl tpm2_checkquote tpm2_pcrread; do
 	p=$(command -v "$tool")
 	cp "$p" "$root/usr/bin/$tool"
 	libs "$p"
@@ -110,7 +110,10 @@ mkdir -p /dev/pts /dev/shm /sys/fs/cgroup
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 none /sys/fs/cgroup
-for m in virtio_pci 9pnet_virtio 9p loop crc32c_generic crc32c_intel libcrc32c erofs overlay dm_mod dm_verity; do
+# The kernel loads crypto modules on demand through this helper.
+echo /bin/modprobe >/proc/sys/kernel/modprobe
+for m in virtio_pci 9pnet_virtio 9p loop crc32c_generic crc32c_intel libcrc32c erofs overlay dm_mod dm_verity \
+	dm_crypt dm_integrity authenc hmac sha256_generic xts aes_generic; do
 	modprobe $m || echo "modprobe $m failed: $(dmesg | tail -3)"
 done
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576 share /share
@@ -139,9 +142,10 @@ chmod 755 "$root/init"
 # The end-to-end tests that exercise what only the VM has.
 # cmld on /dev/tpmrm0 (identity, measurement, quotes verified by cmlverify,
 # the PCR not resetting when cmld restarts), the dm-verity start path, and
-# isolation and limits on pure cgroup v2.
+# isolation and limits on pure cgroup v2, and encrypted storage on
+# dm-crypt + dm-integrity.
 echo 'TestAttestationEndToEnd|TestStartRefusedWhenNotMeasured|TestDeviceCgroup|TestDMVerityStartRefusesTamperedImage' >"$share/e2e.run"
-echo 'TestIsolationFromInside|TestLifecycle' >"$share/e2e2.run"
+echo 'TestIsolationFromInside|TestLifecycle|TestEncryptedStorageDeviceMapper' >"$share/e2e2.run"
 (cd "$root" && find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$out/initrd.gz"
 
 # 4. A software TPM as the VM's hardware TPM, and the VM.

@@ -86,10 +86,9 @@ func (a *app) startCmd() *cobra.Command {
 				return err
 			}
 			defer cancel()
-			ct, enc, err := needsPIN(ctx, c, args[0])
-			if err != nil {
-				return err
-			}
+			// A container the daemon cannot find still goes to Start, so
+			// that the refused attempt is audited there.
+			ct, enc, _ := needsPIN(ctx, c, args[0])
 			ref := &cmlv1.ContainerRef{NameOrUuid: proto.String(args[0])}
 			if enc {
 				if ref.Pin, err = readPIN(fmt.Sprintf("PIN for %s (%s token): ", ct.GetName(), strings.ToLower(ct.GetTokenType().String())), pinFile); err != nil {

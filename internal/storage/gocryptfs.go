@@ -39,6 +39,8 @@ type volume struct {
 	Plain   string `json:"plain"`          // gocryptfs mount point
 	Data    string `json:"data"`           // ext4 mount point
 	Log     string `json:"log"`            // gocryptfs's output
+	// Mapper is the device-mapper name of the dm backend's volume.
+	Mapper string `json:"mapper,omitempty"`
 	// FuseConn is the FUSE connection's number (/sys/fs/fuse/connections/N):
 	// the last resort to end a gocryptfs that cannot exit.
 	FuseConn uint32 `json:"fuse_conn,omitempty"`
@@ -185,6 +187,9 @@ func waitFuse(ctx context.Context, dir string, pid int) error {
 // daemon that died keeps that daemon's mount namespace alive: whatever
 // is mounted under runDir there is detached first. Idempotent.
 func closeVolume(v *volume, runDir string) error {
+	if v.Backend == backendDM {
+		return closeDM(v)
+	}
 	if self, _ := os.Readlink("/proc/self/ns/mnt"); v.Pid > 0 && isGocryptfs(v.Pid, v.Plain) {
 		if ns, _ := os.Readlink("/proc/" + strconv.Itoa(v.Pid) + "/ns/mnt"); ns != "" && ns != self {
 			detachAll(v.Pid, runDir)

@@ -40,6 +40,9 @@ type Stage struct {
 	Keeper   *token.Keeper
 	Audit    audit.Recorder
 	Log      *slog.Logger
+	// Backend is the volume backend new containers get: backendDM where
+	// the kernel has dm-crypt and dm-integrity, else backendGocryptfs.
+	Backend string
 	// Notify tells the container manager of an integrity failure of a
 	// running container's volume (its state reason).
 	Notify func(id, reason string)
@@ -59,7 +62,10 @@ func New(settings *cmlv1.StorageSettings, runs string, rec audit.Recorder, log *
 	st := &Stage{Settings: settings, Runs: runs, Audit: rec, Log: log,
 		Keeper:   &token.Keeper{MaxAttempts: int(settings.GetMaxPinAttempts())},
 		Backends: map[cmlv1.ContainerTokenType]token.Backend{cmlv1.ContainerTokenType_SOFT: token.Soft{}},
-		running:  map[string]*volume{}, watch: map[string]context.CancelFunc{}}
+		running:  map[string]*volume{}, watch: map[string]context.CancelFunc{}, Backend: backendGocryptfs}
+	if DMCryptAvailable() {
+		st.Backend = backendDM
+	}
 	if m := settings.GetPkcs11Module(); m != "" {
 		p := &token.PKCS11{Module: m, Label: settings.GetPkcs11TokenLabel()}
 		st.Backends[cmlv1.ContainerTokenType_USB] = p
@@ -113,8 +119,8 @@ func (st *Stage) Check(source string, cfg *cmlv1.ContainerConfig) error {
 	if st.Backends[cfg.GetTokenType()] == nil {
 		return &config.FieldError{Source: source, Field: "token_type", Msg: fmt.Sprintf("%s: not available on this device (see docs/storage.md)", cfg.GetTokenType())}
 	}
-	if _, err := exec.LookPath("gocryptfs"); err != nil {
-		return &config.FieldError{Source: source, Field: "token_type", Msg: "encrypted storage needs gocryptfs (or device-mapper), which this device lacks"}
+	if _, err := exec.LookPath("gocryptfs"); err != nil && st.Backend == backendGocryptfs {
+		return &config.FieldError{Source: source, Field: "token_type", Msg: "encrypted storage needs device-mapper with dm-crypt and dm-integrity, or gocryptfs with FUSE; this device has neither"}
 	}
 	return nil
 }
@@ -131,8 +137,12 @@ func (st *Stage) Prepare(ctx context.Context, s *container.Start) (any, error) {
 		return nil, err
 	}
 	tdir := tokenDir(s.Dir)
-	if rec, err := os.ReadFile(filepath.Join(s.Dir, backendFile)); err == nil && strings.TrimSpace(string(rec)) != backendGocryptfs {
-		return nil, errdefs.FailedPrecondition("storage: the container's data is in backend %q, which this device does not offer now", strings.TrimSpace(string(rec)))
+	backend := st.Backend
+	if rec, err := os.ReadFile(filepath.Join(s.Dir, backendFile)); err == nil {
+		backend = strings.TrimSpace(string(rec))
+		if backend != backendGocryptfs && backend != backendDM || backend == backendDM && st.Backend != backendDM {
+			return nil, errdefs.FailedPrecondition("storage: the container's data is in backend %q, which this device does not offer now", backend)
+		}
 	}
 	var secret []byte
 	first := !b.Exists(tdir, s.ID)
@@ -161,13 +171,18 @@ func (st *Stage) Prepare(ctx context.Context, s *container.Start) (any, error) {
 	}
 	run := filepath.Join(st.Runs, s.ID)
 	os.RemoveAll(run) // nothing mounted there: cmld's namespace is new or it was released
-	v, err := openGocryptfs(ctx, cipherDir(s.Dir), run, key, st.Settings.GetVolumeSizeMib())
+	var v *volume
+	if backend == backendDM {
+		v, err = openDM(ctx, cipherDir(s.Dir), run, s.ID, key, st.Settings.GetVolumeSizeMib())
+	} else {
+		v, err = openGocryptfs(ctx, cipherDir(s.Dir), run, key, st.Settings.GetVolumeSizeMib())
+	}
 	token.Zero(key)
 	if err != nil {
 		return nil, fmt.Errorf("storage: %w", err)
 	}
 	if first {
-		os.WriteFile(filepath.Join(s.Dir, backendFile), []byte(backendGocryptfs+"\n"), 0o600)
+		os.WriteFile(filepath.Join(s.Dir, backendFile), []byte(backend+"\n"), 0o600)
 	}
 	for _, d := range []string{"volumes"} {
 		os.MkdirAll(filepath.Join(v.Data, d), 0o755)
@@ -178,7 +193,9 @@ func (st *Stage) Prepare(ctx context.Context, s *container.Start) (any, error) {
 	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	st.watch[s.ID] = cancel
 	st.mu.Unlock()
-	go st.watchIntegrity(wctx, s.ID, s.Name, v.Log)
+	if v.Log != "" {
+		go st.watchIntegrity(wctx, s.ID, s.Name, v.Log)
+	}
 	return v, nil
 }
 
@@ -244,6 +261,9 @@ func (st *Stage) Release(_ context.Context, id string, raw json.RawMessage) erro
 	}
 	// No record: a start the daemon did not finish recording.
 	CleanupUnder(filepath.Join(st.Runs, id), filepath.Dir(st.Runs), nil)
+	if _, err := os.Stat("/dev/mapper/" + dmName(id)); err == nil {
+		exec.Command("cryptsetup", "close", dmName(id)).Run()
+	}
 	return nil
 }
 
