@@ -40,7 +40,7 @@ func DMTargets() ([]string, error) {
 	binary.NativeEndian.PutUint32(buf[0:], 4)
 	binary.NativeEndian.PutUint32(buf[12:], uint32(len(buf))) // data_size
 	binary.NativeEndian.PutUint32(buf[16:], hdr)              // data_start
-	const dmListVersions = 0xc138fd0d                          // _IOWR(0xfd, 13, struct dm_ioctl)
+	const dmListVersions = 0xc138fd0d                         // _IOWR(0xfd, 13, struct dm_ioctl)
 	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), dmListVersions, uintptr(unsafe.Pointer(&buf[0]))); errno != 0 {
 		return nil, fmt.Errorf("device-mapper: %w", errno)
 	}
