@@ -8,13 +8,19 @@
 package audit
 
 import (
+	"bytes"
 	"context"
+	"crypto"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
 	"time"
 	"unicode/utf8"
+
+	"github.com/cmlproject/cml/internal/auditlog"
 )
 
 // Outcome of an audited operation.
@@ -44,6 +50,11 @@ type Event struct {
 	// code (exit 130 is code 130) or the signal that killed it, never both.
 	ExitCode   *int `json:"exit_code,omitempty"`
 	ExitSignal int  `json:"exit_signal,omitempty"`
+	// Seq numbers the records of a trail from 1, never repeating, also
+	// across restarts; Chain links each record to the one before
+	// (internal/auditlog). The sink sets both; Chain is the last field.
+	Seq   uint64 `json:"seq"`
+	Chain string `json:"chain"`
 }
 
 // Recorder takes audit events. Record must not block for long; a sink that
@@ -52,24 +63,86 @@ type Recorder interface {
 	Record(ctx context.Context, e Event) error
 }
 
-// FileSink appends events as JSON lines to a file opened O_APPEND, so a
-// record is never overwritten by the daemon, and syncs after each record.
+// FileSink is the tamper-evident trail (docs/audit.md): JSON lines in a
+// file opened O_APPEND, each record with its sequence number and hash
+// chain, the leaves of a Merkle tree whose size and root are signed at
+// checkpoints (<file>.checkpoints) once a signer is set. Writers share
+// fsyncs (group commit): Record returns when its record is durable.
 type FileSink struct {
-	mu  sync.Mutex
-	f   *os.File
-	now func() time.Time
+	mu    sync.Mutex // guards f's writes, seq, chain, tree
+	f     *os.File
+	path  string
+	now   func() time.Time
+	seq   uint64
+	chain [32]byte
+	tree  auditlog.Tree
+	off   int64 // bytes written
+
+	syncMu sync.Mutex // one fsync at a time; later writers ride on it
+	synced int64      // bytes known durable
+
+	ckMu     sync.Mutex // checkpoint signing and its file
+	signer   crypto.Signer
+	origin   string
+	every    uint64
+	signedAt uint64 // tree size of the last checkpoint
+	kick     chan struct{}
+	done     chan struct{}
+	// Torn is the incomplete last record a crash left, moved aside at
+	// open (empty when there was none).
+	Torn string
 }
 
-// OpenFile opens (creating 0600 if needed) the JSON-lines audit file at path.
+// OpenFile opens (creating 0600 if needed) the audit trail at path and
+// takes up its sequence, chain and tree. An incomplete last record (a
+// crash mid-write) is moved to <path>.torn-<time> and cut off, never glued
+// to the next record.
 func OpenFile(path string, now func() time.Time) (*FileSink, error) {
+	if now == nil {
+		now = time.Now
+	}
+	s := &FileSink{path: path, now: now, every: 1000, kick: make(chan struct{}, 1)}
+	b, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	if n := len(b); n > 0 && b[n-1] != '\n' {
+		cut := bytes.LastIndexByte(b, '\n') + 1
+		s.Torn = fmt.Sprintf("%s.torn-%d", path, now().Unix())
+		if err := os.WriteFile(s.Torn, b[cut:], 0o600); err != nil {
+			return nil, fmt.Errorf("audit log: keep the torn record: %w", err)
+		}
+		if err := os.Truncate(path, int64(cut)); err != nil {
+			return nil, fmt.Errorf("audit log: cut the torn record: %w", err)
+		}
+		b = b[:cut]
+	}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if len(line) == 0 {
+			continue
+		}
+		var rec struct {
+			Seq uint64 `json:"seq"`
+		}
+		json.Unmarshal(line, &rec)
+		if rec.Seq > s.seq {
+			s.seq = rec.Seq
+		} else {
+			s.seq++ // records from before sequence numbers
+		}
+		if _, v, ok := auditlog.Blank(line); ok {
+			if c, err := hex.DecodeString(v); err == nil && len(c) == 32 {
+				copy(s.chain[:], c)
+			}
+		}
+		s.tree.Append(auditlog.LeafHash(line))
+	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
-	if now == nil {
-		now = time.Now
-	}
-	return &FileSink{f: f, now: now}, nil
+	s.f, s.off, s.synced = f, int64(len(b)), int64(len(b))
+	return s, nil
 }
 
 // Bounds on the text fields of a record: values a client chose (names,
@@ -93,7 +166,8 @@ func Bound(s string, max int) string {
 	return fmt.Sprintf("%s... (%d bytes)", s[:cut], len(s))
 }
 
-// Record appends e, filling in the time if unset.
+// Record appends e, filling in the time if unset, and returns once the
+// record is on disk.
 func (s *FileSink) Record(_ context.Context, e Event) error {
 	e.Operation = Bound(e.Operation, 64)
 	e.Object = Bound(e.Object, MaxObject)
@@ -103,21 +177,126 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 		e.Time = s.now()
 	}
 	e.Time = e.Time.UTC()
-	b, err := json.Marshal(e)
+	e.Chain = ""
+	s.mu.Lock()
+	e.Seq = s.seq + 1
+	blank, err := json.Marshal(e)
 	if err != nil {
+		s.mu.Unlock()
 		return fmt.Errorf("encode audit event: %w", err)
 	}
-	b = append(b, '\n')
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, err := s.f.Write(b); err != nil {
+	next := auditlog.Chain(s.chain, blank)
+	line := bytes.Replace(blank, []byte(`"chain":""`), []byte(`"chain":"`+hex.EncodeToString(next[:])+`"`), 1)
+	line = append(line, '\n')
+	if _, err := s.f.Write(line); err != nil {
+		s.mu.Unlock()
 		return fmt.Errorf("write audit log: %w", err)
 	}
-	return s.f.Sync()
+	s.seq, s.chain = e.Seq, next
+	s.tree.Append(auditlog.LeafHash(line[:len(line)-1]))
+	s.off += int64(len(line))
+	end, size := s.off, s.tree.Size()
+	s.mu.Unlock()
+	if err := s.sync(end); err != nil {
+		return err
+	}
+	if s.signer != nil && size%s.every == 0 {
+		select {
+		case s.kick <- struct{}{}:
+		default:
+		}
+	}
+	return nil
 }
 
-// Close closes the file.
-func (s *FileSink) Close() error { return s.f.Close() }
+// sync makes the file durable up to end: one fsync serves every writer
+// that wrote before it started (group commit).
+func (s *FileSink) sync(end int64) error {
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
+	if s.synced >= end {
+		return nil
+	}
+	s.mu.Lock()
+	upTo := s.off
+	s.mu.Unlock()
+	if err := s.f.Sync(); err != nil {
+		return fmt.Errorf("sync audit log: %w", err)
+	}
+	s.synced = upTo
+	return nil
+}
+
+// SetSigner starts checkpoints: the tree's size and root signed with
+// signer (the device's TPM-held key) every `every` records, every
+// `interval`, and at Close, appended to <file>.checkpoints.
+func (s *FileSink) SetSigner(signer crypto.Signer, origin string, every uint64, interval time.Duration) {
+	if every == 0 {
+		every = 1000
+	}
+	s.ckMu.Lock()
+	s.signer, s.origin, s.every = signer, origin, every
+	s.ckMu.Unlock()
+	s.done = make(chan struct{})
+	go func() {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-s.done:
+				return
+			case <-t.C:
+			case <-s.kick:
+			}
+			s.Checkpoint()
+		}
+	}()
+}
+
+// Checkpoint signs the tree as it is now, unless it was signed at this
+// size already.
+func (s *FileSink) Checkpoint() error {
+	s.ckMu.Lock()
+	defer s.ckMu.Unlock()
+	if s.signer == nil {
+		return nil
+	}
+	s.mu.Lock()
+	c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
+	s.mu.Unlock()
+	if c.Size == s.signedAt {
+		return nil
+	}
+	note, err := auditlog.Sign(c, s.signer)
+	if err != nil {
+		return err
+	}
+	line, _ := json.Marshal(struct {
+		Note string `json:"note"`
+	}{string(note)})
+	f, err := os.OpenFile(s.path+".checkpoints", os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := f.Write(append(line, '\n')); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	s.signedAt = c.Size
+	return nil
+}
+
+// Close writes a last checkpoint and closes the file.
+func (s *FileSink) Close() error {
+	if s.done != nil {
+		close(s.done)
+		s.Checkpoint()
+	}
+	return s.f.Close()
+}
 
 type subjectKey struct{}
 

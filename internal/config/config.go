@@ -385,6 +385,14 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 	if err := ValidateNetworkSettings(source, d.GetNetwork()); err != nil {
 		return nil, err
 	}
+	if a := d.GetAudit(); a != nil {
+		if n := a.GetCheckpointEvery(); n == 0 || n > 1000000 {
+			return nil, errdefs.InvalidArgument("%s: field audit.checkpoint_every: %d is out of range (1..1000000)", source, n)
+		}
+		if n := a.GetCheckpointIntervalSeconds(); n == 0 || n > 86400 {
+			return nil, errdefs.InvalidArgument("%s: field audit.checkpoint_interval_seconds: %d is out of range (1..86400)", source, n)
+		}
+	}
 	if st := d.GetStorage(); st != nil {
 		if p := st.GetPkcs11Module(); p != "" && p[0] != '/' {
 			return nil, errdefs.InvalidArgument("%s: field storage.pkcs11_module: %q is not an absolute path", source, p)

@@ -154,6 +154,19 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
+	// Checkpoints of the audit trail are signed with the device's
+	// TPM-held identity key (docs/audit.md).
+	if signer, err := keys.TLS.GetSigner(); err == nil {
+		as := dev.GetAudit()
+		sink.SetSigner(signer, "cml audit "+ident.UUID(), uint64(as.GetCheckpointEvery()), time.Duration(as.GetCheckpointIntervalSeconds())*time.Second)
+		defer sink.Checkpoint() // the last one, while the TPM still answers
+	} else {
+		c.Log.Error("audit: no signing key: the trail gets no checkpoints", "err", err)
+	}
+	if sink.Torn != "" {
+		sink.Record(ctx, audit.Event{Type: "daemon", Operation: "audit.torn", Outcome: audit.Failure,
+			Reason: "the audit trail ended in an incomplete record (a crash mid-write); it was moved to " + sink.Torn})
+	}
 	store, err := guestos.Open(filepath.Join(c.StateDir, "guestos"), guestos.Options{Trust: ts, LocallySignedImages: dev.GetLocallySignedImages(), DMVerity: guestos.DMVerityAvailable(), Counter: counter})
 	if err != nil {
 		return err

@@ -1780,10 +1780,21 @@ func (x *NetworkEndpoint) GetPort() uint32 {
 
 // AuditSettings configure the audit trail and its forwarding.
 type AuditSettings struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A checkpoint (the Merkle tree's size and root, signed with the
+	// device's TPM-held key) every checkpoint_every records, every
+	// checkpoint_interval_seconds, and at shutdown.
+	CheckpointEvery           *uint32 `protobuf:"varint,1,opt,name=checkpoint_every,json=checkpointEvery,def=1000" json:"checkpoint_every,omitempty"`
+	CheckpointIntervalSeconds *uint32 `protobuf:"varint,2,opt,name=checkpoint_interval_seconds,json=checkpointIntervalSeconds,def=60" json:"checkpoint_interval_seconds,omitempty"`
+	unknownFields             protoimpl.UnknownFields
+	sizeCache                 protoimpl.SizeCache
 }
+
+// Default values for AuditSettings fields.
+const (
+	Default_AuditSettings_CheckpointEvery           = uint32(1000)
+	Default_AuditSettings_CheckpointIntervalSeconds = uint32(60)
+)
 
 func (x *AuditSettings) Reset() {
 	*x = AuditSettings{}
@@ -1813,6 +1824,20 @@ func (x *AuditSettings) ProtoReflect() protoreflect.Message {
 // Deprecated: Use AuditSettings.ProtoReflect.Descriptor instead.
 func (*AuditSettings) Descriptor() ([]byte, []int) {
 	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *AuditSettings) GetCheckpointEvery() uint32 {
+	if x != nil && x.CheckpointEvery != nil {
+		return *x.CheckpointEvery
+	}
+	return Default_AuditSettings_CheckpointEvery
+}
+
+func (x *AuditSettings) GetCheckpointIntervalSeconds() uint32 {
+	if x != nil && x.CheckpointIntervalSeconds != nil {
+		return *x.CheckpointIntervalSeconds
+	}
+	return Default_AuditSettings_CheckpointIntervalSeconds
 }
 
 // RemoteSettings configure the control API over mutual TLS.
@@ -5121,8 +5146,10 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x0fNetworkEndpoint\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12=\n" +
 	"\bprotocol\x18\x02 \x01(\x0e2\x1c.cml.v1.NetworkFlow.Protocol:\x03TCPR\bprotocol\x12\x12\n" +
-	"\x04port\x18\x03 \x01(\rR\x04port\"\x0f\n" +
-	"\rAuditSettings\"\x10\n" +
+	"\x04port\x18\x03 \x01(\rR\x04port\"\x84\x01\n" +
+	"\rAuditSettings\x12/\n" +
+	"\x10checkpoint_every\x18\x01 \x01(\r:\x041000R\x0fcheckpointEvery\x12B\n" +
+	"\x1bcheckpoint_interval_seconds\x18\x02 \x01(\r:\x0260R\x19checkpointIntervalSeconds\"\x10\n" +
 	"\x0eRemoteSettings\"\x8f\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
