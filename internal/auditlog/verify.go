@@ -113,6 +113,17 @@ func Verify(log []byte, checkpoints [][]byte, saved []byte, keys []crypto.Public
 		r.add(Problem{Line: n, Kind: "torn", Text: fmt.Sprintf("line %d: the last record is incomplete (a crash mid-write); it is not part of the trail", n)})
 		lines = lines[:n-1]
 	}
+	// Every sequence number in the log: a number missing here was
+	// deleted; one that comes later was reordered.
+	present := map[uint64]bool{}
+	for _, line := range lines {
+		var rec struct {
+			Seq uint64 `json:"seq"`
+		}
+		if json.Unmarshal(line, &rec) == nil {
+			present[rec.Seq] = true
+		}
+	}
 	for i, line := range lines {
 		ln := i + 1
 		var rec struct {
@@ -124,6 +135,8 @@ func Verify(log []byte, checkpoints [][]byte, saved []byte, keys []crypto.Public
 		}
 		switch {
 		case rec.Seq == prevSeq+1:
+		case rec.Seq > prevSeq+1 && present[prevSeq+1]:
+			r.add(Problem{Line: ln, Seq: rec.Seq, Kind: "reordered", Text: fmt.Sprintf("line %d: record %d comes before record %d (reordered)", ln, rec.Seq, prevSeq+1)})
 		case rec.Seq > prevSeq+1:
 			r.add(Problem{Line: ln, Seq: rec.Seq, Kind: "deleted", Text: fmt.Sprintf("records %d to %d are missing before line %d", prevSeq+1, rec.Seq-1, ln)})
 		default:

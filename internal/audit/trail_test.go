@@ -1,0 +1,230 @@
+package audit
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cmlproject/cml/internal/auditlog"
+)
+
+// trail writes n records with a checkpoint every 10 and returns the log
+// path, the device key and the verifier's view.
+func trail(t *testing.T, n int) (string, *ecdsa.PrivateKey) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "audit.log")
+	s, err := OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	s.SetSigner(key, "cml audit test-device", 10, time.Hour)
+	for i := 0; i < n; i++ {
+		if err := s.Record(context.Background(), Event{Type: "management", Operation: "control.Start", Object: fmt.Sprint("c", i), Outcome: Success}); err != nil {
+			t.Fatal(err)
+		}
+		if (i+1)%10 == 0 {
+			s.Checkpoint()
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return path, key
+}
+
+func verify(t *testing.T, path string, log []byte, keys []crypto.PublicKey, saved []byte) *auditlog.Report {
+	t.Helper()
+	b, _ := os.ReadFile(path + ".checkpoints")
+	notes, err := auditlog.ReadCheckpoints(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return auditlog.Verify(log, notes, saved, keys)
+}
+
+func lines(b []byte) [][]byte {
+	return bytes.SplitAfter(bytes.TrimSuffix(b, []byte("\n")), []byte("\n"))
+}
+
+func join(ls [][]byte) []byte {
+	out := bytes.Join(ls, nil)
+	if !bytes.HasSuffix(out, []byte("\n")) {
+		out = append(out, '\n')
+	}
+	return out
+}
+
+// TestVerifierFindsTampering: the verifier, the security boundary, names
+// each attack on the trail (and passes the untouched one).
+func TestVerifierFindsTampering(t *testing.T) {
+	path, key := trail(t, 45)
+	keys := []crypto.PublicKey{key.Public()}
+	log, _ := os.ReadFile(path)
+	if r := verify(t, path, log, keys, nil); !r.OK() || r.Entries != 45 || r.Checkpoints < 4 {
+		t.Fatalf("untouched trail: %+v", r)
+	}
+	ls := lines(log)
+	edit := func(f func([][]byte) [][]byte) []byte {
+		c := make([][]byte, len(ls))
+		for i := range ls {
+			c[i] = append([]byte(nil), ls[i]...)
+		}
+		return join(f(c))
+	}
+	cases := []struct {
+		name, kind, text string
+		log              []byte
+	}{
+		{"modified", "modified", "record 17 (line 17)", edit(func(c [][]byte) [][]byte {
+			c[16] = bytes.Replace(c[16], []byte(`"c16"`), []byte(`"cX6"`), 1)
+			return c
+		})},
+		{"deleted", "deleted", "records 23 to 23 are missing", edit(func(c [][]byte) [][]byte { return append(c[:22], c[23:]...) })},
+		{"inserted", "reordered", "record 5 comes after record 30", edit(func(c [][]byte) [][]byte {
+			return append(c[:30], append([][]byte{c[4]}, c[30:]...)...)
+		})},
+		{"reordered", "reordered", "record 10 comes before record 9", edit(func(c [][]byte) [][]byte {
+			c[8], c[9] = c[9], c[8]
+			return c
+		})},
+		{"truncated", "truncated", "has 38 records but a checkpoint says 45", edit(func(c [][]byte) [][]byte { return c[:38] })},
+		{"torn", "torn", "incomplete", func() []byte { b := join(ls); return b[:len(b)-20] }()},
+	}
+	for _, c := range cases {
+		r := verify(t, path, c.log, keys, nil)
+		if r.OK() || r.Problems[0].Kind != c.kind || !strings.Contains(r.Problems[0].Text, c.text) {
+			t.Errorf("%s: %+v, want first problem %s %q", c.name, r.Problems, c.kind, c.text)
+		}
+	}
+
+	// Someone who rewrites a record and recomputes every chain value
+	// after it: the chain holds, the signed Merkle root does not.
+	rewritten := rechain(t, edit(func(c [][]byte) [][]byte {
+		c[16] = bytes.Replace(c[16], []byte(`"c16"`), []byte(`"cX6"`), 1)
+		return c
+	}))
+	if r := verify(t, path, rewritten, keys, nil); r.OK() || r.Problems[0].Kind != "rewritten" || !strings.Contains(r.Problems[0].Text, "at or before record 20") {
+		t.Errorf("rewritten with recomputed chain: %+v", r.Problems)
+	}
+
+	// Checkpoints signed by another device's key are refused.
+	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if r := verify(t, path, log, []crypto.PublicKey{other.Public()}, nil); r.OK() || r.Problems[0].Kind != "forged" {
+		t.Errorf("another device's key: %+v", r.Problems)
+	}
+
+	// Root on the device rewrites the trail and re-signs every checkpoint
+	// with the device key: only a checkpoint kept off the device shows it.
+	saved, err := auditlog.Sign(auditlog.Checkpoint{Origin: "cml audit test-device", Size: 45, Root: rootOf(log), Time: 1}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resigned := filepath.Join(t.TempDir(), "audit.log")
+	os.WriteFile(resigned, rewritten, 0o600)
+	var notes bytes.Buffer
+	for _, size := range []int{10, 20, 30, 40, 45} {
+		n, _ := auditlog.Sign(auditlog.Checkpoint{Origin: "cml audit test-device", Size: uint64(size), Root: rootOf(join(lines(rewritten)[:size])), Time: 2}, key)
+		fmt.Fprintf(&notes, "{\"note\":%q}\n", n)
+	}
+	os.WriteFile(resigned+".checkpoints", notes.Bytes(), 0o600)
+	if r := verify(t, resigned, rewritten, keys, nil); !r.OK() {
+		t.Errorf("a fully re-signed trail should verify without an outside checkpoint (the documented limit): %+v", r.Problems)
+	}
+	if r := verify(t, resigned, rewritten, keys, saved); r.OK() || r.Problems[0].Kind != "rewritten" {
+		t.Errorf("re-signed trail against a saved checkpoint: %+v", r.Problems)
+	}
+	if r := verify(t, resigned, join(lines(rewritten)[:44]), keys, saved); r.OK() {
+		t.Errorf("truncated below a saved checkpoint: verified")
+	}
+}
+
+// rechain recomputes every chain value, as an attacker with the format
+// would.
+func rechain(t *testing.T, log []byte) []byte {
+	var prev [32]byte
+	var out [][]byte
+	for _, l := range lines(log) {
+		l = bytes.TrimSuffix(l, []byte("\n"))
+		blank, _, ok := auditlog.Blank(l)
+		if !ok {
+			t.Fatal("no chain")
+		}
+		next := auditlog.Chain(prev, blank)
+		out = append(out, append(bytes.Replace(blank, []byte(`"chain":""`), []byte(`"chain":"`+hex.EncodeToString(next[:])+`"`), 1), '\n'))
+		prev = next
+	}
+	return join(out)
+}
+
+func rootOf(log []byte) [32]byte {
+	var tr auditlog.Tree
+	for _, l := range lines(log) {
+		tr.Append(auditlog.LeafHash(bytes.TrimSuffix(l, []byte("\n"))))
+	}
+	return tr.Root()
+}
+
+// TestConcurrentWritersAndRestart: 100 writers at once: every sequence
+// number exactly once; a reopened trail (a restart) goes on from there and
+// still verifies; a torn last record is moved aside, never glued on.
+func TestConcurrentWritersAndRestart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	s, err := OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	s.SetSigner(key, "o", 50, time.Hour)
+	var wg sync.WaitGroup
+	for w := 0; w < 100; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := 0; i < 20; i++ {
+				if err := s.Record(context.Background(), Event{Type: "t", Operation: "op", Object: fmt.Sprint(w, "/", i), Outcome: Success}); err != nil {
+					t.Error(err)
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	s.Close()
+	log, _ := os.ReadFile(path)
+	if r := verify(t, path, log, []crypto.PublicKey{key.Public()}, nil); !r.OK() || r.Entries != 2000 {
+		t.Fatalf("after 100 concurrent writers: %d entries, %+v", r.Entries, r.Problems)
+	}
+	// A crash mid-write: half a record at the end.
+	f, _ := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	f.WriteString(`{"time":"2026-01-01T00:00:00Z","type":"t","operation":"half`)
+	f.Close()
+	s, err = OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Torn == "" {
+		t.Fatal("torn record not detected")
+	}
+	s.SetSigner(key, "o", 50, time.Hour)
+	s.Record(context.Background(), Event{Type: "t", Operation: "after restart", Outcome: Success})
+	s.Close()
+	log, _ = os.ReadFile(path)
+	r := verify(t, path, log, []crypto.PublicKey{key.Public()}, nil)
+	if !r.OK() || r.Entries != 2001 {
+		t.Errorf("after the torn record and a restart: %d entries, %+v", r.Entries, r.Problems)
+	}
+	if !bytes.Contains(log, []byte(`"seq":2001`)) || bytes.Contains(log, []byte("half")) {
+		t.Errorf("sequence does not go on, or the torn record was kept in the trail")
+	}
+}
