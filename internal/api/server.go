@@ -56,6 +56,8 @@ type Server struct {
 	Networks NetworkReporter
 	Storage  Storage
 	Audit    audit.Recorder
+	// Trail is the audit trail auditors read and verify.
+	Trail *audit.FileSink
 	Log      *slog.Logger
 
 	auditBroken atomic.Bool

@@ -312,3 +312,35 @@ func SubjectFrom(ctx context.Context) *Subject {
 	}
 	return nil
 }
+
+// Path is the trail's file; checkpoints are in Path()+".checkpoints".
+func (s *FileSink) Path() string { return s.path }
+
+// Status is the trail's size in records and bytes, and its last
+// checkpoint's size and time.
+func (s *FileSink) Status() (records uint64, size int64, signed uint64, signedAt int64) {
+	s.mu.Lock()
+	records, size = s.seq, s.off
+	s.mu.Unlock()
+	s.ckMu.Lock()
+	signed = s.signedAt
+	s.ckMu.Unlock()
+	if b, err := os.ReadFile(s.path + ".checkpoints"); err == nil {
+		if notes, err := auditlog.ReadCheckpoints(b); err == nil && len(notes) > 0 {
+			if c, err := auditlog.Open(notes[len(notes)-1], []crypto.PublicKey{s.Public()}); err == nil {
+				signed, signedAt = c.Size, c.Time
+			}
+		}
+	}
+	return
+}
+
+// Public is the key checkpoints are signed with (nil before SetSigner).
+func (s *FileSink) Public() crypto.PublicKey {
+	s.ckMu.Lock()
+	defer s.ckMu.Unlock()
+	if s.signer == nil {
+		return nil
+	}
+	return s.signer.Public()
+}

@@ -101,6 +101,8 @@ type daemon struct {
 	log      *bytes.Buffer
 	// runtime, when set, is the OCI runtime cmld is started with.
 	runtime string
+	// args are further cmld arguments.
+	args []string
 	// table and nflog are this daemon's nftables table and NFLOG group:
 	// its own, so that no test touches another cmld's firewall.
 	table string
@@ -208,6 +210,7 @@ func (d *daemon) start() {
 	if d.runtime != "" {
 		args = append(args, "--runtime", d.runtime)
 	}
+	args = append(args, d.args...)
 	d.cmd = exec.Command(filepath.Join(binDir, "cmld"), args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	if err := d.cmd.Start(); err != nil {

@@ -5016,6 +5016,310 @@ func (x *DeviceWipeResponse) GetNote() string {
 	return ""
 }
 
+// AuditQuery selects records of the audit trail (FAU_SEL.1); unset fields
+// select everything. Only auditors may read the trail.
+type AuditQuery struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Type  *string                `protobuf:"bytes,1,opt,name=type" json:"type,omitempty"`
+	// operation matches a prefix ("container." selects all container ops).
+	Operation  *string `protobuf:"bytes,2,opt,name=operation" json:"operation,omitempty"`
+	SubjectUid *int32  `protobuf:"varint,3,opt,name=subject_uid,json=subjectUid" json:"subject_uid,omitempty"`
+	// object matches a substring.
+	Object    *string `protobuf:"bytes,4,opt,name=object" json:"object,omitempty"`
+	Outcome   *string `protobuf:"bytes,5,opt,name=outcome" json:"outcome,omitempty"`
+	SinceUnix *int64  `protobuf:"varint,6,opt,name=since_unix,json=sinceUnix" json:"since_unix,omitempty"`
+	UntilUnix *int64  `protobuf:"varint,7,opt,name=until_unix,json=untilUnix" json:"until_unix,omitempty"`
+	// follow keeps the stream open and sends new records as they come.
+	Follow        *bool `protobuf:"varint,8,opt,name=follow" json:"follow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditQuery) Reset() {
+	*x = AuditQuery{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditQuery) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditQuery) ProtoMessage() {}
+
+func (x *AuditQuery) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditQuery.ProtoReflect.Descriptor instead.
+func (*AuditQuery) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *AuditQuery) GetType() string {
+	if x != nil && x.Type != nil {
+		return *x.Type
+	}
+	return ""
+}
+
+func (x *AuditQuery) GetOperation() string {
+	if x != nil && x.Operation != nil {
+		return *x.Operation
+	}
+	return ""
+}
+
+func (x *AuditQuery) GetSubjectUid() int32 {
+	if x != nil && x.SubjectUid != nil {
+		return *x.SubjectUid
+	}
+	return 0
+}
+
+func (x *AuditQuery) GetObject() string {
+	if x != nil && x.Object != nil {
+		return *x.Object
+	}
+	return ""
+}
+
+func (x *AuditQuery) GetOutcome() string {
+	if x != nil && x.Outcome != nil {
+		return *x.Outcome
+	}
+	return ""
+}
+
+func (x *AuditQuery) GetSinceUnix() int64 {
+	if x != nil && x.SinceUnix != nil {
+		return *x.SinceUnix
+	}
+	return 0
+}
+
+func (x *AuditQuery) GetUntilUnix() int64 {
+	if x != nil && x.UntilUnix != nil {
+		return *x.UntilUnix
+	}
+	return 0
+}
+
+func (x *AuditQuery) GetFollow() bool {
+	if x != nil && x.Follow != nil {
+		return *x.Follow
+	}
+	return false
+}
+
+// AuditRecord is one record, exactly as in the trail (JSON).
+type AuditRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Json          []byte                 `protobuf:"bytes,1,opt,name=json" json:"json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditRecord) Reset() {
+	*x = AuditRecord{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditRecord) ProtoMessage() {}
+
+func (x *AuditRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
+func (*AuditRecord) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{62}
+}
+
+func (x *AuditRecord) GetJson() []byte {
+	if x != nil {
+		return x.Json
+	}
+	return nil
+}
+
+// AuditVerifyResponse is the device's own check of its trail.
+type AuditVerifyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Ok            *bool                  `protobuf:"varint,1,opt,name=ok" json:"ok,omitempty"`
+	Records       *uint64                `protobuf:"varint,2,opt,name=records" json:"records,omitempty"`
+	Checkpoints   *uint32                `protobuf:"varint,3,opt,name=checkpoints" json:"checkpoints,omitempty"`
+	LastSigned    *uint64                `protobuf:"varint,4,opt,name=last_signed,json=lastSigned" json:"last_signed,omitempty"`
+	Problems      []string               `protobuf:"bytes,5,rep,name=problems" json:"problems,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditVerifyResponse) Reset() {
+	*x = AuditVerifyResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditVerifyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditVerifyResponse) ProtoMessage() {}
+
+func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditVerifyResponse.ProtoReflect.Descriptor instead.
+func (*AuditVerifyResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *AuditVerifyResponse) GetOk() bool {
+	if x != nil && x.Ok != nil {
+		return *x.Ok
+	}
+	return false
+}
+
+func (x *AuditVerifyResponse) GetRecords() uint64 {
+	if x != nil && x.Records != nil {
+		return *x.Records
+	}
+	return 0
+}
+
+func (x *AuditVerifyResponse) GetCheckpoints() uint32 {
+	if x != nil && x.Checkpoints != nil {
+		return *x.Checkpoints
+	}
+	return 0
+}
+
+func (x *AuditVerifyResponse) GetLastSigned() uint64 {
+	if x != nil && x.LastSigned != nil {
+		return *x.LastSigned
+	}
+	return 0
+}
+
+func (x *AuditVerifyResponse) GetProblems() []string {
+	if x != nil {
+		return x.Problems
+	}
+	return nil
+}
+
+// AuditStatusResponse describes the trail.
+type AuditStatusResponse struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Records            *uint64                `protobuf:"varint,1,opt,name=records" json:"records,omitempty"`
+	SizeBytes          *uint64                `protobuf:"varint,2,opt,name=size_bytes,json=sizeBytes" json:"size_bytes,omitempty"`
+	LastCheckpointSize *uint64                `protobuf:"varint,3,opt,name=last_checkpoint_size,json=lastCheckpointSize" json:"last_checkpoint_size,omitempty"`
+	LastCheckpointUnix *int64                 `protobuf:"varint,4,opt,name=last_checkpoint_unix,json=lastCheckpointUnix" json:"last_checkpoint_unix,omitempty"`
+	Path               *string                `protobuf:"bytes,5,opt,name=path" json:"path,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *AuditStatusResponse) Reset() {
+	*x = AuditStatusResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditStatusResponse) ProtoMessage() {}
+
+func (x *AuditStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditStatusResponse.ProtoReflect.Descriptor instead.
+func (*AuditStatusResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *AuditStatusResponse) GetRecords() uint64 {
+	if x != nil && x.Records != nil {
+		return *x.Records
+	}
+	return 0
+}
+
+func (x *AuditStatusResponse) GetSizeBytes() uint64 {
+	if x != nil && x.SizeBytes != nil {
+		return *x.SizeBytes
+	}
+	return 0
+}
+
+func (x *AuditStatusResponse) GetLastCheckpointSize() uint64 {
+	if x != nil && x.LastCheckpointSize != nil {
+		return *x.LastCheckpointSize
+	}
+	return 0
+}
+
+func (x *AuditStatusResponse) GetLastCheckpointUnix() int64 {
+	if x != nil && x.LastCheckpointUnix != nil {
+		return *x.LastCheckpointUnix
+	}
+	return 0
+}
+
+func (x *AuditStatusResponse) GetPath() string {
+	if x != nil && x.Path != nil {
+		return *x.Path
+	}
+	return ""
+}
+
 var File_api_cml_v1_cml_proto protoreflect.FileDescriptor
 
 const file_api_cml_v1_cml_proto_rawDesc = "" +
@@ -5388,7 +5692,36 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x03pin\x18\x01 \x01(\fR\x03pin\"B\n" +
 	"\x12DeviceWipeResponse\x12\x18\n" +
 	"\aremoved\x18\x01 \x03(\tR\aremoved\x12\x12\n" +
-	"\x04note\x18\x02 \x01(\tR\x04note*'\n" +
+	"\x04note\x18\x02 \x01(\tR\x04note\"\xe7\x01\n" +
+	"\n" +
+	"AuditQuery\x12\x12\n" +
+	"\x04type\x18\x01 \x01(\tR\x04type\x12\x1c\n" +
+	"\toperation\x18\x02 \x01(\tR\toperation\x12\x1f\n" +
+	"\vsubject_uid\x18\x03 \x01(\x05R\n" +
+	"subjectUid\x12\x16\n" +
+	"\x06object\x18\x04 \x01(\tR\x06object\x12\x18\n" +
+	"\aoutcome\x18\x05 \x01(\tR\aoutcome\x12\x1d\n" +
+	"\n" +
+	"since_unix\x18\x06 \x01(\x03R\tsinceUnix\x12\x1d\n" +
+	"\n" +
+	"until_unix\x18\a \x01(\x03R\tuntilUnix\x12\x16\n" +
+	"\x06follow\x18\b \x01(\bR\x06follow\"!\n" +
+	"\vAuditRecord\x12\x12\n" +
+	"\x04json\x18\x01 \x01(\fR\x04json\"\x9e\x01\n" +
+	"\x13AuditVerifyResponse\x12\x0e\n" +
+	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x18\n" +
+	"\arecords\x18\x02 \x01(\x04R\arecords\x12 \n" +
+	"\vcheckpoints\x18\x03 \x01(\rR\vcheckpoints\x12\x1f\n" +
+	"\vlast_signed\x18\x04 \x01(\x04R\n" +
+	"lastSigned\x12\x1a\n" +
+	"\bproblems\x18\x05 \x03(\tR\bproblems\"\xc6\x01\n" +
+	"\x13AuditStatusResponse\x12\x18\n" +
+	"\arecords\x18\x01 \x01(\x04R\arecords\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x02 \x01(\x04R\tsizeBytes\x120\n" +
+	"\x14last_checkpoint_size\x18\x03 \x01(\x04R\x12lastCheckpointSize\x120\n" +
+	"\x14last_checkpoint_unix\x18\x04 \x01(\x03R\x12lastCheckpointUnix\x12\x12\n" +
+	"\x04path\x18\x05 \x01(\tR\x04path*'\n" +
 	"\rContainerType\x12\r\n" +
 	"\tCONTAINER\x10\x01\x12\a\n" +
 	"\x03KVM\x10\x02*F\n" +
@@ -5420,7 +5753,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xae\x0e\n" +
+	"\x06FAILED\x10\a2\xdc\x0f\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -5461,7 +5794,10 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"TokenReset\x12\x14.cml.v1.ContainerRef\x1a\x11.cml.v1.Container\x122\n" +
 	"\x04Wipe\x12\x14.cml.v1.ContainerRef\x1a\x14.cml.v1.WipeResponse\x12C\n" +
 	"\n" +
-	"DeviceWipe\x12\x19.cml.v1.DeviceWipeRequest\x1a\x1a.cml.v1.DeviceWipeResponseB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
+	"DeviceWipe\x12\x19.cml.v1.DeviceWipeRequest\x1a\x1a.cml.v1.DeviceWipeResponse\x126\n" +
+	"\tAuditShow\x12\x12.cml.v1.AuditQuery\x1a\x13.cml.v1.AuditRecord0\x01\x129\n" +
+	"\vAuditVerify\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditVerifyResponse\x129\n" +
+	"\vAuditStatus\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditStatusResponseB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
 
 var (
 	file_api_cml_v1_cml_proto_rawDescOnce sync.Once
@@ -5476,7 +5812,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 }
 
 var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 61)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
@@ -5547,6 +5883,10 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(*WipeResponse)(nil),           // 66: cml.v1.WipeResponse
 	(*DeviceWipeRequest)(nil),      // 67: cml.v1.DeviceWipeRequest
 	(*DeviceWipeResponse)(nil),     // 68: cml.v1.DeviceWipeResponse
+	(*AuditQuery)(nil),             // 69: cml.v1.AuditQuery
+	(*AuditRecord)(nil),            // 70: cml.v1.AuditRecord
+	(*AuditVerifyResponse)(nil),    // 71: cml.v1.AuditVerifyResponse
+	(*AuditStatusResponse)(nil),    // 72: cml.v1.AuditStatusResponse
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
@@ -5622,41 +5962,47 @@ var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	22, // 70: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
 	22, // 71: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
 	67, // 72: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
-	24, // 73: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	21, // 74: cml.v1.Control.Create:output_type -> cml.v1.Container
-	29, // 75: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	21, // 76: cml.v1.Control.Start:output_type -> cml.v1.Container
-	21, // 77: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	29, // 78: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	21, // 79: cml.v1.Control.State:output_type -> cml.v1.Container
-	8,  // 80: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	21, // 81: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	21, // 82: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	21, // 83: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	33, // 84: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	35, // 85: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	37, // 86: cml.v1.Control.Events:output_type -> cml.v1.Event
-	39, // 87: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	41, // 88: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	29, // 89: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	43, // 90: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	42, // 91: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	42, // 92: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	47, // 93: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	49, // 94: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	48, // 95: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	52, // 96: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	54, // 97: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	52, // 98: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	52, // 99: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	58, // 100: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	60, // 101: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
-	29, // 102: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
-	21, // 103: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
-	66, // 104: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
-	68, // 105: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
-	73, // [73:106] is the sub-list for method output_type
-	40, // [40:73] is the sub-list for method input_type
+	69, // 73: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
+	29, // 74: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
+	29, // 75: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
+	24, // 76: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	21, // 77: cml.v1.Control.Create:output_type -> cml.v1.Container
+	29, // 78: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	21, // 79: cml.v1.Control.Start:output_type -> cml.v1.Container
+	21, // 80: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	29, // 81: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	21, // 82: cml.v1.Control.State:output_type -> cml.v1.Container
+	8,  // 83: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	21, // 84: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	21, // 85: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	21, // 86: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	33, // 87: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	35, // 88: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	37, // 89: cml.v1.Control.Events:output_type -> cml.v1.Event
+	39, // 90: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	41, // 91: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	29, // 92: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	43, // 93: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	42, // 94: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	42, // 95: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	47, // 96: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	49, // 97: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	48, // 98: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	52, // 99: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	54, // 100: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	52, // 101: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	52, // 102: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	58, // 103: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	60, // 104: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	29, // 105: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
+	21, // 106: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
+	66, // 107: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
+	68, // 108: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
+	70, // 109: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
+	71, // 110: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
+	72, // 111: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
+	76, // [76:112] is the sub-list for method output_type
+	40, // [40:76] is the sub-list for method input_type
 	40, // [40:40] is the sub-list for extension type_name
 	40, // [40:40] is the sub-list for extension extendee
 	0,  // [0:40] is the sub-list for field type_name
@@ -5684,7 +6030,7 @@ func file_api_cml_v1_cml_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
 			NumEnums:      8,
-			NumMessages:   61,
+			NumMessages:   65,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -63,6 +63,9 @@ const (
 	Control_TokenReset_FullMethodName        = "/cml.v1.Control/TokenReset"
 	Control_Wipe_FullMethodName              = "/cml.v1.Control/Wipe"
 	Control_DeviceWipe_FullMethodName        = "/cml.v1.Control/DeviceWipe"
+	Control_AuditShow_FullMethodName         = "/cml.v1.Control/AuditShow"
+	Control_AuditVerify_FullMethodName       = "/cml.v1.Control/AuditVerify"
+	Control_AuditStatus_FullMethodName       = "/cml.v1.Control/AuditStatus"
 )
 
 // ControlClient is the client API for Control service.
@@ -104,6 +107,9 @@ type ControlClient interface {
 	TokenReset(ctx context.Context, in *ContainerRef, opts ...grpc.CallOption) (*Container, error)
 	Wipe(ctx context.Context, in *ContainerRef, opts ...grpc.CallOption) (*WipeResponse, error)
 	DeviceWipe(ctx context.Context, in *DeviceWipeRequest, opts ...grpc.CallOption) (*DeviceWipeResponse, error)
+	AuditShow(ctx context.Context, in *AuditQuery, opts ...grpc.CallOption) (grpc.ServerStreamingClient[AuditRecord], error)
+	AuditVerify(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditVerifyResponse, error)
+	AuditStatus(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditStatusResponse, error)
 }
 
 type controlClient struct {
@@ -474,6 +480,45 @@ func (c *controlClient) DeviceWipe(ctx context.Context, in *DeviceWipeRequest, o
 	return out, nil
 }
 
+func (c *controlClient) AuditShow(ctx context.Context, in *AuditQuery, opts ...grpc.CallOption) (grpc.ServerStreamingClient[AuditRecord], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[4], Control_AuditShow_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[AuditQuery, AuditRecord]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_AuditShowClient = grpc.ServerStreamingClient[AuditRecord]
+
+func (c *controlClient) AuditVerify(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditVerifyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AuditVerifyResponse)
+	err := c.cc.Invoke(ctx, Control_AuditVerify_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) AuditStatus(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AuditStatusResponse)
+	err := c.cc.Invoke(ctx, Control_AuditStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -513,6 +558,9 @@ type ControlServer interface {
 	TokenReset(context.Context, *ContainerRef) (*Container, error)
 	Wipe(context.Context, *ContainerRef) (*WipeResponse, error)
 	DeviceWipe(context.Context, *DeviceWipeRequest) (*DeviceWipeResponse, error)
+	AuditShow(*AuditQuery, grpc.ServerStreamingServer[AuditRecord]) error
+	AuditVerify(context.Context, *Empty) (*AuditVerifyResponse, error)
+	AuditStatus(context.Context, *Empty) (*AuditStatusResponse, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -621,6 +669,15 @@ func (UnimplementedControlServer) Wipe(context.Context, *ContainerRef) (*WipeRes
 }
 func (UnimplementedControlServer) DeviceWipe(context.Context, *DeviceWipeRequest) (*DeviceWipeResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method DeviceWipe not implemented")
+}
+func (UnimplementedControlServer) AuditShow(*AuditQuery, grpc.ServerStreamingServer[AuditRecord]) error {
+	return status.Errorf(codes.Unimplemented, "method AuditShow not implemented")
+}
+func (UnimplementedControlServer) AuditVerify(context.Context, *Empty) (*AuditVerifyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AuditVerify not implemented")
+}
+func (UnimplementedControlServer) AuditStatus(context.Context, *Empty) (*AuditStatusResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AuditStatus not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -1205,6 +1262,53 @@ func _Control_DeviceWipe_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_AuditShow_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(AuditQuery)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ControlServer).AuditShow(m, &grpc.GenericServerStream[AuditQuery, AuditRecord]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_AuditShowServer = grpc.ServerStreamingServer[AuditRecord]
+
+func _Control_AuditVerify_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).AuditVerify(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_AuditVerify_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).AuditVerify(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_AuditStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).AuditStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_AuditStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).AuditStatus(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1328,6 +1432,14 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "DeviceWipe",
 			Handler:    _Control_DeviceWipe_Handler,
 		},
+		{
+			MethodName: "AuditVerify",
+			Handler:    _Control_AuditVerify_Handler,
+		},
+		{
+			MethodName: "AuditStatus",
+			Handler:    _Control_AuditStatus_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -1349,6 +1461,11 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "GuestOSInstall",
 			Handler:       _Control_GuestOSInstall_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "AuditShow",
+			Handler:       _Control_AuditShow_Handler,
 			ServerStreams: true,
 		},
 	},
