@@ -58,7 +58,7 @@ type Server struct {
 	Audit    audit.Recorder
 	// Trail is the audit trail auditors read and verify.
 	Trail *audit.FileSink
-	Log      *slog.Logger
+	Log   *slog.Logger
 
 	auditBroken atomic.Bool
 	errRef      atomic.Uint64
