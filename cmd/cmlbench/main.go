@@ -22,7 +22,7 @@ func main() {
 	flag.IntVar(&o.Parallel, "parallel", 10, "containers started at once for the concurrency figure")
 	flag.StringVar(&o.Script, "guestos-script", "scripts/build-demo-guestos.sh", "script that builds the busybox guest OS")
 	flag.IntVar(&o.VerifyMiB, "verify-mib", 256, "image size for the verification throughput figure")
-	flag.StringVar(&o.Only, "only", "", "run one part: verify, attest, start, network, storage or console")
+	flag.StringVar(&o.Only, "only", "", "run one part: verify, audit, attest, start, network, storage or console")
 	flag.IntVar(&o.ConsoleMiB, "console-mib", 8, "MiB a container writes to its console for the console figure")
 	flag.Parse()
 	if err := bench.Run(o, os.Stdout); err != nil {

@@ -177,22 +177,29 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 		e.Time = s.now()
 	}
 	e.Time = e.Time.UTC()
-	e.Chain = ""
-	s.mu.Lock()
-	e.Seq = s.seq + 1
-	blank, err := json.Marshal(e)
+	// Encoded outside the lock with a zero sequence number and an empty
+	// chain value (the last two fields); under the lock only the tail is
+	// rewritten.
+	e.Seq, e.Chain = 0, ""
+	enc, err := json.Marshal(e)
 	if err != nil {
-		s.mu.Unlock()
 		return fmt.Errorf("encode audit event: %w", err)
 	}
+	const tail = `,"seq":0,"chain":""}`
+	if !bytes.HasSuffix(enc, []byte(tail)) {
+		return fmt.Errorf("encode audit event: unexpected layout")
+	}
+	head := enc[:len(enc)-len(tail)]
+	s.mu.Lock()
+	seq := s.seq + 1
+	blank := fmt.Appendf(head[:len(head):len(head)], `,"seq":%d,"chain":""}`, seq)
 	next := auditlog.Chain(s.chain, blank)
-	line := bytes.Replace(blank, []byte(`"chain":""`), []byte(`"chain":"`+hex.EncodeToString(next[:])+`"`), 1)
-	line = append(line, '\n')
+	line := fmt.Appendf(blank[:len(blank)-len(`""}`)], `"%x"}`+"\n", next[:])
 	if _, err := s.f.Write(line); err != nil {
 		s.mu.Unlock()
 		return fmt.Errorf("write audit log: %w", err)
 	}
-	s.seq, s.chain = e.Seq, next
+	s.seq, s.chain = seq, next
 	s.tree.Append(auditlog.LeafHash(line[:len(line)-1]))
 	s.off += int64(len(line))
 	end, size := s.off, s.tree.Size()

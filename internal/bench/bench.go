@@ -25,8 +25,8 @@ type Options struct {
 	Script   string
 	// VerifyMiB sizes the image of the verification throughput figure.
 	VerifyMiB int
-	// Only runs one part: "verify", "attest", "start", "network",
-	// "storage" or "console"; empty
+	// Only runs one part: "verify", "audit", "attest", "start",
+	// "network", "storage" or "console"; empty
 	// runs all.
 	Only string
 	// ConsoleMiB is how much a container floods its console with.
@@ -49,6 +49,11 @@ func Run(o Options, w io.Writer) error {
 	if o.Only == "" || o.Only == "verify" {
 		if err := Verification(w, tmp, o.VerifyMiB, 5); err != nil {
 			return err
+		}
+	}
+	if o.Only == "" || o.Only == "audit" {
+		if err := auditThroughput(w, tmp); err != nil {
+			return fmt.Errorf("audit: %w", err)
 		}
 	}
 	if o.Only == "" || o.Only == "attest" {
