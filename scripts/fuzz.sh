@@ -16,7 +16,8 @@ for pair in \
 	internal/sign:FuzzParseRevocationList \
 	internal/measurelog:FuzzDecodeLog \
 	internal/attest:FuzzVerify \
-	internal/cmlsign:FuzzExtractTar; do
+	internal/cmlsign:FuzzExtractTar \
+	internal/auditlog:FuzzVerifyTrail; do
 	pkg=${pair%%:*}
 	target=${pair#*:}
 	echo "fuzz $target ($pkg, $t)"
