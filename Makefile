@@ -64,4 +64,5 @@ generate:
 		--go-grpc_out=. --go-grpc_opt=paths=source_relative api/cml/v1/cml.proto
 
 clean:
+	-chattr -R -a _demo 2>/dev/null
 	rm -rf $(BIN) _demo

@@ -92,4 +92,4 @@ run bin/cmlctl list
 step "Every management operation is in the audit trail"
 tail -n 4 "$DEMO/state/audit.log"
 
-step "Done. Remove the demo state with: rm -rf $DEMO"
+step "Done. Remove the demo state with: chattr -R -a $DEMO/state; rm -rf $DEMO (the audit trail is append-only)"

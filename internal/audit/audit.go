@@ -20,6 +20,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cmlproject/cml/internal/auditlog"
 )
 
@@ -88,6 +90,7 @@ type FileSink struct {
 	signedAt uint64 // tree size of the last checkpoint
 	kick     chan struct{}
 	done     chan struct{}
+	appendOnly bool
 	// Torn is the incomplete last record a crash left, moved aside at
 	// open (empty when there was none).
 	Torn string
@@ -107,6 +110,8 @@ func OpenFile(path string, now func() time.Time) (*FileSink, error) {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	if n := len(b); n > 0 && b[n-1] != '\n' {
+		// Even root must lift the append-only attribute to cut a file.
+		SetAppendOnly(path, false)
 		cut := bytes.LastIndexByte(b, '\n') + 1
 		s.Torn = fmt.Sprintf("%s.torn-%d", path, now().Unix())
 		if err := os.WriteFile(s.Torn, b[cut:], 0o600); err != nil {
@@ -143,6 +148,37 @@ func OpenFile(path string, now func() time.Time) (*FileSink, error) {
 	}
 	s.f, s.off, s.synced = f, int64(len(b)), int64(len(b))
 	return s, nil
+}
+
+// AppendOnly makes the trail and its checkpoints append-only where the
+// filesystem supports it (chattr +a): even root must remove the attribute
+// before changing or deleting a record. It reports whether it could.
+func (s *FileSink) AppendOnly() bool {
+	s.ckMu.Lock()
+	s.appendOnly = true
+	s.ckMu.Unlock()
+	SetAppendOnly(s.path+".checkpoints", true)
+	return SetAppendOnly(s.path, true)
+}
+
+// SetAppendOnly sets or clears a file's append-only attribute (FS_APPEND_FL);
+// it reports false where the filesystem or the caller cannot.
+func SetAppendOnly(path string, on bool) bool {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	flags, err := unix.IoctlGetUint32(int(f.Fd()), unix.FS_IOC_GETFLAGS)
+	if err != nil {
+		return false
+	}
+	if on {
+		flags |= fsAppendFL
+	} else {
+		flags &^= fsAppendFL
+	}
+	return unix.IoctlSetPointerInt(int(f.Fd()), unix.FS_IOC_SETFLAGS, int(flags)) == nil
 }
 
 // Bounds on the text fields of a record: values a client chose (names,
@@ -286,6 +322,9 @@ func (s *FileSink) Checkpoint() error {
 		return err
 	}
 	defer f.Close()
+	if s.appendOnly {
+		SetAppendOnly(s.path+".checkpoints", true)
+	}
 	if _, err := f.Write(append(line, '\n')); err != nil {
 		return err
 	}
@@ -351,3 +390,6 @@ func (s *FileSink) Public() crypto.PublicKey {
 	}
 	return s.signer.Public()
 }
+
+// fsAppendFL is FS_APPEND_FL of linux/fs.h (chattr +a).
+const fsAppendFL = 0x00000020

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/rootfs"
 )
 
@@ -45,7 +46,13 @@ func Run(o Options, w io.Writer) error {
 		return err
 	}
 	os.Chmod(tmp, 0o711)
-	defer func() { rootfs.Unmount(tmp); os.RemoveAll(tmp) }()
+	defer func() {
+		rootfs.Unmount(tmp)
+		// cmld's trail is append-only (chattr +a).
+		audit.SetAppendOnly(filepath.Join(tmp, "state", "audit.log"), false)
+		audit.SetAppendOnly(filepath.Join(tmp, "state", "audit.log.checkpoints"), false)
+		os.RemoveAll(tmp)
+	}()
 	if o.Only == "" || o.Only == "verify" {
 		if err := Verification(w, tmp, o.VerifyMiB, 5); err != nil {
 			return err

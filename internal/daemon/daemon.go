@@ -119,6 +119,9 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
+	if !sink.AppendOnly() {
+		c.Log.Warn("audit: the state directory's filesystem cannot make the trail append-only (chattr +a)")
+	}
 	defer sink.Close()
 	dev, err := loadDevice(c)
 	if err != nil {

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/cmlproject/cml/internal/audit"
 )
 
 // TestAuditTrailTamperEvident: the trail verifies on the device and off it
@@ -84,7 +86,14 @@ func TestAuditTrailTamperEvident(t *testing.T) {
 		}
 	}
 	lines[victim] = bytes.Replace(lines[victim], []byte(`"outcome":"success"`), []byte(`"outcome":"failure"`), 1)
-	os.WriteFile(log, bytes.Join(lines, []byte("\n")), 0o600)
+	// The trail is append-only: even root must lift that first.
+	if err := os.WriteFile(log, bytes.Join(lines, []byte("\n")), 0o600); err == nil {
+		t.Errorf("root rewrote the trail without lifting its append-only attribute")
+	}
+	audit.SetAppendOnly(log, false)
+	if err := os.WriteFile(log, bytes.Join(lines, []byte("\n")), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	o, code := verify()
 	if code != 1 || !strings.Contains(o, "modified") || !strings.Contains(o, "line "+itoa(victim+1)) {
 		t.Errorf("cmlverify audit on an edited record (line %d): %d %s", victim+1, code, o)

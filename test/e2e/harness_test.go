@@ -20,6 +20,7 @@ import (
 	"github.com/google/go-tpm/tpmutil"
 	"github.com/vishvananda/netlink"
 
+	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/storage"
 	"github.com/cmlproject/cml/internal/testutil"
@@ -249,6 +250,9 @@ func (d *daemon) cleanup() {
 	// Encrypted volumes: a killed cmld's mount namespace lives on in its
 	// gocryptfs processes; empty it, then end them.
 	storage.CleanupUnder(d.root, d.root, nil)
+	// The trail is append-only (chattr +a): lift that to delete it.
+	audit.SetAppendOnly(filepath.Join(d.stateDir, "audit.log"), false)
+	audit.SetAppendOnly(filepath.Join(d.stateDir, "audit.log.checkpoints"), false)
 	rootfs.Unmount(d.root)
 	os.RemoveAll(d.root)
 	// The daemon's firewall table outlives it by design; a test's goes.
