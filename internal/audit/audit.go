@@ -83,13 +83,13 @@ type FileSink struct {
 	syncMu sync.Mutex // one fsync at a time; later writers ride on it
 	synced int64      // bytes known durable
 
-	ckMu     sync.Mutex // checkpoint signing and its file
-	signer   crypto.Signer
-	origin   string
-	every    uint64
-	signedAt uint64 // tree size of the last checkpoint
-	kick     chan struct{}
-	done     chan struct{}
+	ckMu       sync.Mutex // checkpoint signing and its file
+	signer     crypto.Signer
+	origin     string
+	every      uint64
+	signedAt   uint64 // tree size of the last checkpoint
+	kick       chan struct{}
+	done       chan struct{}
 	appendOnly bool
 	// Torn is the incomplete last record a crash left, moved aside at
 	// open (empty when there was none).
