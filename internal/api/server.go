@@ -150,6 +150,11 @@ func (s *Server) audit(ctx context.Context, method string, object string, err er
 // each call first tries to record that it was requested; the first
 // success ends the refusal.
 func (s *Server) checkAudit(ctx context.Context, method, object string) error {
+	// A full trail refuses before the operation runs, so that none runs
+	// unrecorded (FAU_STG.4).
+	if s.Trail != nil && s.Trail.Full() && !s.Trail.Recovered() {
+		return errdefs.Unavailable("%s refused: the audit trail is full; an auditor must archive it first", strings.TrimPrefix(method, "/cml.v1.Control/"))
+	}
 	if !s.auditBroken.Load() {
 		return nil
 	}

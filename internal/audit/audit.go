@@ -91,6 +91,15 @@ type FileSink struct {
 	kick       chan struct{}
 	done       chan struct{}
 	appendOnly bool
+
+	// Capacity (SetCapacity): bytes, 0 = the filesystem's free space.
+	capacity int64
+	warns    []int // percentages, ascending
+	warned   int   // how many of warns were crossed
+	failed   bool  // a write failed or the trail is full
+	onFull   func(reason string)
+	onWarn   func(pct int)
+	fullOnce sync.Once
 	// Torn is the incomplete last record a crash left, moved aside at
 	// open (empty when there was none).
 	Torn string
@@ -231,15 +240,41 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 	blank := fmt.Appendf(head[:len(head):len(head)], `,"seq":%d,"chain":""}`, seq)
 	next := auditlog.Chain(s.chain, blank)
 	line := fmt.Appendf(blank[:len(blank)-len(`""}`)], `"%x"}`+"\n", next[:])
-	if _, err := s.f.Write(line); err != nil {
+	if s.capacity > 0 && s.off+int64(len(line)) > s.capacity {
+		s.failed = true
 		s.mu.Unlock()
+		s.full("the audit trail reached its capacity (audit_size)")
+		return ErrFull
+	}
+	if n, err := s.f.Write(line); err != nil {
+		if n > 0 {
+			// Half a record: cut it, so that none is glued to the next.
+			s.f.Truncate(s.off)
+		}
+		s.failed = true
+		s.mu.Unlock()
+		s.full("writing the audit trail failed: " + err.Error())
 		return fmt.Errorf("write audit log: %w", err)
 	}
 	s.seq, s.chain = seq, next
 	s.tree.Append(auditlog.LeafHash(line[:len(line)-1]))
 	s.off += int64(len(line))
 	end, size := s.off, s.tree.Size()
+	var crossed []int
+	if s.capacity > 0 {
+		for s.warned < len(s.warns) && s.off*100 >= int64(s.warns[s.warned])*s.capacity {
+			crossed = append(crossed, s.warns[s.warned])
+			s.warned++
+		}
+	}
 	s.mu.Unlock()
+	for _, pct := range crossed {
+		s.Record(context.Background(), Event{Type: "daemon", Operation: "audit.capacity", Outcome: Failure,
+			Reason: fmt.Sprintf("the audit trail is over %d%% of its capacity (%d MB)", pct, s.capacity>>20)})
+		if s.onWarn != nil {
+			s.onWarn(pct)
+		}
+	}
 	if err := s.sync(end); err != nil {
 		return err
 	}
@@ -250,6 +285,65 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 		}
 	}
 	return nil
+}
+
+// ErrFull is a record refused because the trail is at its capacity.
+var ErrFull = errors.New("the audit trail is full")
+
+// reserve is the room kept for the records of operations already running
+// when Full starts refusing new ones.
+const reserve = 16 << 10
+
+// SetCapacity sets the trail's capacity in bytes (0: the filesystem's
+// free space), warning percentages, and what to do when full: onFull runs
+// once, the first time a record cannot be written.
+func (s *FileSink) SetCapacity(bytes int64, warns []int, onFull func(reason string), onWarn func(pct int)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.capacity, s.warns, s.onFull, s.onWarn = bytes, warns, onFull, onWarn
+	for s.warned < len(s.warns) && s.capacity > 0 && s.off*100 >= int64(s.warns[s.warned])*s.capacity {
+		s.warned++
+	}
+}
+
+// Full reports whether an operation that must be audited should be
+// refused now: the trail is within reserve of its capacity or of the
+// filesystem's free space, or a write failed. Checked before an
+// operation runs, so that it never runs unrecorded.
+func (s *FileSink) Full() bool {
+	s.mu.Lock()
+	failed, c, off := s.failed, s.capacity, s.off
+	s.mu.Unlock()
+	var why string
+	var st unix.Statfs_t
+	switch {
+	case failed:
+		why = "writing the audit trail failed"
+	case c > 0 && off+reserve > c:
+		why = "the audit trail reached its capacity (audit_size)"
+	case unix.Fstatfs(int(s.f.Fd()), &st) == nil && int64(st.Bavail)*int64(st.Bsize) < reserve:
+		why = "the audit trail's filesystem is full"
+	default:
+		return false
+	}
+	s.full(why)
+	return true
+}
+
+// Recovered clears a failure once space was made (an auditor archived
+// the trail, or the filesystem has room again); it reports whether the
+// trail takes records again.
+func (s *FileSink) Recovered() bool {
+	s.mu.Lock()
+	s.failed = false
+	s.mu.Unlock()
+	return !s.Full()
+}
+
+func (s *FileSink) full(reason string) {
+	if s.onFull != nil {
+		s.fullOnce.Do(func() { go s.onFull(reason) })
+	}
 }
 
 // sync makes the file durable up to end: one fsync serves every writer

@@ -228,3 +228,109 @@ func TestConcurrentWritersAndRestart(t *testing.T) {
 		t.Errorf("sequence does not go on, or the torn record was kept in the trail")
 	}
 }
+
+// TestCapacity: crossing each warning threshold writes a warning record;
+// at capacity a record is refused (ErrFull) and the full action runs once;
+// no record is lost or torn, and the trail verifies.
+func TestCapacity(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	s, err := OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fulls := make(chan string, 4)
+	var warned []int
+	var mu sync.Mutex
+	s.SetCapacity(64<<10, []int{50, 80}, func(r string) { fulls <- r }, func(p int) { mu.Lock(); warned = append(warned, p); mu.Unlock() })
+	var ok int
+	for i := 0; i < 1000; i++ {
+		if err := s.Record(context.Background(), Event{Type: "t", Operation: "op", Object: strings.Repeat("x", 100), Outcome: Success}); err != nil {
+			if err != ErrFull {
+				t.Fatal(err)
+			}
+			break
+		}
+		ok++
+	}
+	if !s.Full() {
+		t.Error("not full at capacity")
+	}
+	select {
+	case r := <-fulls:
+		if !strings.Contains(r, "capacity") {
+			t.Errorf("full reason %q", r)
+		}
+	case <-time.After(2 * time.Second):
+		t.Error("the full action did not run")
+	}
+	s.Record(context.Background(), Event{Type: "t", Operation: "op", Outcome: Success})
+	select {
+	case <-fulls:
+		t.Error("the full action ran twice")
+	case <-time.After(100 * time.Millisecond):
+	}
+	mu.Lock()
+	if fmt.Sprint(warned) != "[50 80]" {
+		t.Errorf("warnings %v", warned)
+	}
+	mu.Unlock()
+	s.Close()
+	log, _ := os.ReadFile(path)
+	r := auditlog.Verify(log, nil, nil, nil)
+	if !r.OK() || int(r.Entries) != ok+2 || !bytes.Contains(log, []byte("over 80% of its capacity")) {
+		t.Errorf("%d records written (+2 warnings), trail has %d: %+v", ok, r.Entries, r.Problems)
+	}
+}
+
+// TestDiskFull: on a real full filesystem (a 128 KiB tmpfs filled on
+// purpose) Full refuses before a record could fail; a write that fails
+// anyway leaves no partial record; after space is made the trail goes on.
+func TestDiskFull(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount a small tmpfs")
+	}
+	dir := t.TempDir()
+	if err := syscallMount(dir, "size=128k"); err != nil {
+		t.Skipf("tmpfs: %v", err)
+	}
+	defer syscallUnmount(dir)
+	path := filepath.Join(dir, "audit.log")
+	s, err := OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fulls := make(chan string, 1)
+	s.SetCapacity(0, nil, func(r string) { fulls <- r }, nil)
+	filler := filepath.Join(dir, "filler")
+	os.WriteFile(filler, make([]byte, 100<<10), 0o600)
+	var n int
+	for ; n < 2000 && !s.Full(); n++ {
+		if err := s.Record(context.Background(), Event{Type: "t", Operation: "op", Object: strings.Repeat("y", 200), Outcome: Success}); err != nil {
+			t.Fatalf("record %d failed before Full said so: %v", n, err)
+		}
+	}
+	if !s.Full() {
+		t.Fatal("never full")
+	}
+	if r := <-fulls; !strings.Contains(r, "filesystem is full") {
+		t.Errorf("reason %q", r)
+	}
+	// Past the reserve a write fails: nothing partial stays.
+	for i := 0; i < 200; i++ {
+		if s.Record(context.Background(), Event{Type: "t", Operation: "op", Object: strings.Repeat("z", 2000), Outcome: Success}) != nil {
+			break
+		}
+	}
+	os.Remove(filler)
+	if !s.Recovered() {
+		t.Fatal("not recovered after space was made")
+	}
+	if err := s.Record(context.Background(), Event{Type: "t", Operation: "after", Outcome: Success}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	log, _ := os.ReadFile(path)
+	if r := auditlog.Verify(log, nil, nil, nil); !r.OK() {
+		t.Errorf("after the disk was full: %+v", r.Problems)
+	}
+}

@@ -389,6 +389,9 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 		if n := a.GetCheckpointEvery(); n == 0 || n > 1000000 {
 			return nil, errdefs.InvalidArgument("%s: field audit.checkpoint_every: %d is out of range (1..1000000)", source, n)
 		}
+		if w, h := a.GetWarnPercent(), a.GetWarnPercentHigh(); w == 0 || w >= h || h >= 100 {
+			return nil, errdefs.InvalidArgument("%s: fields audit.warn_percent and warn_percent_high: %d and %d must rise within 1..99", source, w, h)
+		}
 		if n := a.GetCheckpointIntervalSeconds(); n == 0 || n > 86400 {
 			return nil, errdefs.InvalidArgument("%s: field audit.checkpoint_interval_seconds: %d is out of range (1..86400)", source, n)
 		}

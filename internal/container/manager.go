@@ -625,6 +625,24 @@ func (m *Manager) Wipe(ctx context.Context, ref string, secret []byte) (*cmlv1.C
 	return m.State(c.uuid)
 }
 
+// StopAll stops every container that runs (the audit trail's full
+// action, say), each with its own stop timeout, all at once.
+func (m *Manager) StopAll(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, c := range m.List() {
+		switch c.GetState() {
+		case cmlv1.ContainerState_STOPPED, cmlv1.ContainerState_FAILED:
+			continue
+		}
+		wg.Add(1)
+		go func(id string) {
+			defer wg.Done()
+			m.Stop(ctx, id, 0)
+		}(c.GetUuid())
+	}
+	wg.Wait()
+}
+
 // Annotate sets a running container's state reason (an integrity failure
 // its storage reported, say) and publishes it.
 func (m *Manager) Annotate(id, reason string) {

@@ -78,6 +78,9 @@ func (c *Config) Defaults() {
 // returns; the next Run re-adopts them.
 func Run(ctx context.Context, c Config) error {
 	c.Defaults()
+	// The audit trail's HALT action ends cmld through this.
+	ctx, halt := context.WithCancelCause(ctx)
+	defer halt(nil)
 	if os.Geteuid() != 0 {
 		return errors.New("cmld must run as root (it mounts images and manages namespaces and cgroups)")
 	}
@@ -240,6 +243,19 @@ func Run(ctx context.Context, c Config) error {
 		return err
 	}
 	storageStage.Notify = mgr.Annotate
+	as := dev.GetAudit()
+	sink.SetCapacity(int64(as.GetAuditSize())<<20, []int{int(as.GetWarnPercent()), int(as.GetWarnPercentHigh())},
+		func(reason string) {
+			action := as.GetWhenFull()
+			c.Log.Error("audit trail full or unwritable: audited operations are refused", "reason", reason, "action", action.String())
+			if action == cmlv1.AuditSettings_STOP_CONTAINERS || action == cmlv1.AuditSettings_HALT {
+				mgr.StopAll(context.WithoutCancel(ctx))
+			}
+			if action == cmlv1.AuditSettings_HALT {
+				halt(fmt.Errorf("halted: %s", reason))
+			}
+		},
+		func(pct int) { c.Log.Warn("audit trail over its warning threshold", "percent", pct) })
 	netStage.Peers = func(name string) (network.Peer, error) {
 		id, n, slot, cfg, err := mgr.Peer(name)
 		return network.Peer{ID: id, Name: n, Slot: slot, Config: cfg}, err
@@ -303,6 +319,9 @@ func Run(ctx context.Context, c Config) error {
 	}
 	os.Remove(c.Socket)
 	sink.Record(context.Background(), audit.Event{Type: "daemon", Operation: "daemon.stop", Outcome: audit.Success})
+	if cause := context.Cause(ctx); err == nil && cause != nil && !errors.Is(cause, context.Canceled) {
+		err = cause // the audit trail's HALT action
+	}
 	return err
 }
 

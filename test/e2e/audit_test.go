@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cmlproject/cml/internal/audit"
 )
@@ -108,3 +110,69 @@ func TestAuditTrailTamperEvident(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// TestAuditFullFailsClosed: the trail on a small filesystem filled on
+// purpose: before it is full, management calls are refused with one line
+// and do not happen; the configured action stops the containers; no
+// record is lost (the trail verifies, every sequence number present).
+func TestAuditFullFailsClosed(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	d.create("a", "")
+	d.cmd.Process.Signal(os.Interrupt)
+	d.cmd.Wait()
+	// The trail moves to a 256 KiB tmpfs, bound over its path.
+	fs := filepath.Join(d.root, "auditfs")
+	os.MkdirAll(fs, 0o700)
+	if err := syscall.Mount("tmpfs", fs, "tmpfs", 0, "size=256k"); err != nil {
+		t.Skipf("tmpfs: %v", err)
+	}
+	defer syscall.Unmount(fs, syscall.MNT_DETACH)
+	log := filepath.Join(d.stateDir, "audit.log")
+	audit.SetAppendOnly(log, false)
+	b, _ := os.ReadFile(log)
+	os.WriteFile(filepath.Join(fs, "audit.log"), b, 0o600)
+	if err := syscall.Mount(filepath.Join(fs, "audit.log"), log, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Unmount(log, syscall.MNT_DETACH)
+	// Leave room for about a hundred records beyond the reserve.
+	free := func() int64 {
+		var st syscall.Statfs_t
+		syscall.Statfs(fs, &st)
+		return int64(st.Bavail) * st.Bsize
+	}
+	os.WriteFile(filepath.Join(fs, "filler"), make([]byte, free()-(16<<10)-48<<10), 0o600)
+	d.restartWithDevice("audit { when_full: STOP_CONTAINERS }\n")
+	d.must("start", "a")
+	var refused string
+	var n int
+	for n = 0; n < 400; n++ {
+		_, e, code := d.ctl("create", d.signedConfig(fmt.Sprint("b", n), fmt.Sprintf("name: \"b%d\"\nguest_os: \"busybox\"\n", n)))
+		if code != 0 {
+			refused = strings.TrimSpace(e)
+			break
+		}
+	}
+	if refused == "" || !strings.Contains(refused, "audit trail is full") || strings.Contains(refused, "\n") {
+		t.Fatalf("after %d creates, no one-line refusal: %q", n, refused)
+	}
+	if strings.Contains(d.must("list"), fmt.Sprint("b", n, " ")) {
+		t.Errorf("the refused create happened")
+	}
+	d.waitState("a", "STOPPED", 20*time.Second)
+	// Nothing lost: the trail verifies and its records are consecutive.
+	c := exec.Command(filepath.Join(binDir, "cmlverify"), "audit", "--cert", filepath.Join(d.stateDir, "identity", "tls.pem"), log)
+	if o, err := c.CombinedOutput(); err != nil {
+		t.Errorf("cmlverify audit on the full trail: %v %s", err, o)
+	}
+	audited := 0
+	for _, l := range d.auditLines() {
+		if strings.Contains(l, `"operation":"control.Create"`) && strings.Contains(l, `"outcome":"success"`) && strings.Contains(l, `"object":"b`) {
+			audited++
+		}
+	}
+	if audited != n {
+		t.Errorf("%d creates happened, %d audited", n, audited)
+	}
+}

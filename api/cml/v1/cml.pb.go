@@ -475,6 +475,68 @@ func (NetworkFlow_Protocol) EnumDescriptor() ([]byte, []int) {
 	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{3, 1}
 }
 
+// when_full: what happens when the trail is full or cannot be written.
+// Every operation that must be audited is refused in all three cases;
+// nothing happens unrecorded.
+type AuditSettings_FullAction int32
+
+const (
+	AuditSettings_FAIL_CLOSED     AuditSettings_FullAction = 1 // refuse audited operations until space is made
+	AuditSettings_STOP_CONTAINERS AuditSettings_FullAction = 2 // also stop every container
+	AuditSettings_HALT            AuditSettings_FullAction = 3 // also stop every container and end cmld
+)
+
+// Enum value maps for AuditSettings_FullAction.
+var (
+	AuditSettings_FullAction_name = map[int32]string{
+		1: "FAIL_CLOSED",
+		2: "STOP_CONTAINERS",
+		3: "HALT",
+	}
+	AuditSettings_FullAction_value = map[string]int32{
+		"FAIL_CLOSED":     1,
+		"STOP_CONTAINERS": 2,
+		"HALT":            3,
+	}
+)
+
+func (x AuditSettings_FullAction) Enum() *AuditSettings_FullAction {
+	p := new(AuditSettings_FullAction)
+	*p = x
+	return p
+}
+
+func (x AuditSettings_FullAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AuditSettings_FullAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_api_cml_v1_cml_proto_enumTypes[7].Descriptor()
+}
+
+func (AuditSettings_FullAction) Type() protoreflect.EnumType {
+	return &file_api_cml_v1_cml_proto_enumTypes[7]
+}
+
+func (x AuditSettings_FullAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Do not use.
+func (x *AuditSettings_FullAction) UnmarshalJSON(b []byte) error {
+	num, err := protoimpl.X.UnmarshalJSONEnum(x.Descriptor(), b)
+	if err != nil {
+		return err
+	}
+	*x = AuditSettings_FullAction(num)
+	return nil
+}
+
+// Deprecated: Use AuditSettings_FullAction.Descriptor instead.
+func (AuditSettings_FullAction) EnumDescriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11, 0}
+}
+
 type DeviceCSRRequest_Key int32
 
 const (
@@ -505,11 +567,11 @@ func (x DeviceCSRRequest_Key) String() string {
 }
 
 func (DeviceCSRRequest_Key) Descriptor() protoreflect.EnumDescriptor {
-	return file_api_cml_v1_cml_proto_enumTypes[7].Descriptor()
+	return file_api_cml_v1_cml_proto_enumTypes[8].Descriptor()
 }
 
 func (DeviceCSRRequest_Key) Type() protoreflect.EnumType {
-	return &file_api_cml_v1_cml_proto_enumTypes[7]
+	return &file_api_cml_v1_cml_proto_enumTypes[8]
 }
 
 func (x DeviceCSRRequest_Key) Number() protoreflect.EnumNumber {
@@ -1786,14 +1848,25 @@ type AuditSettings struct {
 	// checkpoint_interval_seconds, and at shutdown.
 	CheckpointEvery           *uint32 `protobuf:"varint,1,opt,name=checkpoint_every,json=checkpointEvery,def=1000" json:"checkpoint_every,omitempty"`
 	CheckpointIntervalSeconds *uint32 `protobuf:"varint,2,opt,name=checkpoint_interval_seconds,json=checkpointIntervalSeconds,def=60" json:"checkpoint_interval_seconds,omitempty"`
-	unknownFields             protoimpl.UnknownFields
-	sizeCache                 protoimpl.SizeCache
+	// audit_size is the trail's capacity in MB (GyroidOS's name); 0: the
+	// filesystem's free space is the limit.
+	AuditSize *uint32 `protobuf:"varint,3,opt,name=audit_size,json=auditSize,def=0" json:"audit_size,omitempty"`
+	// Crossing either percentage of audit_size writes a warning record.
+	WarnPercent     *uint32                   `protobuf:"varint,4,opt,name=warn_percent,json=warnPercent,def=75" json:"warn_percent,omitempty"`
+	WarnPercentHigh *uint32                   `protobuf:"varint,5,opt,name=warn_percent_high,json=warnPercentHigh,def=90" json:"warn_percent_high,omitempty"`
+	WhenFull        *AuditSettings_FullAction `protobuf:"varint,6,opt,name=when_full,json=whenFull,enum=cml.v1.AuditSettings_FullAction,def=1" json:"when_full,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 // Default values for AuditSettings fields.
 const (
 	Default_AuditSettings_CheckpointEvery           = uint32(1000)
 	Default_AuditSettings_CheckpointIntervalSeconds = uint32(60)
+	Default_AuditSettings_AuditSize                 = uint32(0)
+	Default_AuditSettings_WarnPercent               = uint32(75)
+	Default_AuditSettings_WarnPercentHigh           = uint32(90)
+	Default_AuditSettings_WhenFull                  = AuditSettings_FAIL_CLOSED
 )
 
 func (x *AuditSettings) Reset() {
@@ -1838,6 +1911,34 @@ func (x *AuditSettings) GetCheckpointIntervalSeconds() uint32 {
 		return *x.CheckpointIntervalSeconds
 	}
 	return Default_AuditSettings_CheckpointIntervalSeconds
+}
+
+func (x *AuditSettings) GetAuditSize() uint32 {
+	if x != nil && x.AuditSize != nil {
+		return *x.AuditSize
+	}
+	return Default_AuditSettings_AuditSize
+}
+
+func (x *AuditSettings) GetWarnPercent() uint32 {
+	if x != nil && x.WarnPercent != nil {
+		return *x.WarnPercent
+	}
+	return Default_AuditSettings_WarnPercent
+}
+
+func (x *AuditSettings) GetWarnPercentHigh() uint32 {
+	if x != nil && x.WarnPercentHigh != nil {
+		return *x.WarnPercentHigh
+	}
+	return Default_AuditSettings_WarnPercentHigh
+}
+
+func (x *AuditSettings) GetWhenFull() AuditSettings_FullAction {
+	if x != nil && x.WhenFull != nil {
+		return *x.WhenFull
+	}
+	return Default_AuditSettings_WhenFull
 }
 
 // RemoteSettings configure the control API over mutual TLS.
@@ -5450,10 +5551,20 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x0fNetworkEndpoint\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12=\n" +
 	"\bprotocol\x18\x02 \x01(\x0e2\x1c.cml.v1.NetworkFlow.Protocol:\x03TCPR\bprotocol\x12\x12\n" +
-	"\x04port\x18\x03 \x01(\rR\x04port\"\x84\x01\n" +
+	"\x04port\x18\x03 \x01(\rR\x04port\"\x87\x03\n" +
 	"\rAuditSettings\x12/\n" +
 	"\x10checkpoint_every\x18\x01 \x01(\r:\x041000R\x0fcheckpointEvery\x12B\n" +
-	"\x1bcheckpoint_interval_seconds\x18\x02 \x01(\r:\x0260R\x19checkpointIntervalSeconds\"\x10\n" +
+	"\x1bcheckpoint_interval_seconds\x18\x02 \x01(\r:\x0260R\x19checkpointIntervalSeconds\x12 \n" +
+	"\n" +
+	"audit_size\x18\x03 \x01(\r:\x010R\tauditSize\x12%\n" +
+	"\fwarn_percent\x18\x04 \x01(\r:\x0275R\vwarnPercent\x12.\n" +
+	"\x11warn_percent_high\x18\x05 \x01(\r:\x0290R\x0fwarnPercentHigh\x12J\n" +
+	"\twhen_full\x18\x06 \x01(\x0e2 .cml.v1.AuditSettings.FullAction:\vFAIL_CLOSEDR\bwhenFull\"<\n" +
+	"\n" +
+	"FullAction\x12\x0f\n" +
+	"\vFAIL_CLOSED\x10\x01\x12\x13\n" +
+	"\x0fSTOP_CONTAINERS\x10\x02\x12\b\n" +
+	"\x04HALT\x10\x03\"\x10\n" +
 	"\x0eRemoteSettings\"\x8f\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
@@ -5811,7 +5922,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 	return file_api_cml_v1_cml_proto_rawDescData
 }
 
-var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 8)
+var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
 var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
@@ -5821,191 +5932,193 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerState)(0),            // 4: cml.v1.ContainerState
 	(NetworkFlow_Direction)(0),     // 5: cml.v1.NetworkFlow.Direction
 	(NetworkFlow_Protocol)(0),      // 6: cml.v1.NetworkFlow.Protocol
-	(DeviceCSRRequest_Key)(0),      // 7: cml.v1.DeviceCSRRequest.Key
-	(*ContainerConfig)(nil),        // 8: cml.v1.ContainerConfig
-	(*ContainerVnetConfig)(nil),    // 9: cml.v1.ContainerVnetConfig
-	(*ContainerPnetConfig)(nil),    // 10: cml.v1.ContainerPnetConfig
-	(*NetworkFlow)(nil),            // 11: cml.v1.NetworkFlow
-	(*Volume)(nil),                 // 12: cml.v1.Volume
-	(*GuestOSMount)(nil),           // 13: cml.v1.GuestOSMount
-	(*GuestOSConfig)(nil),          // 14: cml.v1.GuestOSConfig
-	(*DeviceConfig)(nil),           // 15: cml.v1.DeviceConfig
-	(*StorageSettings)(nil),        // 16: cml.v1.StorageSettings
-	(*NetworkSettings)(nil),        // 17: cml.v1.NetworkSettings
-	(*NetworkEndpoint)(nil),        // 18: cml.v1.NetworkEndpoint
-	(*AuditSettings)(nil),          // 19: cml.v1.AuditSettings
-	(*RemoteSettings)(nil),         // 20: cml.v1.RemoteSettings
-	(*Container)(nil),              // 21: cml.v1.Container
-	(*ContainerRef)(nil),           // 22: cml.v1.ContainerRef
-	(*ListRequest)(nil),            // 23: cml.v1.ListRequest
-	(*ListResponse)(nil),           // 24: cml.v1.ListResponse
-	(*CreateRequest)(nil),          // 25: cml.v1.CreateRequest
-	(*StopRequest)(nil),            // 26: cml.v1.StopRequest
-	(*KillRequest)(nil),            // 27: cml.v1.KillRequest
-	(*UpdateConfigRequest)(nil),    // 28: cml.v1.UpdateConfigRequest
-	(*Empty)(nil),                  // 29: cml.v1.Empty
-	(*ExecStart)(nil),              // 30: cml.v1.ExecStart
-	(*ExecRequest)(nil),            // 31: cml.v1.ExecRequest
-	(*Resize)(nil),                 // 32: cml.v1.Resize
-	(*ExecResponse)(nil),           // 33: cml.v1.ExecResponse
-	(*LogsRequest)(nil),            // 34: cml.v1.LogsRequest
-	(*LogsResponse)(nil),           // 35: cml.v1.LogsResponse
-	(*EventsRequest)(nil),          // 36: cml.v1.EventsRequest
-	(*Event)(nil),                  // 37: cml.v1.Event
-	(*GuestOS)(nil),                // 38: cml.v1.GuestOS
-	(*GuestOSListResponse)(nil),    // 39: cml.v1.GuestOSListResponse
-	(*GuestOSInstallRequest)(nil),  // 40: cml.v1.GuestOSInstallRequest
-	(*GuestOSInstallProgress)(nil), // 41: cml.v1.GuestOSInstallProgress
-	(*CA)(nil),                     // 42: cml.v1.CA
-	(*CAListResponse)(nil),         // 43: cml.v1.CAListResponse
-	(*CARegisterRequest)(nil),      // 44: cml.v1.CARegisterRequest
-	(*CARemoveRequest)(nil),        // 45: cml.v1.CARemoveRequest
-	(*CRLLoadRequest)(nil),         // 46: cml.v1.CRLLoadRequest
-	(*CRLLoadResponse)(nil),        // 47: cml.v1.CRLLoadResponse
-	(*CRL)(nil),                    // 48: cml.v1.CRL
-	(*CRLListResponse)(nil),        // 49: cml.v1.CRLListResponse
-	(*CRLRemoveRequest)(nil),       // 50: cml.v1.CRLRemoveRequest
-	(*GuestOSRemoveRequest)(nil),   // 51: cml.v1.GuestOSRemoveRequest
-	(*DeviceIdentity)(nil),         // 52: cml.v1.DeviceIdentity
-	(*DeviceCSRRequest)(nil),       // 53: cml.v1.DeviceCSRRequest
-	(*DeviceCSRResponse)(nil),      // 54: cml.v1.DeviceCSRResponse
-	(*DeviceCertRequest)(nil),      // 55: cml.v1.DeviceCertRequest
-	(*AttestRequest)(nil),          // 56: cml.v1.AttestRequest
-	(*PCRValue)(nil),               // 57: cml.v1.PCRValue
-	(*Attestation)(nil),            // 58: cml.v1.Attestation
-	(*NetworkRequest)(nil),         // 59: cml.v1.NetworkRequest
-	(*NetworkReport)(nil),          // 60: cml.v1.NetworkReport
-	(*ContainerNetwork)(nil),       // 61: cml.v1.ContainerNetwork
-	(*NetworkInterface)(nil),       // 62: cml.v1.NetworkInterface
-	(*NetworkRoute)(nil),           // 63: cml.v1.NetworkRoute
-	(*EffectiveFlow)(nil),          // 64: cml.v1.EffectiveFlow
-	(*ChangePinRequest)(nil),       // 65: cml.v1.ChangePinRequest
-	(*WipeResponse)(nil),           // 66: cml.v1.WipeResponse
-	(*DeviceWipeRequest)(nil),      // 67: cml.v1.DeviceWipeRequest
-	(*DeviceWipeResponse)(nil),     // 68: cml.v1.DeviceWipeResponse
-	(*AuditQuery)(nil),             // 69: cml.v1.AuditQuery
-	(*AuditRecord)(nil),            // 70: cml.v1.AuditRecord
-	(*AuditVerifyResponse)(nil),    // 71: cml.v1.AuditVerifyResponse
-	(*AuditStatusResponse)(nil),    // 72: cml.v1.AuditStatusResponse
+	(AuditSettings_FullAction)(0),  // 7: cml.v1.AuditSettings.FullAction
+	(DeviceCSRRequest_Key)(0),      // 8: cml.v1.DeviceCSRRequest.Key
+	(*ContainerConfig)(nil),        // 9: cml.v1.ContainerConfig
+	(*ContainerVnetConfig)(nil),    // 10: cml.v1.ContainerVnetConfig
+	(*ContainerPnetConfig)(nil),    // 11: cml.v1.ContainerPnetConfig
+	(*NetworkFlow)(nil),            // 12: cml.v1.NetworkFlow
+	(*Volume)(nil),                 // 13: cml.v1.Volume
+	(*GuestOSMount)(nil),           // 14: cml.v1.GuestOSMount
+	(*GuestOSConfig)(nil),          // 15: cml.v1.GuestOSConfig
+	(*DeviceConfig)(nil),           // 16: cml.v1.DeviceConfig
+	(*StorageSettings)(nil),        // 17: cml.v1.StorageSettings
+	(*NetworkSettings)(nil),        // 18: cml.v1.NetworkSettings
+	(*NetworkEndpoint)(nil),        // 19: cml.v1.NetworkEndpoint
+	(*AuditSettings)(nil),          // 20: cml.v1.AuditSettings
+	(*RemoteSettings)(nil),         // 21: cml.v1.RemoteSettings
+	(*Container)(nil),              // 22: cml.v1.Container
+	(*ContainerRef)(nil),           // 23: cml.v1.ContainerRef
+	(*ListRequest)(nil),            // 24: cml.v1.ListRequest
+	(*ListResponse)(nil),           // 25: cml.v1.ListResponse
+	(*CreateRequest)(nil),          // 26: cml.v1.CreateRequest
+	(*StopRequest)(nil),            // 27: cml.v1.StopRequest
+	(*KillRequest)(nil),            // 28: cml.v1.KillRequest
+	(*UpdateConfigRequest)(nil),    // 29: cml.v1.UpdateConfigRequest
+	(*Empty)(nil),                  // 30: cml.v1.Empty
+	(*ExecStart)(nil),              // 31: cml.v1.ExecStart
+	(*ExecRequest)(nil),            // 32: cml.v1.ExecRequest
+	(*Resize)(nil),                 // 33: cml.v1.Resize
+	(*ExecResponse)(nil),           // 34: cml.v1.ExecResponse
+	(*LogsRequest)(nil),            // 35: cml.v1.LogsRequest
+	(*LogsResponse)(nil),           // 36: cml.v1.LogsResponse
+	(*EventsRequest)(nil),          // 37: cml.v1.EventsRequest
+	(*Event)(nil),                  // 38: cml.v1.Event
+	(*GuestOS)(nil),                // 39: cml.v1.GuestOS
+	(*GuestOSListResponse)(nil),    // 40: cml.v1.GuestOSListResponse
+	(*GuestOSInstallRequest)(nil),  // 41: cml.v1.GuestOSInstallRequest
+	(*GuestOSInstallProgress)(nil), // 42: cml.v1.GuestOSInstallProgress
+	(*CA)(nil),                     // 43: cml.v1.CA
+	(*CAListResponse)(nil),         // 44: cml.v1.CAListResponse
+	(*CARegisterRequest)(nil),      // 45: cml.v1.CARegisterRequest
+	(*CARemoveRequest)(nil),        // 46: cml.v1.CARemoveRequest
+	(*CRLLoadRequest)(nil),         // 47: cml.v1.CRLLoadRequest
+	(*CRLLoadResponse)(nil),        // 48: cml.v1.CRLLoadResponse
+	(*CRL)(nil),                    // 49: cml.v1.CRL
+	(*CRLListResponse)(nil),        // 50: cml.v1.CRLListResponse
+	(*CRLRemoveRequest)(nil),       // 51: cml.v1.CRLRemoveRequest
+	(*GuestOSRemoveRequest)(nil),   // 52: cml.v1.GuestOSRemoveRequest
+	(*DeviceIdentity)(nil),         // 53: cml.v1.DeviceIdentity
+	(*DeviceCSRRequest)(nil),       // 54: cml.v1.DeviceCSRRequest
+	(*DeviceCSRResponse)(nil),      // 55: cml.v1.DeviceCSRResponse
+	(*DeviceCertRequest)(nil),      // 56: cml.v1.DeviceCertRequest
+	(*AttestRequest)(nil),          // 57: cml.v1.AttestRequest
+	(*PCRValue)(nil),               // 58: cml.v1.PCRValue
+	(*Attestation)(nil),            // 59: cml.v1.Attestation
+	(*NetworkRequest)(nil),         // 60: cml.v1.NetworkRequest
+	(*NetworkReport)(nil),          // 61: cml.v1.NetworkReport
+	(*ContainerNetwork)(nil),       // 62: cml.v1.ContainerNetwork
+	(*NetworkInterface)(nil),       // 63: cml.v1.NetworkInterface
+	(*NetworkRoute)(nil),           // 64: cml.v1.NetworkRoute
+	(*EffectiveFlow)(nil),          // 65: cml.v1.EffectiveFlow
+	(*ChangePinRequest)(nil),       // 66: cml.v1.ChangePinRequest
+	(*WipeResponse)(nil),           // 67: cml.v1.WipeResponse
+	(*DeviceWipeRequest)(nil),      // 68: cml.v1.DeviceWipeRequest
+	(*DeviceWipeResponse)(nil),     // 69: cml.v1.DeviceWipeResponse
+	(*AuditQuery)(nil),             // 70: cml.v1.AuditQuery
+	(*AuditRecord)(nil),            // 71: cml.v1.AuditRecord
+	(*AuditVerifyResponse)(nil),    // 72: cml.v1.AuditVerifyResponse
+	(*AuditStatusResponse)(nil),    // 73: cml.v1.AuditStatusResponse
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
-	10, // 1: cml.v1.ContainerConfig.net_ifaces:type_name -> cml.v1.ContainerPnetConfig
-	9,  // 2: cml.v1.ContainerConfig.vnet_configs:type_name -> cml.v1.ContainerVnetConfig
+	11, // 1: cml.v1.ContainerConfig.net_ifaces:type_name -> cml.v1.ContainerPnetConfig
+	10, // 2: cml.v1.ContainerConfig.vnet_configs:type_name -> cml.v1.ContainerVnetConfig
 	1,  // 3: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
-	12, // 4: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
-	11, // 5: cml.v1.ContainerConfig.network_flows:type_name -> cml.v1.NetworkFlow
+	13, // 4: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
+	12, // 5: cml.v1.ContainerConfig.network_flows:type_name -> cml.v1.NetworkFlow
 	5,  // 6: cml.v1.NetworkFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
 	6,  // 7: cml.v1.NetworkFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	13, // 8: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
-	16, // 9: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
-	17, // 10: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
-	19, // 11: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
-	20, // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
-	18, // 13: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
+	14, // 8: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
+	17, // 9: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
+	18, // 10: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
+	20, // 11: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
+	21, // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
+	19, // 13: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
 	6,  // 14: cml.v1.NetworkEndpoint.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	4,  // 15: cml.v1.Container.state:type_name -> cml.v1.ContainerState
-	3,  // 16: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
-	1,  // 17: cml.v1.Container.token_type:type_name -> cml.v1.ContainerTokenType
-	2,  // 18: cml.v1.Container.cryptfs_mode:type_name -> cml.v1.CryptfsMode
-	21, // 19: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
-	8,  // 20: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
-	8,  // 21: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
-	30, // 22: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
-	32, // 23: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
-	21, // 24: cml.v1.Event.container:type_name -> cml.v1.Container
-	3,  // 25: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
-	38, // 26: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
-	38, // 27: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
-	42, // 28: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
-	48, // 29: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
-	7,  // 30: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
-	57, // 31: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
-	61, // 32: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
-	17, // 33: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
-	62, // 34: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
-	63, // 35: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
-	64, // 36: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
-	5,  // 37: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
-	6,  // 38: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	21, // 39: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
-	23, // 40: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	25, // 41: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	22, // 42: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	22, // 43: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	26, // 44: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	27, // 45: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	22, // 46: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	22, // 47: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	28, // 48: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	22, // 49: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	22, // 50: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	31, // 51: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	34, // 52: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	36, // 53: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	29, // 54: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	40, // 55: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	51, // 56: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	29, // 57: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	44, // 58: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	45, // 59: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	46, // 60: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	29, // 61: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
-	50, // 62: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
-	29, // 63: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
-	53, // 64: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
-	55, // 65: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
-	29, // 66: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
-	56, // 67: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
-	59, // 68: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
-	65, // 69: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
-	22, // 70: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
-	22, // 71: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
-	67, // 72: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
-	69, // 73: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
-	29, // 74: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
-	29, // 75: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
-	24, // 76: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	21, // 77: cml.v1.Control.Create:output_type -> cml.v1.Container
-	29, // 78: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	21, // 79: cml.v1.Control.Start:output_type -> cml.v1.Container
-	21, // 80: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	29, // 81: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	21, // 82: cml.v1.Control.State:output_type -> cml.v1.Container
-	8,  // 83: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	21, // 84: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	21, // 85: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	21, // 86: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	33, // 87: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	35, // 88: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	37, // 89: cml.v1.Control.Events:output_type -> cml.v1.Event
-	39, // 90: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	41, // 91: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	29, // 92: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	43, // 93: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	42, // 94: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	42, // 95: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	47, // 96: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	49, // 97: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	48, // 98: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	52, // 99: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	54, // 100: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	52, // 101: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	52, // 102: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	58, // 103: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	60, // 104: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
-	29, // 105: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
-	21, // 106: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
-	66, // 107: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
-	68, // 108: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
-	70, // 109: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
-	71, // 110: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
-	72, // 111: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
-	76, // [76:112] is the sub-list for method output_type
-	40, // [40:76] is the sub-list for method input_type
-	40, // [40:40] is the sub-list for extension type_name
-	40, // [40:40] is the sub-list for extension extendee
-	0,  // [0:40] is the sub-list for field type_name
+	7,  // 15: cml.v1.AuditSettings.when_full:type_name -> cml.v1.AuditSettings.FullAction
+	4,  // 16: cml.v1.Container.state:type_name -> cml.v1.ContainerState
+	3,  // 17: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
+	1,  // 18: cml.v1.Container.token_type:type_name -> cml.v1.ContainerTokenType
+	2,  // 19: cml.v1.Container.cryptfs_mode:type_name -> cml.v1.CryptfsMode
+	22, // 20: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
+	9,  // 21: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
+	9,  // 22: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
+	31, // 23: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
+	33, // 24: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
+	22, // 25: cml.v1.Event.container:type_name -> cml.v1.Container
+	3,  // 26: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
+	39, // 27: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
+	39, // 28: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
+	43, // 29: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
+	49, // 30: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
+	8,  // 31: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
+	58, // 32: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
+	62, // 33: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
+	18, // 34: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
+	63, // 35: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
+	64, // 36: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
+	65, // 37: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
+	5,  // 38: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
+	6,  // 39: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	22, // 40: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
+	24, // 41: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	26, // 42: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	23, // 43: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	23, // 44: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	27, // 45: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	28, // 46: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	23, // 47: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	23, // 48: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	29, // 49: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	23, // 50: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	23, // 51: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	32, // 52: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	35, // 53: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	37, // 54: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	30, // 55: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	41, // 56: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	52, // 57: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	30, // 58: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	45, // 59: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	46, // 60: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	47, // 61: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	30, // 62: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
+	51, // 63: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
+	30, // 64: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	54, // 65: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	56, // 66: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	30, // 67: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	57, // 68: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	60, // 69: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
+	66, // 70: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
+	23, // 71: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
+	23, // 72: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
+	68, // 73: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
+	70, // 74: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
+	30, // 75: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
+	30, // 76: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
+	25, // 77: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	22, // 78: cml.v1.Control.Create:output_type -> cml.v1.Container
+	30, // 79: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	22, // 80: cml.v1.Control.Start:output_type -> cml.v1.Container
+	22, // 81: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	30, // 82: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	22, // 83: cml.v1.Control.State:output_type -> cml.v1.Container
+	9,  // 84: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	22, // 85: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	22, // 86: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	22, // 87: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	34, // 88: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	36, // 89: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	38, // 90: cml.v1.Control.Events:output_type -> cml.v1.Event
+	40, // 91: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	42, // 92: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	30, // 93: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	44, // 94: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	43, // 95: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	43, // 96: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	48, // 97: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	50, // 98: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	49, // 99: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	53, // 100: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	55, // 101: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	53, // 102: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	53, // 103: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	59, // 104: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	61, // 105: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	30, // 106: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
+	22, // 107: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
+	67, // 108: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
+	69, // 109: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
+	71, // 110: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
+	72, // 111: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
+	73, // 112: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
+	77, // [77:113] is the sub-list for method output_type
+	41, // [41:77] is the sub-list for method input_type
+	41, // [41:41] is the sub-list for extension type_name
+	41, // [41:41] is the sub-list for extension extendee
+	0,  // [0:41] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -6029,7 +6142,7 @@ func file_api_cml_v1_cml_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
-			NumEnums:      8,
+			NumEnums:      9,
 			NumMessages:   65,
 			NumExtensions: 0,
 			NumServices:   1,
