@@ -12,7 +12,8 @@ for pair in runc:runc busybox:busybox-static mkfs.erofs:erofs-utils mksquashfs:s
 	openssl:openssl softhsm2-util:softhsm2 pkcs11-tool:opensc \
 	swtpm:swtpm swtpm_setup:swtpm-tools tpm2_checkquote:tpm2-tools \
 	qemu-system-x86_64:qemu-system-x86 nft:nftables ip:iproute2 iperf3:iperf3 \
-	pkg-config:pkg-config gocryptfs:gocryptfs debugfs:e2fsprogs nsenter:util-linux; do
+	pkg-config:pkg-config gocryptfs:gocryptfs debugfs:e2fsprogs nsenter:util-linux \
+	rsyslogd:rsyslog; do
 	bin=${pair%%:*}
 	pkg=${pair#*:}
 	command -v "$bin" >/dev/null 2>&1 || need="$need $pkg"
@@ -20,6 +21,8 @@ done
 # Headers and libraries for cgo: the TPM reference simulator in the tests
 # links libcrypto.
 [ -f /usr/include/openssl/evp.h ] || need="$need libssl-dev"
+# The audit forwarding tests run their own rsyslog with TLS.
+[ -f /usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so ] || need="$need rsyslog-gnutls"
 # runc is built from source with seccomp (see below).
 [ -f /usr/include/seccomp.h ] || need="$need libseccomp-dev"
 if [ -n "$need" ]; then

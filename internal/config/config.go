@@ -12,6 +12,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"path"
 	"regexp"
 	"strconv"
@@ -391,6 +392,14 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 		}
 		if w, h := a.GetWarnPercent(), a.GetWarnPercentHigh(); w == 0 || w >= h || h >= 100 {
 			return nil, errdefs.InvalidArgument("%s: fields audit.warn_percent and warn_percent_high: %d and %d must rise within 1..99", source, w, h)
+		}
+		if col := a.GetCollector(); col != "" {
+			if _, port, err := net.SplitHostPort(col); err != nil || port == "" {
+				return nil, errdefs.InvalidArgument("%s: field audit.collector: %q is not host:port", source, col)
+			}
+			if p := a.GetCollectorCaFile(); p == "" || p[0] != '/' {
+				return nil, errdefs.InvalidArgument("%s: field audit.collector_ca_file: an absolute path to the CAs the collector's certificate must chain to is required with a collector", source)
+			}
 		}
 		if n := a.GetCheckpointIntervalSeconds(); n == 0 || n > 86400 {
 			return nil, errdefs.InvalidArgument("%s: field audit.checkpoint_interval_seconds: %d is out of range (1..86400)", source, n)

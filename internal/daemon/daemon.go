@@ -7,6 +7,9 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -168,6 +171,13 @@ func Run(ctx context.Context, c Config) error {
 		defer sink.Checkpoint() // the last one, while the TPM still answers
 	} else {
 		c.Log.Error("audit: no signing key: the trail gets no checkpoints", "err", err)
+	}
+	if as := dev.GetAudit(); as.GetCollector() != "" {
+		fw, err := forwarder(sink, as, keys, ident, c.Log)
+		if err != nil {
+			return err
+		}
+		go fw.Run(ctx)
 	}
 	if sink.Torn != "" {
 		sink.Record(ctx, audit.Event{Type: "daemon", Operation: "audit.torn", Outcome: audit.Failure,
@@ -435,4 +445,42 @@ func auditNetworkSettings(ctx context.Context, stateDir string, n *cmlv1.Network
 		return err
 	}
 	return atomicfile.Write(path, []byte(now), 0o600)
+}
+
+// forwarder sets up forwarding of the audit trail to the collector named
+// in device.conf, over mutual TLS with the device's TPM-held TLS key.
+func forwarder(sink *audit.FileSink, as *cmlv1.AuditSettings, keys *tpm.Keys, ident *device.Identity, log *slog.Logger) (*audit.Forwarder, error) {
+	host, _, err := net.SplitHostPort(as.GetCollector())
+	if err != nil {
+		return nil, fmt.Errorf("device setting audit.collector: %w", err)
+	}
+	caPEM, err := os.ReadFile(as.GetCollectorCaFile())
+	if err != nil {
+		return nil, fmt.Errorf("device setting audit.collector_ca_file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("device setting audit.collector_ca_file: no certificate in %s", as.GetCollectorCaFile())
+	}
+	signer, err := keys.TLS.GetSigner()
+	if err != nil {
+		return nil, fmt.Errorf("audit forwarding: TLS key: %w", err)
+	}
+	var chain [][]byte
+	rest := ident.Info().GetTlsCertificate()
+	for {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		chain = append(chain, b.Bytes)
+	}
+	name := as.GetCollectorServerName()
+	if name == "" {
+		name = host
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, ServerName: name,
+		Certificates: []tls.Certificate{{Certificate: chain, PrivateKey: signer}}}
+	hostname, _ := os.Hostname()
+	return &audit.Forwarder{Sink: sink, Addr: as.GetCollector(), TLS: cfg, Hostname: hostname, DeviceUUID: ident.UUID(), Log: log}, nil
 }

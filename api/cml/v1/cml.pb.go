@@ -1855,8 +1855,17 @@ type AuditSettings struct {
 	WarnPercent     *uint32                   `protobuf:"varint,4,opt,name=warn_percent,json=warnPercent,def=75" json:"warn_percent,omitempty"`
 	WarnPercentHigh *uint32                   `protobuf:"varint,5,opt,name=warn_percent_high,json=warnPercentHigh,def=90" json:"warn_percent_high,omitempty"`
 	WhenFull        *AuditSettings_FullAction `protobuf:"varint,6,opt,name=when_full,json=whenFull,enum=cml.v1.AuditSettings_FullAction,def=1" json:"when_full,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// collector receives the trail and its checkpoints: RFC 5424 messages
+	// over mutual TLS (RFC 5425 octet counting), host:port. The device
+	// authenticates with its TPM-held TLS key and certificate.
+	Collector *string `protobuf:"bytes,7,opt,name=collector" json:"collector,omitempty"`
+	// collector_ca_file: PEM CAs the collector's certificate must chain to.
+	CollectorCaFile *string `protobuf:"bytes,8,opt,name=collector_ca_file,json=collectorCaFile" json:"collector_ca_file,omitempty"`
+	// collector_server_name: the name in the collector's certificate
+	// (default: the host of collector).
+	CollectorServerName *string `protobuf:"bytes,9,opt,name=collector_server_name,json=collectorServerName" json:"collector_server_name,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 // Default values for AuditSettings fields.
@@ -1939,6 +1948,27 @@ func (x *AuditSettings) GetWhenFull() AuditSettings_FullAction {
 		return *x.WhenFull
 	}
 	return Default_AuditSettings_WhenFull
+}
+
+func (x *AuditSettings) GetCollector() string {
+	if x != nil && x.Collector != nil {
+		return *x.Collector
+	}
+	return ""
+}
+
+func (x *AuditSettings) GetCollectorCaFile() string {
+	if x != nil && x.CollectorCaFile != nil {
+		return *x.CollectorCaFile
+	}
+	return ""
+}
+
+func (x *AuditSettings) GetCollectorServerName() string {
+	if x != nil && x.CollectorServerName != nil {
+		return *x.CollectorServerName
+	}
+	return ""
 }
 
 // RemoteSettings configure the control API over mutual TLS.
@@ -5551,7 +5581,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x0fNetworkEndpoint\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12=\n" +
 	"\bprotocol\x18\x02 \x01(\x0e2\x1c.cml.v1.NetworkFlow.Protocol:\x03TCPR\bprotocol\x12\x12\n" +
-	"\x04port\x18\x03 \x01(\rR\x04port\"\x87\x03\n" +
+	"\x04port\x18\x03 \x01(\rR\x04port\"\x85\x04\n" +
 	"\rAuditSettings\x12/\n" +
 	"\x10checkpoint_every\x18\x01 \x01(\r:\x041000R\x0fcheckpointEvery\x12B\n" +
 	"\x1bcheckpoint_interval_seconds\x18\x02 \x01(\r:\x0260R\x19checkpointIntervalSeconds\x12 \n" +
@@ -5559,7 +5589,10 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"audit_size\x18\x03 \x01(\r:\x010R\tauditSize\x12%\n" +
 	"\fwarn_percent\x18\x04 \x01(\r:\x0275R\vwarnPercent\x12.\n" +
 	"\x11warn_percent_high\x18\x05 \x01(\r:\x0290R\x0fwarnPercentHigh\x12J\n" +
-	"\twhen_full\x18\x06 \x01(\x0e2 .cml.v1.AuditSettings.FullAction:\vFAIL_CLOSEDR\bwhenFull\"<\n" +
+	"\twhen_full\x18\x06 \x01(\x0e2 .cml.v1.AuditSettings.FullAction:\vFAIL_CLOSEDR\bwhenFull\x12\x1c\n" +
+	"\tcollector\x18\a \x01(\tR\tcollector\x12*\n" +
+	"\x11collector_ca_file\x18\b \x01(\tR\x0fcollectorCaFile\x122\n" +
+	"\x15collector_server_name\x18\t \x01(\tR\x13collectorServerName\"<\n" +
 	"\n" +
 	"FullAction\x12\x0f\n" +
 	"\vFAIL_CLOSED\x10\x01\x12\x13\n" +
