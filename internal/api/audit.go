@@ -169,5 +169,10 @@ func (s *Server) AuditStatus(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.AuditS
 		return nil, err
 	}
 	n, size, signed, at := t.Status()
-	return &cmlv1.AuditStatusResponse{Records: proto.Uint64(n), SizeBytes: proto.Uint64(uint64(size)), LastCheckpointSize: proto.Uint64(signed), LastCheckpointUnix: proto.Int64(at), Path: proto.String(t.Path())}, nil
+	out := &cmlv1.AuditStatusResponse{Records: proto.Uint64(n), SizeBytes: proto.Uint64(uint64(size)), LastCheckpointSize: proto.Uint64(signed), LastCheckpointUnix: proto.Int64(at), Path: proto.String(t.Path()),
+		AuditSizeBytes: proto.Uint64(uint64(t.Capacity()))}
+	if s.Forwarder != nil {
+		out.Collector, out.ForwardingLagBytes = proto.String(s.Forwarder.Addr), proto.Uint64(s.Forwarder.Lag())
+	}
+	return out, nil
 }

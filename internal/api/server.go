@@ -56,8 +56,10 @@ type Server struct {
 	Networks NetworkReporter
 	Storage  Storage
 	Audit    audit.Recorder
-	// Trail is the audit trail auditors read and verify.
-	Trail *audit.FileSink
+	// Trail is the audit trail auditors read and verify; Forwarder, when
+	// set, sends it to a collector.
+	Trail     *audit.FileSink
+	Forwarder *audit.Forwarder
 	Log   *slog.Logger
 
 	auditBroken atomic.Bool

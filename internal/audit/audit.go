@@ -487,3 +487,10 @@ func (s *FileSink) Public() crypto.PublicKey {
 
 // fsAppendFL is FS_APPEND_FL of linux/fs.h (chattr +a).
 const fsAppendFL = 0x00000020
+
+// Capacity is the trail's capacity in bytes (0: the filesystem's).
+func (s *FileSink) Capacity() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.capacity
+}

@@ -123,7 +123,14 @@ func (a *app) auditCmd() *cobra.Command {
 			if r.GetLastCheckpointUnix() > 0 {
 				at = time.Unix(r.GetLastCheckpointUnix(), 0).UTC().Format(time.RFC3339)
 			}
-			fmt.Fprintf(a.stdout, "trail:           %s\nrecords:         %d (%d bytes)\nlast checkpoint: %d records, signed %s\n", r.GetPath(), r.GetRecords(), r.GetSizeBytes(), r.GetLastCheckpointSize(), at)
+			capacity := "the filesystem's free space"
+			if c := r.GetAuditSizeBytes(); c > 0 {
+				capacity = fmt.Sprintf("%d MB (%d%% used)", c>>20, uint64(r.GetSizeBytes())*100/c)
+			}
+			fmt.Fprintf(a.stdout, "trail:           %s\nrecords:         %d (%d bytes)\ncapacity:        %s\nlast checkpoint: %d records, signed %s\n", r.GetPath(), r.GetRecords(), r.GetSizeBytes(), capacity, r.GetLastCheckpointSize(), at)
+			if r.GetCollector() != "" {
+				fmt.Fprintf(a.stdout, "forwarded to:    %s (%d bytes behind)\n", r.GetCollector(), r.GetForwardingLagBytes())
+			}
 			return nil
 		},
 	}

@@ -172,9 +172,9 @@ func Run(ctx context.Context, c Config) error {
 	} else {
 		c.Log.Error("audit: no signing key: the trail gets no checkpoints", "err", err)
 	}
+	var fw *audit.Forwarder
 	if as := dev.GetAudit(); as.GetCollector() != "" {
-		fw, err := forwarder(sink, as, keys, ident, c.Log)
-		if err != nil {
+		if fw, err = forwarder(sink, as, keys, ident, c.Log); err != nil {
 			return err
 		}
 		go fw.Run(ctx)
@@ -292,7 +292,7 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Trail: sink, Log: c.Log}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Trail: sink, Forwarder: fw, Log: c.Log}
 	gs := grpc.NewServer(
 		grpc.Creds(api.PeerCredentials()),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),

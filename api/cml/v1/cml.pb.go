@@ -5382,6 +5382,10 @@ type AuditStatusResponse struct {
 	LastCheckpointSize *uint64                `protobuf:"varint,3,opt,name=last_checkpoint_size,json=lastCheckpointSize" json:"last_checkpoint_size,omitempty"`
 	LastCheckpointUnix *int64                 `protobuf:"varint,4,opt,name=last_checkpoint_unix,json=lastCheckpointUnix" json:"last_checkpoint_unix,omitempty"`
 	Path               *string                `protobuf:"bytes,5,opt,name=path" json:"path,omitempty"`
+	// The collector, and how many bytes of the trail it has not received.
+	Collector          *string `protobuf:"bytes,6,opt,name=collector" json:"collector,omitempty"`
+	ForwardingLagBytes *uint64 `protobuf:"varint,7,opt,name=forwarding_lag_bytes,json=forwardingLagBytes" json:"forwarding_lag_bytes,omitempty"`
+	AuditSizeBytes     *uint64 `protobuf:"varint,8,opt,name=audit_size_bytes,json=auditSizeBytes" json:"audit_size_bytes,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
@@ -5449,6 +5453,27 @@ func (x *AuditStatusResponse) GetPath() string {
 		return *x.Path
 	}
 	return ""
+}
+
+func (x *AuditStatusResponse) GetCollector() string {
+	if x != nil && x.Collector != nil {
+		return *x.Collector
+	}
+	return ""
+}
+
+func (x *AuditStatusResponse) GetForwardingLagBytes() uint64 {
+	if x != nil && x.ForwardingLagBytes != nil {
+		return *x.ForwardingLagBytes
+	}
+	return 0
+}
+
+func (x *AuditStatusResponse) GetAuditSizeBytes() uint64 {
+	if x != nil && x.AuditSizeBytes != nil {
+		return *x.AuditSizeBytes
+	}
+	return 0
 }
 
 var File_api_cml_v1_cml_proto protoreflect.FileDescriptor
@@ -5858,14 +5883,17 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\vcheckpoints\x18\x03 \x01(\rR\vcheckpoints\x12\x1f\n" +
 	"\vlast_signed\x18\x04 \x01(\x04R\n" +
 	"lastSigned\x12\x1a\n" +
-	"\bproblems\x18\x05 \x03(\tR\bproblems\"\xc6\x01\n" +
+	"\bproblems\x18\x05 \x03(\tR\bproblems\"\xc0\x02\n" +
 	"\x13AuditStatusResponse\x12\x18\n" +
 	"\arecords\x18\x01 \x01(\x04R\arecords\x12\x1d\n" +
 	"\n" +
 	"size_bytes\x18\x02 \x01(\x04R\tsizeBytes\x120\n" +
 	"\x14last_checkpoint_size\x18\x03 \x01(\x04R\x12lastCheckpointSize\x120\n" +
 	"\x14last_checkpoint_unix\x18\x04 \x01(\x03R\x12lastCheckpointUnix\x12\x12\n" +
-	"\x04path\x18\x05 \x01(\tR\x04path*'\n" +
+	"\x04path\x18\x05 \x01(\tR\x04path\x12\x1c\n" +
+	"\tcollector\x18\x06 \x01(\tR\tcollector\x120\n" +
+	"\x14forwarding_lag_bytes\x18\a \x01(\x04R\x12forwardingLagBytes\x12(\n" +
+	"\x10audit_size_bytes\x18\b \x01(\x04R\x0eauditSizeBytes*'\n" +
 	"\rContainerType\x12\r\n" +
 	"\tCONTAINER\x10\x01\x12\a\n" +
 	"\x03KVM\x10\x02*F\n" +
