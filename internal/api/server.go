@@ -60,7 +60,7 @@ type Server struct {
 	// set, sends it to a collector.
 	Trail     *audit.FileSink
 	Forwarder *audit.Forwarder
-	Log   *slog.Logger
+	Log       *slog.Logger
 
 	auditBroken atomic.Bool
 	errRef      atomic.Uint64
