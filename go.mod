@@ -20,6 +20,7 @@ require (
 
 require (
 	github.com/containerd/stargz-snapshotter/estargz v0.16.3 // indirect
+	github.com/elastic/go-libaudit/v2 v2.6.2 // indirect
 	github.com/florianl/go-nflog/v2 v2.3.0 // indirect
 	github.com/google/go-configfs-tsm v0.3.3-0.20240919001351-b4b5b84fdcbc // indirect
 	github.com/google/go-eventlog v0.0.2-0.20241003021507-01bb555f7cba // indirect

@@ -28,6 +28,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -641,6 +642,40 @@ func (m *Manager) StopAll(ctx context.Context) {
 		}(c.GetUuid())
 	}
 	wg.Wait()
+}
+
+// Attribute names the container a host process belongs to: by its cgroup
+// (/proc/<pid>/cgroup names the container's), else by its uid's range.
+func (m *Manager) Attribute(pid, uid int) (name, id string, ok bool) {
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid)); err == nil {
+		marker := "/" + m.o.CgroupParent + "/"
+		for _, l := range strings.Split(string(b), "\n") {
+			if i := strings.Index(l, marker); i >= 0 {
+				cand := strings.SplitN(l[i+len(marker):], "/", 2)[0]
+				m.mu.Lock()
+				c := m.containers[cand]
+				if c != nil {
+					name, id, ok = c.cfg.GetName(), c.uuid, true
+				}
+				m.mu.Unlock()
+				return // a container of ours, or of another daemon's
+			}
+		}
+		return "", "", false // a host process
+	}
+	// The process is gone: its uid's range names the container.
+	if uid < int(m.o.IDBase) || m.o.IDCount == 0 {
+		return "", "", false
+	}
+	slot := uint32((uid - int(m.o.IDBase)) / int(m.o.IDCount))
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, c := range m.containers {
+		if c.slot == slot && c.cfg.GetUserns() {
+			return c.cfg.GetName(), c.uuid, true
+		}
+	}
+	return "", "", false
 }
 
 // Annotate sets a running container's state reason (an integrity failure

@@ -274,6 +274,12 @@ func Run(ctx context.Context, c Config) error {
 		return err
 	}
 	go func() {
+		// Seccomp denials in containers, from the kernel's audit.
+		if err := audit.WatchSeccomp(ctx, sink, mgr.Attribute, 10, c.Log); err != nil {
+			c.Log.Error("audit: seccomp denials cannot be recorded", "err", err)
+		}
+	}()
+	go func() {
 		if err := netStage.WatchDenied(ctx); err != nil {
 			c.Log.Error("network: denied packets cannot be audited", "err", err)
 		}

@@ -116,6 +116,9 @@ func Default(o Options) *specs.LinuxSeccomp {
 	eperm := uint(unix.EPERM)
 	enosys := uint(unix.ENOSYS)
 	return &specs.LinuxSeccomp{
+		// Denials are logged by the kernel's audit (attributed to the
+		// container by cmld): a denied syscall shows in the trail.
+		Flags:           []specs.LinuxSeccompFlag{specs.LinuxSeccompFlagLog},
 		DefaultAction:   specs.ActErrno,
 		DefaultErrnoRet: &eperm,
 		Architectures:   architectures(),

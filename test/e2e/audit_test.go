@@ -176,3 +176,27 @@ func TestAuditFullFailsClosed(t *testing.T) {
 		t.Errorf("%d creates happened, %d audited", n, audited)
 	}
 }
+
+// TestSeccompDenialsAudited: a system call the container's seccomp
+// profile denies shows in the trail, naming the container (through the
+// kernel's audit multicast, beside any auditd); a flood of them is
+// bounded with a summary.
+func TestSeccompDenialsAudited(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	d.create("sc", "")
+	d.must("start", "sc")
+	d.exec("sc", "mount -t tmpfs none /mnt 2>/dev/null; true")
+	waitFor(t, 5*time.Second, func() bool { return d.hasAudit("container.seccomp", "failure", "system call mount denied") && d.hasAudit("container.seccomp", "failure", `"object":"sc/`) }, "audit record of the denied mount naming container sc")
+	d.exec("sc", "i=0; while [ $i -lt 300 ]; do swapoff /dev/null 2>/dev/null; i=$((i+1)); done; true")
+	waitFor(t, 5*time.Second, func() bool { return d.hasAudit("container.seccomp.summary", "failure", "more denied system calls") }, "summary of the flood")
+	n := 0
+	for _, l := range d.auditLines() {
+		if strings.Contains(l, `"operation":"container.seccomp"`) && strings.Contains(l, "swapoff") {
+			n++
+		}
+	}
+	if n == 0 || n > 40 {
+		t.Errorf("%d individual records for 300 denied calls (bounded to 10 per second)", n)
+	}
+}
