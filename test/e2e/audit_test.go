@@ -187,7 +187,9 @@ func TestSeccompDenialsAudited(t *testing.T) {
 	d.create("sc", "")
 	d.must("start", "sc")
 	d.exec("sc", "mount -t tmpfs none /mnt 2>/dev/null; true")
-	waitFor(t, 5*time.Second, func() bool { return d.hasAudit("container.seccomp", "failure", "system call mount denied") && d.hasAudit("container.seccomp", "failure", `"object":"sc/`) }, "audit record of the denied mount naming container sc")
+	waitFor(t, 5*time.Second, func() bool {
+		return d.hasAudit("container.seccomp", "failure", "system call mount denied") && d.hasAudit("container.seccomp", "failure", `"object":"sc/`)
+	}, "audit record of the denied mount naming container sc")
 	d.exec("sc", "i=0; while [ $i -lt 300 ]; do swapoff /dev/null 2>/dev/null; i=$((i+1)); done; true")
 	waitFor(t, 5*time.Second, func() bool { return d.hasAudit("container.seccomp.summary", "failure", "more denied system calls") }, "summary of the flood")
 	n := 0
