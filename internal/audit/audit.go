@@ -100,6 +100,7 @@ type FileSink struct {
 	onFull   func(reason string)
 	onWarn   func(pct int)
 	fullOnce sync.Once
+	onAlert  func(record string)
 	// Torn is the incomplete last record a crash left, moved aside at
 	// open (empty when there was none).
 	Torn string
@@ -260,6 +261,7 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 	s.tree.Append(auditlog.LeafHash(line[:len(line)-1]))
 	s.off += int64(len(line))
 	end, size := s.off, s.tree.Size()
+	alert := s.onAlert != nil && Integrity(e)
 	var crossed []int
 	if s.capacity > 0 {
 		for s.warned < len(s.warns) && s.off*100 >= int64(s.warns[s.warned])*s.capacity {
@@ -278,6 +280,9 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 	if err := s.sync(end); err != nil {
 		return err
 	}
+	if alert {
+		s.onAlert(string(line[:len(line)-1]))
+	}
 	if s.signer != nil && size%s.every == 0 {
 		select {
 		case s.kick <- struct{}{}:
@@ -285,6 +290,27 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 		}
 	}
 	return nil
+}
+
+// Integrity reports the records of integrity violations: refused images
+// and configs, failed measurements, tampered volumes, a trail that does
+// not verify (CR 3.4(2): pushed as alerts and forwarded as critical).
+func Integrity(e Event) bool {
+	if e.Outcome != Failure {
+		return false
+	}
+	switch e.Operation {
+	case "container.verify", "container.measure", "storage.integrity", "audit.verify", "audit.torn":
+		return true
+	}
+	return false
+}
+
+// OnAlert sets where integrity violations are pushed once recorded.
+func (s *FileSink) OnAlert(f func(record string)) {
+	s.mu.Lock()
+	s.onAlert = f
+	s.mu.Unlock()
 }
 
 // ErrFull is a record refused because the trail is at its capacity.

@@ -242,19 +242,12 @@ func (f *Forwarder) sendNew(w io.Writer, cur *cursor) (bool, error) {
 // write frames one RFC 5424 message: facility 13 (log audit), severity
 // notice, critical for integrity violations, warning for other failures.
 func (f *Forwarder) write(w io.Writer, msgid string, body []byte) error {
-	var rec struct {
-		Time      time.Time `json:"time"`
-		Seq       uint64    `json:"seq"`
-		Operation string    `json:"operation"`
-		Outcome   string    `json:"outcome"`
-	}
+	var rec Event
 	json.Unmarshal(body, &rec)
 	sev := 5
 	switch {
-	case rec.Operation == "storage.integrity" || rec.Operation == "audit.verify" || rec.Operation == "container.verify" || rec.Operation == "container.measure":
-		if rec.Outcome == Failure {
-			sev = 2
-		}
+	case Integrity(rec):
+		sev = 2
 	case rec.Outcome == Failure:
 		sev = 4
 	}

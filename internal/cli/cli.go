@@ -442,7 +442,7 @@ func (a *app) logsCmd() *cobra.Command {
 
 func (a *app) eventsCmd() *cobra.Command {
 	return &cobra.Command{
-		Use: "events [name|uuid]", Short: "Stream container state changes (current state first)", Args: cobra.MaximumNArgs(1),
+		Use: "events [name|uuid]", Short: "Stream container state changes (current state first) and security alerts", Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c, err := a.client()
 			if err != nil {
@@ -473,6 +473,10 @@ func (a *app) eventsCmd() *cobra.Command {
 				}
 				ct := e.GetContainer()
 				t := time.Unix(0, e.GetTimeUnixNano()).Format(time.RFC3339Nano)
+				if e.Alert != nil {
+					fmt.Fprintf(a.stdout, "%s ALERT %s\n", t, e.GetAlert())
+					continue
+				}
 				line := fmt.Sprintf("%s %s %s", t, ct.GetName(), ct.GetState())
 				if ct.GetReason() != "" {
 					line += " (" + ct.GetReason() + ")"

@@ -678,6 +678,12 @@ func (m *Manager) Attribute(pid, uid int) (name, id string, ok bool) {
 	return "", "", false
 }
 
+// Alert pushes a security alert (the JSON of its audit record) to every
+// event subscriber.
+func (m *Manager) Alert(record string) {
+	m.events.publish(&cmlv1.Event{TimeUnixNano: proto.Int64(m.o.Now().UnixNano()), Alert: proto.String(record)})
+}
+
 // Annotate sets a running container's state reason (an integrity failure
 // its storage reported, say) and publishes it.
 func (m *Manager) Annotate(id, reason string) {

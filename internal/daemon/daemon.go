@@ -227,6 +227,9 @@ func Run(ctx context.Context, c Config) error {
 	if err := auditNetworkSettings(ctx, c.StateDir, dev.GetNetwork(), sink); err != nil {
 		return err
 	}
+	if err := auditSettingsChange(ctx, c.StateDir, "audit.settings", "audit", describeAudit(dev.GetAudit()), sink); err != nil {
+		return err
+	}
 	storageStage := storage.New(dev.GetStorage(), filepath.Join(c.RunDir, "storage"), sink, c.Log, tpmConn)
 	// The start pipeline, in order. Release, recovery and removal run the
 	// same stages in reverse.
@@ -253,6 +256,7 @@ func Run(ctx context.Context, c Config) error {
 		return err
 	}
 	storageStage.Notify = mgr.Annotate
+	sink.OnAlert(mgr.Alert)
 	as := dev.GetAudit()
 	sink.SetCapacity(int64(as.GetAuditSize())<<20, []int{int(as.GetWarnPercent()), int(as.GetWarnPercentHigh())},
 		func(reason string) {
@@ -436,8 +440,23 @@ func auditNetworkSettings(ctx context.Context, stateDir string, n *cmlv1.Network
 	if n == nil {
 		n = &cmlv1.NetworkSettings{}
 	}
-	now := network.Describe(n)
-	path := filepath.Join(stateDir, "network.settings")
+	return auditSettingsChange(ctx, stateDir, "network.settings", "network", network.Describe(n), sink)
+}
+
+// describeAudit renders the audit settings on one line, defaults spelled
+// out.
+func describeAudit(a *cmlv1.AuditSettings) string {
+	if a == nil {
+		a = &cmlv1.AuditSettings{}
+	}
+	return fmt.Sprintf("audit_size=%dMB warn_percent=%d warn_percent_high=%d when_full=%s checkpoint_every=%d checkpoint_interval_seconds=%d collector=%q collector_ca_file=%q",
+		a.GetAuditSize(), a.GetWarnPercent(), a.GetWarnPercentHigh(), a.GetWhenFull(), a.GetCheckpointEvery(), a.GetCheckpointIntervalSeconds(), a.GetCollector(), a.GetCollectorCaFile())
+}
+
+// auditSettingsChange records a change of a section of the device
+// settings against the last start's (kept in <state>/<file>).
+func auditSettingsChange(ctx context.Context, stateDir, file, section, now string, sink audit.Recorder) error {
+	path := filepath.Join(stateDir, file)
 	before, err := os.ReadFile(path)
 	if err == nil && string(before) == now {
 		return nil
@@ -446,8 +465,8 @@ func auditNetworkSettings(ctx context.Context, stateDir string, n *cmlv1.Network
 	if err == nil {
 		was = string(before)
 	}
-	if err := sink.Record(ctx, audit.Event{Type: "daemon", Operation: "network.settings", Outcome: audit.Success,
-		Reason: fmt.Sprintf("device network settings changed from %s to %s", was, now)}); err != nil {
+	if err := sink.Record(ctx, audit.Event{Type: "daemon", Operation: file, Outcome: audit.Success,
+		Reason: fmt.Sprintf("device %s settings changed from %s to %s", section, was, now)}); err != nil {
 		return err
 	}
 	return atomicfile.Write(path, []byte(now), 0o600)

@@ -144,6 +144,9 @@ func TestAuditFullFailsClosed(t *testing.T) {
 	}
 	os.WriteFile(filepath.Join(fs, "filler"), make([]byte, free()-(16<<10)-48<<10), 0o600)
 	d.restartWithDevice("audit { when_full: STOP_CONTAINERS }\n")
+	if !d.hasAudit("audit.settings", "success", "when_full=STOP_CONTAINERS") {
+		t.Errorf("the change of audit settings is not audited")
+	}
 	d.must("start", "a")
 	var refused string
 	var n int

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
@@ -102,7 +103,19 @@ func TestImageVerifiedBeforeEveryStart(t *testing.T) {
 	bad[5*4096+100] ^= 0x40
 	os.Chmod(img, 0o600)
 	os.WriteFile(img, bad, 0o400)
+	// Integrity violations are pushed as alerts on the event stream.
+	var events bytes.Buffer
+	ev := exec.Command(filepath.Join(binDir, "cmlctl"), "--socket", d.socket, "events")
+	ev.Stdout = &events
+	ev.Start()
+	time.Sleep(200 * time.Millisecond)
 	msg := d.refuse("data blocks 5 ", "start", "v")
+	time.Sleep(300 * time.Millisecond)
+	ev.Process.Signal(os.Interrupt)
+	ev.Wait()
+	if !strings.Contains(events.String(), "ALERT") || !strings.Contains(events.String(), "container.verify") {
+		t.Errorf("no alert on the event stream:\n%s", events.String())
+	}
 	if st := d.state("v"); st != "FAILED" {
 		t.Errorf("after a failed check the container is %s", st)
 	}

@@ -3136,9 +3136,13 @@ func (x *EventsRequest) GetNameOrUuid() string {
 }
 
 type Event struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	TimeUnixNano  *int64                 `protobuf:"varint,1,opt,name=time_unix_nano,json=timeUnixNano" json:"time_unix_nano,omitempty"`
-	Container     *Container             `protobuf:"bytes,2,opt,name=container" json:"container,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	TimeUnixNano *int64                 `protobuf:"varint,1,opt,name=time_unix_nano,json=timeUnixNano" json:"time_unix_nano,omitempty"`
+	Container    *Container             `protobuf:"bytes,2,opt,name=container" json:"container,omitempty"`
+	// alert is a security alert (an integrity violation: a tampered image,
+	// config or volume, a failed measurement, a trail that does not
+	// verify), with the audit record that reports it.
+	Alert         *string `protobuf:"bytes,3,opt,name=alert" json:"alert,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3185,6 +3189,13 @@ func (x *Event) GetContainer() *Container {
 		return x.Container
 	}
 	return nil
+}
+
+func (x *Event) GetAlert() string {
+	if x != nil && x.Alert != nil {
+		return *x.Alert
+	}
+	return ""
 }
 
 type GuestOS struct {
@@ -5713,10 +5724,11 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"1\n" +
 	"\rEventsRequest\x12 \n" +
 	"\fname_or_uuid\x18\x01 \x01(\tR\n" +
-	"nameOrUuid\"^\n" +
+	"nameOrUuid\"t\n" +
 	"\x05Event\x12$\n" +
 	"\x0etime_unix_nano\x18\x01 \x01(\x03R\ftimeUnixNano\x12/\n" +
-	"\tcontainer\x18\x02 \x01(\v2\x11.cml.v1.ContainerR\tcontainer\"\xfc\x01\n" +
+	"\tcontainer\x18\x02 \x01(\v2\x11.cml.v1.ContainerR\tcontainer\x12\x14\n" +
+	"\x05alert\x18\x03 \x01(\tR\x05alert\"\xfc\x01\n" +
 	"\aGuestOS\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\x04R\aversion\x12\x12\n" +
