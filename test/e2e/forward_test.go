@@ -118,9 +118,14 @@ func freePort(t *testing.T) int {
 // lastSeq is the trail's highest sequence number.
 func (d *daemon) lastSeq() int {
 	ls := d.auditLines()
-	m := regexp.MustCompile(`"seq":(\d+)`).FindStringSubmatch(ls[len(ls)-1])
-	n, _ := strconv.Atoi(m[1])
-	return n
+	re := regexp.MustCompile(`"seq":(\d+)`)
+	for i := len(ls) - 1; i >= 0; i-- {
+		if m := re.FindStringSubmatch(ls[i]); m != nil {
+			n, _ := strconv.Atoi(m[1])
+			return n
+		}
+	}
+	return 0
 }
 
 // TestAuditForwarding: the trail goes to a real rsyslog over mutual TLS
