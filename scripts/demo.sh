@@ -92,4 +92,7 @@ run bin/cmlctl list
 step "Every management operation is in the audit trail"
 tail -n 4 "$DEMO/state/audit.log"
 
+step "The trail is tamper-evident: hash chain, Merkle tree, checkpoints signed in the TPM"
+run bin/cmlctl audit verify
+
 step "Done. Remove the demo state with: chattr -R -a $DEMO/state; rm -rf $DEMO (the audit trail is append-only)"

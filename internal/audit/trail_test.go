@@ -334,3 +334,22 @@ func TestDiskFull(t *testing.T) {
 		t.Errorf("after the disk was full: %+v", r.Problems)
 	}
 }
+
+// TestUpgradedTrail: a trail from before sequence numbers (an upgraded
+// device) goes on; its old records count as legacy, the rest verifies.
+func TestUpgradedTrail(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	os.WriteFile(path, []byte(`{"time":"2026-01-01T00:00:00Z","type":"daemon","operation":"daemon.start","outcome":"success"}`+"\n"+
+		`{"time":"2026-01-01T00:00:01Z","type":"daemon","operation":"daemon.stop","outcome":"success"}`+"\n"), 0o600)
+	s, err := OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Record(context.Background(), Event{Type: "daemon", Operation: "daemon.start", Outcome: Success})
+	s.Close()
+	log, _ := os.ReadFile(path)
+	r := auditlog.Verify(log, nil, nil, nil)
+	if !r.OK() || r.Legacy != 2 || r.Entries != 3 || !bytes.Contains(log, []byte(`"seq":3`)) {
+		t.Errorf("upgraded trail: legacy %d entries %d %+v", r.Legacy, r.Entries, r.Problems)
+	}
+}

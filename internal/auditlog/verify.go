@@ -50,12 +50,15 @@ type Problem struct {
 
 // Report is what Verify found.
 type Report struct {
-	Entries     uint64      `json:"entries"`
-	Checkpoints int         `json:"checkpoints_verified"`
-	LastSigned  uint64      `json:"last_signed_size"`
-	Root        string      `json:"root"`
-	Problems    []Problem   `json:"problems"`
-	Saved       *Checkpoint `json:"-"`
+	Entries     uint64    `json:"entries"`
+	Checkpoints int       `json:"checkpoints_verified"`
+	LastSigned  uint64    `json:"last_signed_size"`
+	Root        string    `json:"root"`
+	Problems    []Problem `json:"problems"`
+	// Legacy counts leading records written before the trail had
+	// sequence numbers (an upgraded device): in the tree, not chained.
+	Legacy uint64      `json:"legacy_records,omitempty"`
+	Saved  *Checkpoint `json:"-"`
 }
 
 // OK reports a log without problems.
@@ -127,37 +130,46 @@ func Verify(log []byte, checkpoints [][]byte, saved []byte, keys []crypto.Public
 	for i, line := range lines {
 		ln := i + 1
 		var rec struct {
-			Seq uint64 `json:"seq"`
+			Seq *uint64 `json:"seq"`
 		}
-		if err := json.Unmarshal(line, &rec); err != nil || rec.Seq == 0 {
+		err := json.Unmarshal(line, &rec)
+		if err == nil && rec.Seq == nil && prevSeq == uint64(i) && r.Legacy == uint64(i) {
+			// A record from before sequence numbers, at the start.
+			r.Legacy++
+			prevSeq++
+			tree.Append(LeafHash(line))
+			continue
+		}
+		if err != nil || rec.Seq == nil || *rec.Seq == 0 {
 			r.add(Problem{Line: ln, Kind: "modified", Text: fmt.Sprintf("line %d is not a record of the trail", ln)})
 			break
 		}
+		seq := *rec.Seq
 		switch {
-		case rec.Seq == prevSeq+1:
-		case rec.Seq > prevSeq+1 && present[prevSeq+1]:
-			r.add(Problem{Line: ln, Seq: rec.Seq, Kind: "reordered", Text: fmt.Sprintf("line %d: record %d comes before record %d (reordered)", ln, rec.Seq, prevSeq+1)})
-		case rec.Seq > prevSeq+1:
-			r.add(Problem{Line: ln, Seq: rec.Seq, Kind: "deleted", Text: fmt.Sprintf("records %d to %d are missing before line %d", prevSeq+1, rec.Seq-1, ln)})
+		case seq == prevSeq+1:
+		case seq > prevSeq+1 && present[prevSeq+1]:
+			r.add(Problem{Line: ln, Seq: seq, Kind: "reordered", Text: fmt.Sprintf("line %d: record %d comes before record %d (reordered)", ln, seq, prevSeq+1)})
+		case seq > prevSeq+1:
+			r.add(Problem{Line: ln, Seq: seq, Kind: "deleted", Text: fmt.Sprintf("records %d to %d are missing before line %d", prevSeq+1, seq-1, ln)})
 		default:
-			r.add(Problem{Line: ln, Seq: rec.Seq, Kind: "reordered", Text: fmt.Sprintf("line %d: record %d comes after record %d (inserted or reordered)", ln, rec.Seq, prevSeq)})
+			r.add(Problem{Line: ln, Seq: seq, Kind: "reordered", Text: fmt.Sprintf("line %d: record %d comes after record %d (inserted or reordered)", ln, seq, prevSeq)})
 		}
 		blank, value, ok := Blank(line)
 		next := Chain(chain, blank)
 		if !ok || value != hex.EncodeToString(next[:]) {
 			if len(r.Problems) == 0 {
-				r.add(Problem{Line: ln, Seq: rec.Seq, Kind: "modified", Text: fmt.Sprintf("record %d (line %d) was modified or inserted: its hash chain breaks", rec.Seq, ln)})
+				r.add(Problem{Line: ln, Seq: seq, Kind: "modified", Text: fmt.Sprintf("record %d (line %d) was modified or inserted: its hash chain breaks", seq, ln)})
 			}
 			// Go on from the stored value, to find later breaks too.
 			if b, err := hex.DecodeString(value); err == nil && len(b) == 32 {
 				copy(next[:], b)
 			}
 		}
-		chain, prevSeq = next, rec.Seq
+		chain, prevSeq = next, seq
 		tree.Append(LeafHash(line))
 		for _, c := range want[tree.Size()] {
 			if c.Root != tree.Root() {
-				r.add(Problem{Line: ln, Seq: rec.Seq, Kind: "rewritten", Text: fmt.Sprintf("the first %d records do not match the checkpoint signed %s: the trail was rewritten after record %d (the last checkpoint that matches) and at or before record %d", c.Size, time.Unix(c.Time, 0).UTC().Format(time.RFC3339), lastGood, c.Size)})
+				r.add(Problem{Line: ln, Seq: seq, Kind: "rewritten", Text: fmt.Sprintf("the first %d records do not match the checkpoint signed %s: the trail was rewritten after record %d (the last checkpoint that matches) and at or before record %d", c.Size, time.Unix(c.Time, 0).UTC().Format(time.RFC3339), lastGood, c.Size)})
 			} else {
 				lastGood = c.Size
 			}

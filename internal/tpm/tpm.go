@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/go-tpm/legacy/tpm2"
 	"golang.org/x/sys/unix"
 
 	"github.com/cmlproject/cml/internal/errdefs"
@@ -346,7 +347,10 @@ func Open(ctx context.Context, swtpmDir string, log *slog.Logger) (*Conn, func()
 		s.Stop()
 		return nil, nil, err
 	}
-	return c, func() { c.Close(); s.Stop() }, nil
+	// An orderly TPM2_Shutdown before swtpm ends: without it the TPM
+	// counts the next startup as a dictionary-attack failure (after any
+	// use of a DA-protected key), and a few restarts lock it out.
+	return c, func() { tpm2.Shutdown(c, tpm2.StartupState); c.Close(); s.Stop() }, nil
 }
 
 // lastLine returns the last non-empty line of a small log file.
