@@ -111,6 +111,61 @@ func TestAuditTrailTamperEvident(t *testing.T) {
 
 func itoa(i int) string { return strconv.Itoa(i) }
 
+// trailOnSmallFS stops cmld and moves its trail to a 256 KiB tmpfs bound
+// over its path, filled on purpose to leave room for about a hundred
+// records beyond the reserve.
+func trailOnSmallFS(t *testing.T, d *daemon) {
+	t.Helper()
+	d.cmd.Process.Signal(os.Interrupt)
+	d.cmd.Wait()
+	fs := filepath.Join(d.root, "auditfs")
+	os.MkdirAll(fs, 0o700)
+	if err := syscall.Mount("tmpfs", fs, "tmpfs", 0, "size=256k"); err != nil {
+		t.Skipf("tmpfs: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(fs, syscall.MNT_DETACH) })
+	log := filepath.Join(d.stateDir, "audit.log")
+	audit.SetAppendOnly(log, false)
+	b, _ := os.ReadFile(log)
+	os.WriteFile(filepath.Join(fs, "audit.log"), b, 0o600)
+	if err := syscall.Mount(filepath.Join(fs, "audit.log"), log, "", syscall.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Unmount(log, syscall.MNT_DETACH) })
+	var st syscall.Statfs_t
+	syscall.Statfs(fs, &st)
+	os.WriteFile(filepath.Join(fs, "filler"), make([]byte, int64(st.Bavail)*st.Bsize-(16<<10)-48<<10), 0o600)
+}
+
+// TestAuditFullHalts: with when_full HALT, a full trail stops the
+// containers and ends cmld, with the reason.
+func TestAuditFullHalts(t *testing.T) {
+	d := startDaemon(t)
+	d.installGuestOS()
+	d.create("a", "")
+	trailOnSmallFS(t, d)
+	d.restartWithDevice("audit { when_full: HALT }\n")
+	d.must("start", "a")
+	exited := make(chan error, 1)
+	go func() { exited <- d.cmd.Wait() }()
+	for n := 0; n < 400; n++ {
+		if _, _, code := d.ctl("create", d.signedConfig(fmt.Sprint("h", n), fmt.Sprintf("name: \"h%d\"\nguest_os: \"busybox\"\n", n))); code != 0 {
+			break
+		}
+	}
+	select {
+	case err := <-exited:
+		if err == nil || !strings.Contains(d.log.String(), "halted") {
+			t.Errorf("cmld ended with %v; log:\n%s", err, d.log)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("cmld did not halt on a full trail")
+	}
+	if out, _ := exec.Command("runc", "--root", filepath.Join(d.run, "runtime"), "list", "-q").Output(); strings.TrimSpace(string(out)) != "" {
+		t.Errorf("containers still run after the halt: %s", out)
+	}
+}
+
 // TestAuditFullFailsClosed: the trail on a small filesystem filled on
 // purpose: before it is full, management calls are refused with one line
 // and do not happen; the configured action stops the containers; no
@@ -119,30 +174,7 @@ func TestAuditFullFailsClosed(t *testing.T) {
 	d := startDaemon(t)
 	d.installGuestOS()
 	d.create("a", "")
-	d.cmd.Process.Signal(os.Interrupt)
-	d.cmd.Wait()
-	// The trail moves to a 256 KiB tmpfs, bound over its path.
-	fs := filepath.Join(d.root, "auditfs")
-	os.MkdirAll(fs, 0o700)
-	if err := syscall.Mount("tmpfs", fs, "tmpfs", 0, "size=256k"); err != nil {
-		t.Skipf("tmpfs: %v", err)
-	}
-	defer syscall.Unmount(fs, syscall.MNT_DETACH)
-	log := filepath.Join(d.stateDir, "audit.log")
-	audit.SetAppendOnly(log, false)
-	b, _ := os.ReadFile(log)
-	os.WriteFile(filepath.Join(fs, "audit.log"), b, 0o600)
-	if err := syscall.Mount(filepath.Join(fs, "audit.log"), log, "", syscall.MS_BIND, ""); err != nil {
-		t.Fatal(err)
-	}
-	defer syscall.Unmount(log, syscall.MNT_DETACH)
-	// Leave room for about a hundred records beyond the reserve.
-	free := func() int64 {
-		var st syscall.Statfs_t
-		syscall.Statfs(fs, &st)
-		return int64(st.Bavail) * st.Bsize
-	}
-	os.WriteFile(filepath.Join(fs, "filler"), make([]byte, free()-(16<<10)-48<<10), 0o600)
+	trailOnSmallFS(t, d)
 	d.restartWithDevice("audit { when_full: STOP_CONTAINERS }\n")
 	if !d.hasAudit("audit.settings", "success", "when_full=STOP_CONTAINERS") {
 		t.Errorf("the change of audit settings is not audited")
@@ -165,7 +197,7 @@ func TestAuditFullFailsClosed(t *testing.T) {
 	}
 	d.waitState("a", "STOPPED", 20*time.Second)
 	// Nothing lost: the trail verifies and its records are consecutive.
-	c := exec.Command(filepath.Join(binDir, "cmlverify"), "audit", "--cert", filepath.Join(d.stateDir, "identity", "tls.pem"), log)
+	c := exec.Command(filepath.Join(binDir, "cmlverify"), "audit", "--cert", filepath.Join(d.stateDir, "identity", "tls.pem"), filepath.Join(d.stateDir, "audit.log"))
 	if o, err := c.CombinedOutput(); err != nil {
 		t.Errorf("cmlverify audit on the full trail: %v %s", err, o)
 	}
