@@ -132,14 +132,24 @@ func OpenFile(path string, now func() time.Time) (*FileSink, error) {
 		}
 		b = b[:cut]
 	}
-	for _, line := range bytes.Split(b, []byte("\n")) {
+	for i, line := range bytes.Split(b, []byte("\n")) {
 		if len(line) == 0 {
 			continue
 		}
 		var rec struct {
-			Seq uint64 `json:"seq"`
+			Seq       uint64 `json:"seq"`
+			Operation string `json:"operation"`
+			Details   string `json:"details"`
 		}
 		json.Unmarshal(line, &rec)
+		if i == 0 && rec.Operation == auditlog.RotateOperation {
+			// Earlier records were rotated away: take up their state.
+			t, c, err := auditlog.DecodeRotate(rec.Details)
+			if err != nil {
+				return nil, fmt.Errorf("open audit log: %w", err)
+			}
+			s.tree, s.chain, s.seq = t, c, t.Size()
+		}
 		if rec.Seq > s.seq {
 			s.seq = rec.Seq
 		} else {
@@ -519,4 +529,77 @@ func (s *FileSink) Capacity() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.capacity
+}
+
+// Rotate ends the live trail after the collector has it: with a
+// checkpoint signed at its end, the file is replaced by a new one whose
+// first record (audit.rotate) carries the tree and chain state, so that
+// verification goes on; the old records are deleted, their space freed.
+// confirmed says whether the collector holds the first n bytes.
+func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
+	s.ckMu.Lock()
+	defer s.ckMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !confirmed(s.off) {
+		return fmt.Errorf("the collector has not confirmed the trail yet")
+	}
+	if s.signer != nil && s.signedAt != s.tree.Size() {
+		// The rotation point must be under a signed checkpoint (a rare
+		// TPM signature under the trail's lock).
+		c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
+		note, err := auditlog.Sign(c, s.signer)
+		if err != nil {
+			return err
+		}
+		line, _ := json.Marshal(struct {
+			Note string `json:"note"`
+		}{string(note)})
+		f, err := os.OpenFile(s.path+".checkpoints", os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return err
+		}
+		_, werr := f.Write(append(line, '\n'))
+		serr := f.Sync()
+		f.Close()
+		if werr != nil || serr != nil {
+			return fmt.Errorf("checkpoint before rotation: %v %v", werr, serr)
+		}
+		s.signedAt = c.Size
+	}
+	e := Event{Time: s.now().UTC(), Type: "daemon", Operation: auditlog.RotateOperation, Outcome: Success,
+		Reason:  fmt.Sprintf("records 1 to %d were rotated away after the collector received them", s.seq),
+		Details: auditlog.EncodeRotate(&s.tree, s.chain), Seq: s.seq + 1}
+	blank, err := json.Marshal(e)
+	if err != nil {
+		return err
+	}
+	next := auditlog.Chain(s.chain, blank)
+	line := bytes.Replace(blank, []byte(`"chain":""`), []byte(`"chain":"`+hex.EncodeToString(next[:])+`"`), 1)
+	tmp := s.path + ".rotating"
+	if err := os.WriteFile(tmp, append(line, '\n'), 0o600); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	SetAppendOnly(s.path, false)
+	if err := os.Rename(tmp, s.path); err != nil {
+		os.Remove(tmp)
+		SetAppendOnly(s.path, s.appendOnly)
+		return err
+	}
+	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	s.f.Close()
+	s.f = f
+	if s.appendOnly {
+		SetAppendOnly(s.path, true)
+	}
+	s.seq, s.chain = e.Seq, next
+	s.tree.Append(auditlog.LeafHash(line))
+	s.off, s.synced = int64(len(line)+1), int64(len(line)+1)
+	s.failed, s.warned = false, 0
+	s.fullOnce = sync.Once{}
+	return nil
 }

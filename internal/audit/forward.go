@@ -263,3 +263,7 @@ func (f *Forwarder) write(w io.Writer, msgid string, body []byte) error {
 	_, err := io.WriteString(w, strconv.Itoa(len(msg))+" "+msg)
 	return err
 }
+
+// Confirmed reports whether the collector has had the first n bytes of
+// the trail for longer than the resend window (what a rotation may drop).
+func (f *Forwarder) Confirmed(n int64) bool { return f.readCursor().Log >= n }

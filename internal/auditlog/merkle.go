@@ -58,3 +58,23 @@ func (t *Tree) Root() [32]byte {
 	}
 	return r
 }
+
+// State is the tree's compact form: its size and the roots of its
+// perfect subtrees (what a rotated-away prefix leaves behind).
+func (t *Tree) State() (size uint64, peaks [][32]byte) {
+	return t.size, append([][32]byte(nil), t.peaks...)
+}
+
+// Restore sets the tree to a state from State; it reports false when the
+// peaks do not fit the size.
+func (t *Tree) Restore(size uint64, peaks [][32]byte) bool {
+	n := 0
+	for s := size; s > 0; s >>= 1 {
+		n += int(s & 1)
+	}
+	if n != len(peaks) {
+		return false
+	}
+	t.size, t.peaks = size, append([][32]byte(nil), peaks...)
+	return true
+}

@@ -55,6 +55,8 @@ type Report struct {
 	LastSigned  uint64    `json:"last_signed_size"`
 	Root        string    `json:"root"`
 	Problems    []Problem `json:"problems"`
+	// Rotated is how many records were rotated away before this trail.
+	Rotated uint64 `json:"rotated_records,omitempty"`
 	// Legacy counts leading records written before the trail had
 	// sequence numbers (an upgraded device): in the tree, not chained.
 	Legacy uint64      `json:"legacy_records,omitempty"`
@@ -127,13 +129,42 @@ func Verify(log []byte, checkpoints [][]byte, saved []byte, keys []crypto.Public
 			present[rec.Seq] = true
 		}
 	}
+	// A trail whose earlier records were rotated away starts from the
+	// state its rotation record carries, proven by a checkpoint.
+	if len(lines) > 0 {
+		var first struct {
+			Operation string `json:"operation"`
+			Details   string `json:"details"`
+		}
+		if json.Unmarshal(lines[0], &first) == nil && first.Operation == RotateOperation {
+			t, c, err := DecodeRotate(first.Details)
+			if err != nil {
+				r.add(Problem{Line: 1, Kind: "modified", Text: err.Error()})
+				return r
+			}
+			tree, chain, prevSeq, lastGood = t, c, t.Size(), 0
+			r.Rotated = t.Size()
+			cs := want[t.Size()]
+			if len(cs) == 0 {
+				r.add(Problem{Line: 1, Kind: "rewritten", Text: fmt.Sprintf("records 1 to %d were rotated away, but no signed checkpoint covers that point", t.Size())})
+			}
+			for _, c := range cs {
+				if c.Root != tree.Root() {
+					r.add(Problem{Line: 1, Kind: "rewritten", Text: fmt.Sprintf("the rotation record's state does not match the checkpoint of size %d", c.Size)})
+				} else {
+					lastGood = c.Size
+				}
+			}
+		}
+	}
+	base := prevSeq
 	for i, line := range lines {
 		ln := i + 1
 		var rec struct {
 			Seq *uint64 `json:"seq"`
 		}
 		err := json.Unmarshal(line, &rec)
-		if err == nil && rec.Seq == nil && prevSeq == uint64(i) && r.Legacy == uint64(i) {
+		if err == nil && rec.Seq == nil && base == 0 && prevSeq == uint64(i) && r.Legacy == uint64(i) {
 			// A record from before sequence numbers, at the start.
 			r.Legacy++
 			prevSeq++

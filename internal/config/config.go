@@ -393,6 +393,9 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 		if w, h := a.GetWarnPercent(), a.GetWarnPercentHigh(); w == 0 || w >= h || h >= 100 {
 			return nil, errdefs.InvalidArgument("%s: fields audit.warn_percent and warn_percent_high: %d and %d must rise within 1..99", source, w, h)
 		}
+		if a.GetWhenFull() == cmlv1.AuditSettings_ROTATE && a.GetCollector() == "" {
+			return nil, errdefs.InvalidArgument("%s: field audit.when_full: ROTATE drops only what a collector holds; set audit.collector", source)
+		}
 		if col := a.GetCollector(); col != "" {
 			if _, port, err := net.SplitHostPort(col); err != nil || port == "" {
 				return nil, errdefs.InvalidArgument("%s: field audit.collector: %q is not host:port", source, col)

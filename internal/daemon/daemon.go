@@ -268,6 +268,17 @@ func Run(ctx context.Context, c Config) error {
 			if action == cmlv1.AuditSettings_HALT {
 				halt(fmt.Errorf("halted: %s", reason))
 			}
+			if action == cmlv1.AuditSettings_ROTATE && fw != nil {
+				// Until the collector holds everything, as FAIL_CLOSED.
+				for ctx.Err() == nil {
+					if err := sink.Rotate(fw.Confirmed); err == nil {
+						c.Log.Info("audit trail rotated after the collector received it")
+						sink.Recovered()
+						return
+					}
+					time.Sleep(2 * time.Second)
+				}
+			}
 		},
 		func(pct int) { c.Log.Warn("audit trail over its warning threshold", "percent", pct) })
 	netStage.Peers = func(name string) (network.Peer, error) {

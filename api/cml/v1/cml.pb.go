@@ -484,6 +484,11 @@ const (
 	AuditSettings_FAIL_CLOSED     AuditSettings_FullAction = 1 // refuse audited operations until space is made
 	AuditSettings_STOP_CONTAINERS AuditSettings_FullAction = 2 // also stop every container
 	AuditSettings_HALT            AuditSettings_FullAction = 3 // also stop every container and end cmld
+	// ROTATE: once the collector holds the whole trail, its records are
+	// rotated away (a signed checkpoint and a rotation record keep the
+	// trail verifiable) and audited operations go on; until then, as
+	// FAIL_CLOSED. Needs a collector.
+	AuditSettings_ROTATE AuditSettings_FullAction = 4
 )
 
 // Enum value maps for AuditSettings_FullAction.
@@ -492,11 +497,13 @@ var (
 		1: "FAIL_CLOSED",
 		2: "STOP_CONTAINERS",
 		3: "HALT",
+		4: "ROTATE",
 	}
 	AuditSettings_FullAction_value = map[string]int32{
 		"FAIL_CLOSED":     1,
 		"STOP_CONTAINERS": 2,
 		"HALT":            3,
+		"ROTATE":          4,
 	}
 )
 
@@ -5617,7 +5624,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x0fNetworkEndpoint\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12=\n" +
 	"\bprotocol\x18\x02 \x01(\x0e2\x1c.cml.v1.NetworkFlow.Protocol:\x03TCPR\bprotocol\x12\x12\n" +
-	"\x04port\x18\x03 \x01(\rR\x04port\"\x85\x04\n" +
+	"\x04port\x18\x03 \x01(\rR\x04port\"\x91\x04\n" +
 	"\rAuditSettings\x12/\n" +
 	"\x10checkpoint_every\x18\x01 \x01(\r:\x041000R\x0fcheckpointEvery\x12B\n" +
 	"\x1bcheckpoint_interval_seconds\x18\x02 \x01(\r:\x0260R\x19checkpointIntervalSeconds\x12 \n" +
@@ -5628,12 +5635,14 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\twhen_full\x18\x06 \x01(\x0e2 .cml.v1.AuditSettings.FullAction:\vFAIL_CLOSEDR\bwhenFull\x12\x1c\n" +
 	"\tcollector\x18\a \x01(\tR\tcollector\x12*\n" +
 	"\x11collector_ca_file\x18\b \x01(\tR\x0fcollectorCaFile\x122\n" +
-	"\x15collector_server_name\x18\t \x01(\tR\x13collectorServerName\"<\n" +
+	"\x15collector_server_name\x18\t \x01(\tR\x13collectorServerName\"H\n" +
 	"\n" +
 	"FullAction\x12\x0f\n" +
 	"\vFAIL_CLOSED\x10\x01\x12\x13\n" +
 	"\x0fSTOP_CONTAINERS\x10\x02\x12\b\n" +
-	"\x04HALT\x10\x03\"\x10\n" +
+	"\x04HALT\x10\x03\x12\n" +
+	"\n" +
+	"\x06ROTATE\x10\x04\"\x10\n" +
 	"\x0eRemoteSettings\"\x8f\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
