@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -31,6 +32,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/access"
 	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/container"
@@ -60,7 +62,10 @@ type Server struct {
 	// set, sends it to a collector.
 	Trail     *audit.FileSink
 	Forwarder *audit.Forwarder
-	Log       *slog.Logger
+	// Accounts and their roles authorize every call (access.Table); nil
+	// allows everything (tests of other parts).
+	Accounts *access.Store
+	Log      *slog.Logger
 
 	auditBroken atomic.Bool
 	errRef      atomic.Uint64
@@ -100,6 +105,12 @@ func objectOf(req any) string {
 		return r.GetNameOrUuid()
 	case *cmlv1.ChangePinRequest:
 		return r.GetNameOrUuid() // never the PINs
+	case *cmlv1.AccountInfo:
+		return "account " + r.GetName()
+	case *cmlv1.AccountRef:
+		return "account " + r.GetName()
+	case *cmlv1.UserSetRequest:
+		return "account " + r.GetName()
 	case *cmlv1.GuestOSInstallRequest:
 		return r.GetDir() + r.GetUrl()
 	case *cmlv1.CARemoveRequest:
@@ -135,6 +146,11 @@ func operationOf(method string) string {
 // returned as an error of class Unavailable.
 func (s *Server) audit(ctx context.Context, method string, object string, err error) error {
 	e := audit.Event{Type: "management", Operation: operationOf(method), Subject: subject(ctx), Object: object, Outcome: audit.Success}
+	if e.Subject != nil {
+		if a := s.account(ctx); a != nil {
+			e.Subject.Account = a.Name // CR 2.12: the account, not only the uid
+		}
+	}
 	if err != nil {
 		e.Outcome = audit.Failure
 		e.Reason = reasonOf(err)
@@ -173,8 +189,19 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	if sub := subject(ctx); sub != nil {
 		ctx = audit.WithSubject(ctx, *sub)
 	}
+	// Every call is authorized (one table for unary and stream calls);
+	// refusals are audited as denied accesses.
+	actx, aerr := s.authorize(ctx, info.FullMethod, req)
+	if aerr != nil {
+		s.audit(ctx, info.FullMethod, objectOf(req), aerr)
+		return nil, s.toStatus(aerr)
+	}
+	ctx = actx
 	if queries[info.FullMethod] {
 		resp, err := h(ctx, req)
+		if l, ok := resp.(*cmlv1.ListResponse); ok && err == nil {
+			s.ownOnly(ctx, l)
+		}
 		return resp, s.toStatus(err)
 	}
 	if err := s.checkAudit(ctx, info.FullMethod, objectOf(req)); err != nil {
@@ -192,6 +219,13 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 // while the audit trail is broken; streams audit themselves once they
 // know their object.
 func (s *Server) StreamInterceptor(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	ctx := ss.Context()
+	if sub := subject(ctx); sub != nil {
+		ctx = audit.WithSubject(ctx, *sub)
+	}
+	// Authorized on the first message (the request of a server stream,
+	// the start of an exec), which names the container.
+	ss = &authStream{ServerStream: ss, s: s, method: info.FullMethod, ctx: ctx}
 	if !streamQueries[info.FullMethod] {
 		if err := s.checkAudit(ss.Context(), info.FullMethod, ""); err != nil {
 			return s.toStatus(err)
@@ -812,6 +846,21 @@ func (s *Server) DeviceWipe(ctx context.Context, r *cmlv1.DeviceWipeRequest) (*c
 	out.Note = proto.String(note)
 	s.Audit.Record(ctx, audit.Event{Type: "device", Operation: "device.wipe", Subject: audit.SubjectFrom(ctx), Outcome: audit.Success, Reason: fmt.Sprintf("done: %d containers removed", len(out.Removed))})
 	return out, nil
+}
+
+// ownOnly narrows a List to a pure user's own containers.
+func (s *Server) ownOnly(ctx context.Context, l *cmlv1.ListResponse) {
+	a := s.account(ctx)
+	if a == nil || a.Has(access.Administrator) || a.Has(access.Auditor) {
+		return
+	}
+	var keep []*cmlv1.Container
+	for _, c := range l.Containers {
+		if slices.Contains(a.Containers, c.GetName()) {
+			keep = append(keep, c)
+		}
+	}
+	l.Containers = keep
 }
 
 // storageWipeNote says what a wipe cannot promise for a token type.

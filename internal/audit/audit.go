@@ -36,6 +36,8 @@ type Subject struct {
 	UID int32 `json:"uid"`
 	GID int32 `json:"gid"`
 	PID int32 `json:"pid"`
+	// Account is the caller's cmld account (CR 2.12).
+	Account string `json:"account,omitempty"`
 }
 
 // Event is one audit record. Fields are fixed; add new ones, never rename.

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/access"
 	"github.com/cmlproject/cml/internal/api"
 	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/audit"
@@ -309,11 +310,15 @@ func Run(ctx context.Context, c Config) error {
 	}
 	go remeasure(ctx, measurer, measure, c.Log)
 
+	accounts, err := access.Open(c.StateDir)
+	if err != nil {
+		return err
+	}
 	lis, err := listen(c.Socket, c.SocketGroup)
 	if err != nil {
 		return err
 	}
-	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Trail: sink, Forwarder: fw, Log: c.Log}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Trail: sink, Forwarder: fw, Accounts: accounts, Log: c.Log}
 	gs := grpc.NewServer(
 		grpc.Creds(api.PeerCredentials()),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),

@@ -5494,6 +5494,268 @@ func (x *AuditStatusResponse) GetAuditSizeBytes() uint64 {
 	return 0
 }
 
+// AccountInfo is an account of cmld (docs/access.md).
+type AccountInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	// roles: administrator, auditor, user.
+	Roles []string `protobuf:"bytes,2,rep,name=roles" json:"roles,omitempty"`
+	// local_uids: local socket callers mapped to the account.
+	LocalUids []int32 `protobuf:"varint,3,rep,name=local_uids,json=localUids" json:"local_uids,omitempty"`
+	// containers a user may operate.
+	Containers    []string `protobuf:"bytes,4,rep,name=containers" json:"containers,omitempty"`
+	Locked        *bool    `protobuf:"varint,5,opt,name=locked" json:"locked,omitempty"`
+	BuiltIn       *bool    `protobuf:"varint,6,opt,name=built_in,json=builtIn" json:"built_in,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AccountInfo) Reset() {
+	*x = AccountInfo{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AccountInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AccountInfo) ProtoMessage() {}
+
+func (x *AccountInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AccountInfo.ProtoReflect.Descriptor instead.
+func (*AccountInfo) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{65}
+}
+
+func (x *AccountInfo) GetName() string {
+	if x != nil && x.Name != nil {
+		return *x.Name
+	}
+	return ""
+}
+
+func (x *AccountInfo) GetRoles() []string {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
+func (x *AccountInfo) GetLocalUids() []int32 {
+	if x != nil {
+		return x.LocalUids
+	}
+	return nil
+}
+
+func (x *AccountInfo) GetContainers() []string {
+	if x != nil {
+		return x.Containers
+	}
+	return nil
+}
+
+func (x *AccountInfo) GetLocked() bool {
+	if x != nil && x.Locked != nil {
+		return *x.Locked
+	}
+	return false
+}
+
+func (x *AccountInfo) GetBuiltIn() bool {
+	if x != nil && x.BuiltIn != nil {
+		return *x.BuiltIn
+	}
+	return false
+}
+
+type AccountRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AccountRef) Reset() {
+	*x = AccountRef{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AccountRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AccountRef) ProtoMessage() {}
+
+func (x *AccountRef) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AccountRef.ProtoReflect.Descriptor instead.
+func (*AccountRef) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *AccountRef) GetName() string {
+	if x != nil && x.Name != nil {
+		return *x.Name
+	}
+	return ""
+}
+
+type AccountList struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Accounts      []*AccountInfo         `protobuf:"bytes,1,rep,name=accounts" json:"accounts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AccountList) Reset() {
+	*x = AccountList{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AccountList) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AccountList) ProtoMessage() {}
+
+func (x *AccountList) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AccountList.ProtoReflect.Descriptor instead.
+func (*AccountList) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *AccountList) GetAccounts() []*AccountInfo {
+	if x != nil {
+		return x.Accounts
+	}
+	return nil
+}
+
+// UserSetRequest changes roles, containers or the lock of an account;
+// unset fields stay.
+type UserSetRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	Roles         []string               `protobuf:"bytes,2,rep,name=roles" json:"roles,omitempty"`
+	SetRoles      *bool                  `protobuf:"varint,3,opt,name=set_roles,json=setRoles" json:"set_roles,omitempty"`
+	Containers    []string               `protobuf:"bytes,4,rep,name=containers" json:"containers,omitempty"`
+	SetContainers *bool                  `protobuf:"varint,5,opt,name=set_containers,json=setContainers" json:"set_containers,omitempty"`
+	Locked        *bool                  `protobuf:"varint,6,opt,name=locked" json:"locked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserSetRequest) Reset() {
+	*x = UserSetRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserSetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserSetRequest) ProtoMessage() {}
+
+func (x *UserSetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserSetRequest.ProtoReflect.Descriptor instead.
+func (*UserSetRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *UserSetRequest) GetName() string {
+	if x != nil && x.Name != nil {
+		return *x.Name
+	}
+	return ""
+}
+
+func (x *UserSetRequest) GetRoles() []string {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
+func (x *UserSetRequest) GetSetRoles() bool {
+	if x != nil && x.SetRoles != nil {
+		return *x.SetRoles
+	}
+	return false
+}
+
+func (x *UserSetRequest) GetContainers() []string {
+	if x != nil {
+		return x.Containers
+	}
+	return nil
+}
+
+func (x *UserSetRequest) GetSetContainers() bool {
+	if x != nil && x.SetContainers != nil {
+		return *x.SetContainers
+	}
+	return false
+}
+
+func (x *UserSetRequest) GetLocked() bool {
+	if x != nil && x.Locked != nil {
+		return *x.Locked
+	}
+	return false
+}
+
 var File_api_cml_v1_cml_proto protoreflect.FileDescriptor
 
 const file_api_cml_v1_cml_proto_rawDesc = "" +
@@ -5914,7 +6176,31 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x04path\x18\x05 \x01(\tR\x04path\x12\x1c\n" +
 	"\tcollector\x18\x06 \x01(\tR\tcollector\x120\n" +
 	"\x14forwarding_lag_bytes\x18\a \x01(\x04R\x12forwardingLagBytes\x12(\n" +
-	"\x10audit_size_bytes\x18\b \x01(\x04R\x0eauditSizeBytes*'\n" +
+	"\x10audit_size_bytes\x18\b \x01(\x04R\x0eauditSizeBytes\"\xa9\x01\n" +
+	"\vAccountInfo\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05roles\x18\x02 \x03(\tR\x05roles\x12\x1d\n" +
+	"\n" +
+	"local_uids\x18\x03 \x03(\x05R\tlocalUids\x12\x1e\n" +
+	"\n" +
+	"containers\x18\x04 \x03(\tR\n" +
+	"containers\x12\x16\n" +
+	"\x06locked\x18\x05 \x01(\bR\x06locked\x12\x19\n" +
+	"\bbuilt_in\x18\x06 \x01(\bR\abuiltIn\" \n" +
+	"\n" +
+	"AccountRef\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\">\n" +
+	"\vAccountList\x12/\n" +
+	"\baccounts\x18\x01 \x03(\v2\x13.cml.v1.AccountInfoR\baccounts\"\xb6\x01\n" +
+	"\x0eUserSetRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05roles\x18\x02 \x03(\tR\x05roles\x12\x1b\n" +
+	"\tset_roles\x18\x03 \x01(\bR\bsetRoles\x12\x1e\n" +
+	"\n" +
+	"containers\x18\x04 \x03(\tR\n" +
+	"containers\x12%\n" +
+	"\x0eset_containers\x18\x05 \x01(\bR\rsetContainers\x12\x16\n" +
+	"\x06locked\x18\x06 \x01(\bR\x06locked*'\n" +
 	"\rContainerType\x12\r\n" +
 	"\tCONTAINER\x10\x01\x12\a\n" +
 	"\x03KVM\x10\x02*F\n" +
@@ -5946,7 +6232,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xdc\x0f\n" +
+	"\x06FAILED\x10\a2\xd8\x11\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -5990,7 +6276,13 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"DeviceWipe\x12\x19.cml.v1.DeviceWipeRequest\x1a\x1a.cml.v1.DeviceWipeResponse\x126\n" +
 	"\tAuditShow\x12\x12.cml.v1.AuditQuery\x1a\x13.cml.v1.AuditRecord0\x01\x129\n" +
 	"\vAuditVerify\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditVerifyResponse\x129\n" +
-	"\vAuditStatus\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditStatusResponseB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
+	"\vAuditStatus\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditStatusResponse\x12,\n" +
+	"\x06Whoami\x12\r.cml.v1.Empty\x1a\x13.cml.v1.AccountInfo\x123\n" +
+	"\aUserAdd\x12\x13.cml.v1.AccountInfo\x1a\x13.cml.v1.AccountInfo\x12/\n" +
+	"\n" +
+	"UserRemove\x12\x12.cml.v1.AccountRef\x1a\r.cml.v1.Empty\x12.\n" +
+	"\bUserList\x12\r.cml.v1.Empty\x1a\x13.cml.v1.AccountList\x126\n" +
+	"\aUserSet\x12\x16.cml.v1.UserSetRequest\x1a\x13.cml.v1.AccountInfoB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
 
 var (
 	file_api_cml_v1_cml_proto_rawDescOnce sync.Once
@@ -6005,7 +6297,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 }
 
 var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 65)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 69)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
@@ -6081,6 +6373,10 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(*AuditRecord)(nil),            // 71: cml.v1.AuditRecord
 	(*AuditVerifyResponse)(nil),    // 72: cml.v1.AuditVerifyResponse
 	(*AuditStatusResponse)(nil),    // 73: cml.v1.AuditStatusResponse
+	(*AccountInfo)(nil),            // 74: cml.v1.AccountInfo
+	(*AccountRef)(nil),             // 75: cml.v1.AccountRef
+	(*AccountList)(nil),            // 76: cml.v1.AccountList
+	(*UserSetRequest)(nil),         // 77: cml.v1.UserSetRequest
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
@@ -6124,83 +6420,94 @@ var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	5,  // 38: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
 	6,  // 39: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
 	22, // 40: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
-	24, // 41: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	26, // 42: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	23, // 43: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	23, // 44: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	27, // 45: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	28, // 46: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	23, // 47: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	23, // 48: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	29, // 49: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	23, // 50: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	23, // 51: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	32, // 52: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	35, // 53: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	37, // 54: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	30, // 55: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	41, // 56: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	52, // 57: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	30, // 58: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	45, // 59: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	46, // 60: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	47, // 61: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	30, // 62: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
-	51, // 63: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
-	30, // 64: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
-	54, // 65: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
-	56, // 66: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
-	30, // 67: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
-	57, // 68: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
-	60, // 69: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
-	66, // 70: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
-	23, // 71: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
-	23, // 72: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
-	68, // 73: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
-	70, // 74: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
-	30, // 75: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
-	30, // 76: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
-	25, // 77: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	22, // 78: cml.v1.Control.Create:output_type -> cml.v1.Container
-	30, // 79: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	22, // 80: cml.v1.Control.Start:output_type -> cml.v1.Container
-	22, // 81: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	30, // 82: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	22, // 83: cml.v1.Control.State:output_type -> cml.v1.Container
-	9,  // 84: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	22, // 85: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	22, // 86: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	22, // 87: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	34, // 88: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	36, // 89: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	38, // 90: cml.v1.Control.Events:output_type -> cml.v1.Event
-	40, // 91: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	42, // 92: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	30, // 93: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	44, // 94: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	43, // 95: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	43, // 96: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	48, // 97: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	50, // 98: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	49, // 99: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	53, // 100: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	55, // 101: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	53, // 102: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	53, // 103: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	59, // 104: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	61, // 105: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
-	30, // 106: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
-	22, // 107: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
-	67, // 108: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
-	69, // 109: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
-	71, // 110: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
-	72, // 111: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
-	73, // 112: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
-	77, // [77:113] is the sub-list for method output_type
-	41, // [41:77] is the sub-list for method input_type
-	41, // [41:41] is the sub-list for extension type_name
-	41, // [41:41] is the sub-list for extension extendee
-	0,  // [0:41] is the sub-list for field type_name
+	74, // 41: cml.v1.AccountList.accounts:type_name -> cml.v1.AccountInfo
+	24, // 42: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	26, // 43: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	23, // 44: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	23, // 45: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	27, // 46: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	28, // 47: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	23, // 48: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	23, // 49: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	29, // 50: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	23, // 51: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	23, // 52: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	32, // 53: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	35, // 54: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	37, // 55: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	30, // 56: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	41, // 57: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	52, // 58: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	30, // 59: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	45, // 60: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	46, // 61: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	47, // 62: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	30, // 63: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
+	51, // 64: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
+	30, // 65: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	54, // 66: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	56, // 67: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	30, // 68: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	57, // 69: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	60, // 70: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
+	66, // 71: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
+	23, // 72: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
+	23, // 73: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
+	68, // 74: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
+	70, // 75: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
+	30, // 76: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
+	30, // 77: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
+	30, // 78: cml.v1.Control.Whoami:input_type -> cml.v1.Empty
+	74, // 79: cml.v1.Control.UserAdd:input_type -> cml.v1.AccountInfo
+	75, // 80: cml.v1.Control.UserRemove:input_type -> cml.v1.AccountRef
+	30, // 81: cml.v1.Control.UserList:input_type -> cml.v1.Empty
+	77, // 82: cml.v1.Control.UserSet:input_type -> cml.v1.UserSetRequest
+	25, // 83: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	22, // 84: cml.v1.Control.Create:output_type -> cml.v1.Container
+	30, // 85: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	22, // 86: cml.v1.Control.Start:output_type -> cml.v1.Container
+	22, // 87: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	30, // 88: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	22, // 89: cml.v1.Control.State:output_type -> cml.v1.Container
+	9,  // 90: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	22, // 91: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	22, // 92: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	22, // 93: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	34, // 94: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	36, // 95: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	38, // 96: cml.v1.Control.Events:output_type -> cml.v1.Event
+	40, // 97: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	42, // 98: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	30, // 99: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	44, // 100: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	43, // 101: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	43, // 102: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	48, // 103: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	50, // 104: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	49, // 105: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	53, // 106: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	55, // 107: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	53, // 108: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	53, // 109: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	59, // 110: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	61, // 111: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	30, // 112: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
+	22, // 113: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
+	67, // 114: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
+	69, // 115: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
+	71, // 116: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
+	72, // 117: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
+	73, // 118: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
+	74, // 119: cml.v1.Control.Whoami:output_type -> cml.v1.AccountInfo
+	74, // 120: cml.v1.Control.UserAdd:output_type -> cml.v1.AccountInfo
+	30, // 121: cml.v1.Control.UserRemove:output_type -> cml.v1.Empty
+	76, // 122: cml.v1.Control.UserList:output_type -> cml.v1.AccountList
+	74, // 123: cml.v1.Control.UserSet:output_type -> cml.v1.AccountInfo
+	83, // [83:124] is the sub-list for method output_type
+	42, // [42:83] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -6225,7 +6532,7 @@ func file_api_cml_v1_cml_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   65,
+			NumMessages:   69,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -66,6 +66,11 @@ const (
 	Control_AuditShow_FullMethodName         = "/cml.v1.Control/AuditShow"
 	Control_AuditVerify_FullMethodName       = "/cml.v1.Control/AuditVerify"
 	Control_AuditStatus_FullMethodName       = "/cml.v1.Control/AuditStatus"
+	Control_Whoami_FullMethodName            = "/cml.v1.Control/Whoami"
+	Control_UserAdd_FullMethodName           = "/cml.v1.Control/UserAdd"
+	Control_UserRemove_FullMethodName        = "/cml.v1.Control/UserRemove"
+	Control_UserList_FullMethodName          = "/cml.v1.Control/UserList"
+	Control_UserSet_FullMethodName           = "/cml.v1.Control/UserSet"
 )
 
 // ControlClient is the client API for Control service.
@@ -110,6 +115,11 @@ type ControlClient interface {
 	AuditShow(ctx context.Context, in *AuditQuery, opts ...grpc.CallOption) (grpc.ServerStreamingClient[AuditRecord], error)
 	AuditVerify(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditVerifyResponse, error)
 	AuditStatus(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditStatusResponse, error)
+	Whoami(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountInfo, error)
+	UserAdd(ctx context.Context, in *AccountInfo, opts ...grpc.CallOption) (*AccountInfo, error)
+	UserRemove(ctx context.Context, in *AccountRef, opts ...grpc.CallOption) (*Empty, error)
+	UserList(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountList, error)
+	UserSet(ctx context.Context, in *UserSetRequest, opts ...grpc.CallOption) (*AccountInfo, error)
 }
 
 type controlClient struct {
@@ -519,6 +529,56 @@ func (c *controlClient) AuditStatus(ctx context.Context, in *Empty, opts ...grpc
 	return out, nil
 }
 
+func (c *controlClient) Whoami(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AccountInfo)
+	err := c.cc.Invoke(ctx, Control_Whoami_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) UserAdd(ctx context.Context, in *AccountInfo, opts ...grpc.CallOption) (*AccountInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AccountInfo)
+	err := c.cc.Invoke(ctx, Control_UserAdd_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) UserRemove(ctx context.Context, in *AccountRef, opts ...grpc.CallOption) (*Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Empty)
+	err := c.cc.Invoke(ctx, Control_UserRemove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) UserList(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountList, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AccountList)
+	err := c.cc.Invoke(ctx, Control_UserList_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) UserSet(ctx context.Context, in *UserSetRequest, opts ...grpc.CallOption) (*AccountInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AccountInfo)
+	err := c.cc.Invoke(ctx, Control_UserSet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -561,6 +621,11 @@ type ControlServer interface {
 	AuditShow(*AuditQuery, grpc.ServerStreamingServer[AuditRecord]) error
 	AuditVerify(context.Context, *Empty) (*AuditVerifyResponse, error)
 	AuditStatus(context.Context, *Empty) (*AuditStatusResponse, error)
+	Whoami(context.Context, *Empty) (*AccountInfo, error)
+	UserAdd(context.Context, *AccountInfo) (*AccountInfo, error)
+	UserRemove(context.Context, *AccountRef) (*Empty, error)
+	UserList(context.Context, *Empty) (*AccountList, error)
+	UserSet(context.Context, *UserSetRequest) (*AccountInfo, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -678,6 +743,21 @@ func (UnimplementedControlServer) AuditVerify(context.Context, *Empty) (*AuditVe
 }
 func (UnimplementedControlServer) AuditStatus(context.Context, *Empty) (*AuditStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AuditStatus not implemented")
+}
+func (UnimplementedControlServer) Whoami(context.Context, *Empty) (*AccountInfo, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Whoami not implemented")
+}
+func (UnimplementedControlServer) UserAdd(context.Context, *AccountInfo) (*AccountInfo, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UserAdd not implemented")
+}
+func (UnimplementedControlServer) UserRemove(context.Context, *AccountRef) (*Empty, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UserRemove not implemented")
+}
+func (UnimplementedControlServer) UserList(context.Context, *Empty) (*AccountList, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UserList not implemented")
+}
+func (UnimplementedControlServer) UserSet(context.Context, *UserSetRequest) (*AccountInfo, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UserSet not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -1309,6 +1389,96 @@ func _Control_AuditStatus_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_Whoami_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).Whoami(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_Whoami_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).Whoami(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_UserAdd_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AccountInfo)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).UserAdd(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_UserAdd_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).UserAdd(ctx, req.(*AccountInfo))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_UserRemove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AccountRef)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).UserRemove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_UserRemove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).UserRemove(ctx, req.(*AccountRef))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_UserList_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).UserList(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_UserList_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).UserList(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_UserSet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UserSetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).UserSet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_UserSet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).UserSet(ctx, req.(*UserSetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1439,6 +1609,26 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AuditStatus",
 			Handler:    _Control_AuditStatus_Handler,
+		},
+		{
+			MethodName: "Whoami",
+			Handler:    _Control_Whoami_Handler,
+		},
+		{
+			MethodName: "UserAdd",
+			Handler:    _Control_UserAdd_Handler,
+		},
+		{
+			MethodName: "UserRemove",
+			Handler:    _Control_UserRemove_Handler,
+		},
+		{
+			MethodName: "UserList",
+			Handler:    _Control_UserList_Handler,
+		},
+		{
+			MethodName: "UserSet",
+			Handler:    _Control_UserSet_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
