@@ -1,6 +1,8 @@
 # CML: the two commands are `make demo` and `make test`.
 GO ?= $(shell command -v go || echo /usr/local/go/bin/go)
-export PATH := $(PATH):/usr/local/go/bin
+# /usr/local/sbin first: scripts/install-deps.sh puts runc 1.3 there, ahead
+# of Debian's 1.1 in /usr/sbin, whatever root's PATH says.
+export PATH := /usr/local/sbin:$(PATH):/usr/local/go/bin
 BIN := bin
 PROTOC_GEN_GO := v1.36.12
 PROTOC_GEN_GO_GRPC := v1.5.1
