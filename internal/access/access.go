@@ -74,8 +74,11 @@ type Account struct {
 	Roles      []Role   `json:"roles"`
 	LocalUIDs  []int    `json:"local_uids,omitempty"` // local socket callers mapped to it
 	Containers []string `json:"containers,omitempty"` // names a user may operate
-	Locked     bool     `json:"locked,omitempty"`
-	BuiltIn    bool     `json:"built_in,omitempty"`
+	// CertNames are client certificate common names that authenticate
+	// as this account over the remote API.
+	CertNames []string `json:"cert_names,omitempty"`
+	Locked    bool     `json:"locked,omitempty"`
+	BuiltIn   bool     `json:"built_in,omitempty"`
 }
 
 // Has reports whether a has role.
@@ -155,6 +158,20 @@ func (s *Store) Local(uid int) (*Account, bool) {
 	return nil, false
 }
 
+// ByCert maps a remote caller's client certificate (its common name,
+// already verified against the owner CAs) to its account.
+func (s *Store) ByCert(cn string) (*Account, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, a := range s.accs {
+		if cn != "" && slices.Contains(a.CertNames, cn) {
+			c := *a
+			return &c, true
+		}
+	}
+	return nil, false
+}
+
 // List returns copies of every account, by name.
 func (s *Store) List() []Account {
 	s.mu.Lock()
@@ -196,6 +213,11 @@ func (s *Store) Add(a Account) error {
 		for _, u := range a.LocalUIDs {
 			if slices.Contains(o.LocalUIDs, u) {
 				return fmt.Errorf("local uid %d is mapped to account %s already", u, o.Name)
+			}
+		}
+		for _, n := range a.CertNames {
+			if slices.Contains(o.CertNames, n) {
+				return fmt.Errorf("certificate name %q is mapped to account %s already", n, o.Name)
 			}
 		}
 	}

@@ -22,8 +22,18 @@ func (s *Server) account(ctx context.Context) *access.Account {
 	if a, ok := ctx.Value(accountKey{}).(*access.Account); ok {
 		return a
 	}
+	if s.Accounts == nil {
+		return nil
+	}
+	if cn, remote := remoteName(ctx); remote {
+		a, ok := s.Accounts.ByCert(cn)
+		if !ok {
+			return nil
+		}
+		return a
+	}
 	sub := subject(ctx)
-	if sub == nil || s.Accounts == nil {
+	if sub == nil {
 		return nil
 	}
 	a, ok := s.Accounts.Local(int(sub.UID))
@@ -115,7 +125,7 @@ func (a *authStream) RecvMsg(m any) error {
 }
 
 func accountInfo(a access.Account) *cmlv1.AccountInfo {
-	out := &cmlv1.AccountInfo{Name: proto.String(a.Name), Containers: a.Containers, Locked: proto.Bool(a.Locked), BuiltIn: proto.Bool(a.BuiltIn)}
+	out := &cmlv1.AccountInfo{Name: proto.String(a.Name), Containers: a.Containers, Locked: proto.Bool(a.Locked), BuiltIn: proto.Bool(a.BuiltIn), CertNames: a.CertNames}
 	for _, r := range a.Roles {
 		out.Roles = append(out.Roles, string(r))
 	}
@@ -146,7 +156,7 @@ func (s *Server) UserAdd(ctx context.Context, r *cmlv1.AccountInfo) (*cmlv1.Acco
 	for _, u := range r.GetLocalUids() {
 		uids = append(uids, int(u))
 	}
-	a := access.Account{Name: r.GetName(), Roles: roles(r.GetRoles()), LocalUIDs: uids, Containers: r.GetContainers()}
+	a := access.Account{Name: r.GetName(), Roles: roles(r.GetRoles()), LocalUIDs: uids, Containers: r.GetContainers(), CertNames: r.GetCertNames()}
 	if err := s.Accounts.Add(a); err != nil {
 		return nil, errdefs.InvalidArgument("user add: %v", err)
 	}

@@ -63,9 +63,34 @@ func subject(ctx context.Context) *audit.Subject {
 	if !ok {
 		return nil
 	}
+	if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok {
+		// A remote caller: no local ids; its client certificate's subject
+		// (CR 2.12).
+		if cs := ti.State.PeerCertificates; len(cs) > 0 {
+			return &audit.Subject{UID: -1, GID: -1, Certificate: cs[0].Subject.String(), Remote: p.Addr.String()}
+		}
+		return nil
+	}
 	pc, ok := p.AuthInfo.(PeerCred)
 	if !ok {
 		return nil
 	}
 	return &audit.Subject{UID: pc.UID, GID: pc.GID, PID: pc.PID}
+}
+
+// remoteName is the common name of a remote caller's client certificate
+// (verified at the handshake), or "" for a local caller.
+func remoteName(ctx context.Context) (string, bool) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return "", false
+	}
+	ti, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return "", false
+	}
+	if cs := ti.State.PeerCertificates; len(cs) > 0 {
+		return cs[0].Subject.CommonName, true
+	}
+	return "", true
 }

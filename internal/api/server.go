@@ -773,6 +773,7 @@ func (s *Server) exec(ctx context.Context, stream cmlv1.Control_ExecServer, star
 		pty.Setsize(ptmx, &pty.Winsize{Rows: rows, Cols: cols})
 		stdin = ptmx
 		opts.IO = oci.ExecIO{Stdin: tty, Stdout: tty, Stderr: tty, TTY: true}
+		opts.Rows, opts.Cols = uint(rows), uint(cols)
 		go func() {
 			defer close(outDone)
 			io.Copy(streamWriter{mu: &mu, stream: stream}, ptmx)

@@ -38,6 +38,10 @@ type Subject struct {
 	PID int32 `json:"pid"`
 	// Account is the caller's cmld account (CR 2.12).
 	Account string `json:"account,omitempty"`
+	// Certificate and Remote identify a caller over the remote API: its
+	// client certificate's subject and its address (UID and GID are -1).
+	Certificate string `json:"certificate,omitempty"`
+	Remote      string `json:"remote,omitempty"`
 }
 
 // Event is one audit record. Fields are fixed; add new ones, never rename.

@@ -20,6 +20,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/encoding/prototext"
@@ -116,19 +117,29 @@ const DefaultSocket = "/run/cml/control.sock"
 
 type app struct {
 	socket string
-	output string
-	stdin  io.Reader
-	stdout io.Writer
-	stderr io.Writer
-	conn   *grpc.ClientConn
-	code   int
+	// remote, cert, key, ca: the control API over mutual TLS.
+	remote, cert, key, ca string
+	output                string
+	stdin                 io.Reader
+	stdout                io.Writer
+	stderr                io.Writer
+	conn                  *grpc.ClientConn
+	code                  int
 }
 
 func (a *app) client() (cmlv1.ControlClient, error) {
 	if a.conn == nil {
+		target, creds := "unix://"+a.socket, insecure.NewCredentials()
+		if a.remote != "" {
+			tc, err := a.remoteTLS()
+			if err != nil {
+				return nil, err
+			}
+			target, creds = "dns:///"+a.remote, credentials.NewTLS(tc)
+		}
 		// Attestation answers carry the whole measurement log (up to 256
 		// MiB for a device that ran for years).
-		conn, err := grpc.NewClient("unix://"+a.socket, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds),
 			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxAnswer)))
 		if err != nil {
 			return nil, err
@@ -152,6 +163,10 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 		sock = DefaultSocket
 	}
 	root.PersistentFlags().StringVar(&a.socket, "socket", sock, "cmld control socket ($CML_SOCKET)")
+	root.PersistentFlags().StringVar(&a.remote, "remote", os.Getenv("CML_REMOTE"), "a device's remote API, host:port ($CML_REMOTE); with --cert, --key, --ca")
+	root.PersistentFlags().StringVar(&a.cert, "cert", os.Getenv("CML_CERT"), "client certificate (PEM) for --remote ($CML_CERT)")
+	root.PersistentFlags().StringVar(&a.key, "key", os.Getenv("CML_KEY"), "client key (PEM) for --remote ($CML_KEY)")
+	root.PersistentFlags().StringVar(&a.ca, "ca", os.Getenv("CML_CA"), "CA the device's certificate must chain to, for --remote ($CML_CA)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", "text", "output format for list, state, config: text or json")
 	root.SetArgs(args)
 	root.SetIn(stdin)

@@ -47,7 +47,7 @@ func (a *app) whoamiCmd() *cobra.Command {
 
 func (a *app) userCmd() *cobra.Command {
 	u := &cobra.Command{Use: "user", Short: "Manage cmld's accounts and their roles (administrators)"}
-	var roles, containers []string
+	var roles, containers, certNames []string
 	var uids []int
 	add := &cobra.Command{
 		Use: "add <name>", Short: "Add an account (--role administrator|auditor|user, --uid for local callers, --container for users)", Args: cobra.ExactArgs(1),
@@ -57,7 +57,7 @@ func (a *app) userCmd() *cobra.Command {
 				return err
 			}
 			defer cancel()
-			req := &cmlv1.AccountInfo{Name: proto.String(args[0]), Roles: roles, Containers: containers}
+			req := &cmlv1.AccountInfo{Name: proto.String(args[0]), Roles: roles, Containers: containers, CertNames: certNames}
 			for _, u := range uids {
 				req.LocalUids = append(req.LocalUids, int32(u))
 			}
@@ -71,6 +71,7 @@ func (a *app) userCmd() *cobra.Command {
 	add.Flags().StringSliceVar(&roles, "role", nil, "role (repeat or comma-separate)")
 	add.Flags().StringSliceVar(&containers, "container", nil, "container a user may operate")
 	add.Flags().IntSliceVar(&uids, "uid", nil, "local uid mapped to the account")
+	add.Flags().StringSliceVar(&certNames, "cert-name", nil, "common name of a client certificate (under an owner CA) for the remote API")
 	list := &cobra.Command{
 		Use: "list", Short: "List accounts", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

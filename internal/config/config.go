@@ -386,6 +386,14 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 	if err := ValidateNetworkSettings(source, d.GetNetwork()); err != nil {
 		return nil, err
 	}
+	if r := d.GetRemote(); r.GetListen() != "" {
+		if _, port, err := net.SplitHostPort(r.GetListen()); err != nil || port == "" {
+			return nil, errdefs.InvalidArgument("%s: field remote.listen: %q is not host:port", source, r.GetListen())
+		}
+		if n := r.GetMaxConnections(); n == 0 || n > 4096 {
+			return nil, errdefs.InvalidArgument("%s: field remote.max_connections: %d is out of range (1..4096)", source, n)
+		}
+	}
 	if a := d.GetAudit(); a != nil {
 		if n := a.GetCheckpointEvery(); n == 0 || n > 1000000 {
 			return nil, errdefs.InvalidArgument("%s: field audit.checkpoint_every: %d is out of range (1..1000000)", source, n)

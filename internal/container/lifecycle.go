@@ -601,6 +601,9 @@ type ExecOptions struct {
 	Args []string
 	Env  []string
 	IO   oci.ExecIO
+	// Rows and Cols size the process's terminal from its start (with
+	// IO.TTY), so nothing it runs first sees an unsized terminal.
+	Rows, Cols uint
 }
 
 // Exec runs a process in a running container with the same capabilities,
@@ -627,6 +630,9 @@ func (m *Manager) Exec(ctx context.Context, ref string, o ExecOptions) (int, err
 	p.Args = o.Args
 	p.Env = append(append([]string(nil), p.Env...), o.Env...)
 	p.Terminal = o.IO.TTY
+	if o.IO.TTY && o.Rows > 0 && o.Cols > 0 {
+		p.ConsoleSize = &specs.Box{Height: o.Rows, Width: o.Cols}
+	}
 	return m.o.Runtime.Exec(ctx, c.uuid, &p, m.runDir(c.uuid), o.IO)
 }
 

@@ -21,8 +21,11 @@ import (
 	"strconv"
 	"time"
 
+	"golang.org/x/net/netutil"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/access"
@@ -326,6 +329,16 @@ func Run(ctx context.Context, c Config) error {
 		grpc.MaxRecvMsgSize(1<<20),
 	)
 	cmlv1.RegisterControlServer(gs, srv)
+	// The same API over mutual TLS, when device.conf asks for it.
+	if rs := dev.GetRemote(); rs.GetListen() != "" {
+		rgs, rlis, err := remoteServer(rs, keys, ident, ts, srv)
+		if err != nil {
+			return err
+		}
+		defer rgs.Stop()
+		go rgs.Serve(rlis)
+		c.Log.Info("remote API listening (mutual TLS)", "address", rlis.Addr().String())
+	}
 	sink.Record(ctx, audit.Event{Type: "daemon", Operation: "daemon.start", Outcome: audit.Success,
 		Details: fmt.Sprintf("pid %d, signed_configs %t, locally_signed_images %t, %d trusted CAs, TPM %s, device %s", os.Getpid(), dev.GetSignedConfigs(), dev.GetLocallySignedImages(), len(ts.List()), tpmConn.Source, ident.UUID())})
 	c.Log.Info("cmld ready", "socket", c.Socket, "state", c.StateDir, "runtime", runtimeBin, "dm-verity", store.UsesDMVerity(), "tpm", tpmConn.Source, "device", ident.UUID())
@@ -524,4 +537,66 @@ func forwarder(sink *audit.FileSink, as *cmlv1.AuditSettings, keys *tpm.Keys, id
 		Certificates: []tls.Certificate{{Certificate: chain, PrivateKey: signer}}}
 	hostname, _ := os.Hostname()
 	return &audit.Forwarder{Sink: sink, Addr: as.GetCollector(), TLS: cfg, Hostname: hostname, DeviceUUID: ident.UUID(), Log: log}, nil
+}
+
+// remoteServer is the control API over mutual TLS: the server key is the
+// device's TPM-held TLS key with its provisioned certificate; a client
+// must present a certificate chaining to an owner CA, valid and not
+// revoked, that maps to an account (checked per call). TLS 1.3, or 1.2
+// with ECDHE and AEAD suites only; bounded connections and idle time.
+func remoteServer(rs *cmlv1.RemoteSettings, keys *tpm.Keys, ident *device.Identity, ts *trust.Store, srv *api.Server) (*grpc.Server, net.Listener, error) {
+	signer, err := keys.TLS.GetSigner()
+	if err != nil {
+		return nil, nil, fmt.Errorf("remote API: TLS key: %w", err)
+	}
+	var chain [][]byte
+	rest := ident.Info().GetTlsCertificate()
+	for {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		chain = append(chain, b.Bytes)
+	}
+	cfg := &tls.Config{
+		Certificates: []tls.Certificate{{Certificate: chain, PrivateKey: signer}},
+		ClientAuth:   tls.RequireAnyClientCert,
+		MinVersion:   tls.VersionTLS12,
+		CipherSuites: []uint16{ // TLS 1.2: ECDHE with AEAD only
+			tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+		},
+		// Owner CAs and CRLs change at run time: checked per handshake.
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			var certs []*x509.Certificate
+			for _, r := range raw {
+				c, err := x509.ParseCertificate(r)
+				if err != nil {
+					return err
+				}
+				certs = append(certs, c)
+			}
+			return ts.VerifyClient(certs)
+		},
+	}
+	if rs.GetTls13Only() {
+		cfg.MinVersion = tls.VersionTLS13
+	}
+	lis, err := net.Listen("tcp", rs.GetListen())
+	if err != nil {
+		return nil, nil, fmt.Errorf("remote API: %w", err)
+	}
+	lis = netutil.LimitListener(lis, int(rs.GetMaxConnections()))
+	gs := grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(cfg)),
+		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),
+		grpc.ChainStreamInterceptor(srv.StreamInterceptor),
+		grpc.MaxRecvMsgSize(1<<20),
+		grpc.ConnectionTimeout(10*time.Second),
+		grpc.MaxConcurrentStreams(64),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: 10 * time.Minute}),
+	)
+	cmlv1.RegisterControlServer(gs, srv)
+	return gs, lis, nil
 }

@@ -561,3 +561,33 @@ func FromRoots(roots []*x509.Certificate) *Store {
 	s.rebuildRoots()
 	return s
 }
+
+// VerifyClient checks a remote caller's certificate chain (leaf first):
+// it must chain to an owner CA (vendor CAs sign software, not people),
+// be valid now, be for client authentication, and no certificate of it
+// may be revoked by a stored CRL (IAM-03).
+func (s *Store) VerifyClient(chain []*x509.Certificate) error {
+	if len(chain) == 0 {
+		return errdefs.PermissionDenied("no client certificate")
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	roots := x509.NewCertPool()
+	for _, c := range s.owner {
+		roots.AddCert(c)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	chains, err := chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: s.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+	if err != nil {
+		return errdefs.PermissionDenied("client certificate %q: %v", chain[0].Subject.CommonName, err)
+	}
+	for _, ch := range chains {
+		if err := s.checkRevoked(ch, s.Now()); err != nil {
+			return errdefs.PermissionDenied("client certificate %q: %v", chain[0].Subject.CommonName, err)
+		}
+	}
+	return nil
+}

@@ -1978,12 +1978,28 @@ func (x *AuditSettings) GetCollectorServerName() string {
 	return ""
 }
 
-// RemoteSettings configure the control API over mutual TLS.
+// RemoteSettings configure the control API over mutual TLS (off unless
+// listen is set). The server key is the device's TPM-held TLS key; client
+// certificates must chain to an owner CA of the trust store, not be
+// revoked, be valid now, and map to an enabled account (cert_names).
 type RemoteSettings struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// listen: host:port of the TCP listener.
+	Listen *string `protobuf:"bytes,1,opt,name=listen" json:"listen,omitempty"`
+	// tls13_only refuses TLS 1.2 (otherwise allowed only with ECDHE and
+	// AEAD suites).
+	Tls13Only *bool `protobuf:"varint,2,opt,name=tls13_only,json=tls13Only,def=0" json:"tls13_only,omitempty"`
+	// max_connections bounds concurrent remote connections.
+	MaxConnections *uint32 `protobuf:"varint,3,opt,name=max_connections,json=maxConnections,def=16" json:"max_connections,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
+
+// Default values for RemoteSettings fields.
+const (
+	Default_RemoteSettings_Tls13Only      = bool(false)
+	Default_RemoteSettings_MaxConnections = uint32(16)
+)
 
 func (x *RemoteSettings) Reset() {
 	*x = RemoteSettings{}
@@ -2013,6 +2029,27 @@ func (x *RemoteSettings) ProtoReflect() protoreflect.Message {
 // Deprecated: Use RemoteSettings.ProtoReflect.Descriptor instead.
 func (*RemoteSettings) Descriptor() ([]byte, []int) {
 	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *RemoteSettings) GetListen() string {
+	if x != nil && x.Listen != nil {
+		return *x.Listen
+	}
+	return ""
+}
+
+func (x *RemoteSettings) GetTls13Only() bool {
+	if x != nil && x.Tls13Only != nil {
+		return *x.Tls13Only
+	}
+	return Default_RemoteSettings_Tls13Only
+}
+
+func (x *RemoteSettings) GetMaxConnections() uint32 {
+	if x != nil && x.MaxConnections != nil {
+		return *x.MaxConnections
+	}
+	return Default_RemoteSettings_MaxConnections
 }
 
 // Container is the daemon's view of one container.
@@ -5503,9 +5540,12 @@ type AccountInfo struct {
 	// local_uids: local socket callers mapped to the account.
 	LocalUids []int32 `protobuf:"varint,3,rep,name=local_uids,json=localUids" json:"local_uids,omitempty"`
 	// containers a user may operate.
-	Containers    []string `protobuf:"bytes,4,rep,name=containers" json:"containers,omitempty"`
-	Locked        *bool    `protobuf:"varint,5,opt,name=locked" json:"locked,omitempty"`
-	BuiltIn       *bool    `protobuf:"varint,6,opt,name=built_in,json=builtIn" json:"built_in,omitempty"`
+	Containers []string `protobuf:"bytes,4,rep,name=containers" json:"containers,omitempty"`
+	Locked     *bool    `protobuf:"varint,5,opt,name=locked" json:"locked,omitempty"`
+	BuiltIn    *bool    `protobuf:"varint,6,opt,name=built_in,json=builtIn" json:"built_in,omitempty"`
+	// cert_names: common names of client certificates (under an owner CA)
+	// that authenticate as this account over the remote API.
+	CertNames     []string `protobuf:"bytes,7,rep,name=cert_names,json=certNames" json:"cert_names,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -5580,6 +5620,13 @@ func (x *AccountInfo) GetBuiltIn() bool {
 		return *x.BuiltIn
 	}
 	return false
+}
+
+func (x *AccountInfo) GetCertNames() []string {
+	if x != nil {
+		return x.CertNames
+	}
+	return nil
 }
 
 type AccountRef struct {
@@ -5904,8 +5951,12 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x0fSTOP_CONTAINERS\x10\x02\x12\b\n" +
 	"\x04HALT\x10\x03\x12\n" +
 	"\n" +
-	"\x06ROTATE\x10\x04\"\x10\n" +
-	"\x0eRemoteSettings\"\x8f\x05\n" +
+	"\x06ROTATE\x10\x04\"{\n" +
+	"\x0eRemoteSettings\x12\x16\n" +
+	"\x06listen\x18\x01 \x01(\tR\x06listen\x12$\n" +
+	"\n" +
+	"tls13_only\x18\x02 \x01(\b:\x05falseR\ttls13Only\x12+\n" +
+	"\x0fmax_connections\x18\x03 \x01(\r:\x0216R\x0emaxConnections\"\x8f\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
@@ -6176,7 +6227,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x04path\x18\x05 \x01(\tR\x04path\x12\x1c\n" +
 	"\tcollector\x18\x06 \x01(\tR\tcollector\x120\n" +
 	"\x14forwarding_lag_bytes\x18\a \x01(\x04R\x12forwardingLagBytes\x12(\n" +
-	"\x10audit_size_bytes\x18\b \x01(\x04R\x0eauditSizeBytes\"\xa9\x01\n" +
+	"\x10audit_size_bytes\x18\b \x01(\x04R\x0eauditSizeBytes\"\xc8\x01\n" +
 	"\vAccountInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05roles\x18\x02 \x03(\tR\x05roles\x12\x1d\n" +
@@ -6186,7 +6237,9 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"containers\x18\x04 \x03(\tR\n" +
 	"containers\x12\x16\n" +
 	"\x06locked\x18\x05 \x01(\bR\x06locked\x12\x19\n" +
-	"\bbuilt_in\x18\x06 \x01(\bR\abuiltIn\" \n" +
+	"\bbuilt_in\x18\x06 \x01(\bR\abuiltIn\x12\x1d\n" +
+	"\n" +
+	"cert_names\x18\a \x03(\tR\tcertNames\" \n" +
 	"\n" +
 	"AccountRef\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\">\n" +

@@ -1,0 +1,150 @@
+package e2e
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cmlproject/cml/internal/testutil"
+)
+
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pem  string
+}
+
+func newTestCA(t *testing.T, dir, name string) *testCA {
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(48 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, k.Public(), k)
+	c, _ := x509.ParseCertificate(der)
+	p := filepath.Join(dir, name+".pem")
+	os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	return &testCA{c, k, p}
+}
+
+// client issues a client certificate; it returns the cert and key paths.
+func (ca *testCA) client(t *testing.T, dir, cn string, serial int64, notAfter time.Time) (string, string) {
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn}, NotBefore: time.Now().Add(-2 * time.Hour), NotAfter: notAfter,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, k.Public(), ca.key)
+	kd, _ := x509.MarshalPKCS8PrivateKey(k)
+	cp, kp := filepath.Join(dir, cn+".pem"), filepath.Join(dir, cn+".key")
+	os.WriteFile(cp, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	os.WriteFile(kp, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}), 0o600)
+	return cp, kp
+}
+
+// TestRemoteAPI: the control API over mutual TLS with the TPM-held device
+// key: an administrator's certificate under the owner CA works with the
+// same commands; a rogue CA, a revoked or expired certificate, one that
+// maps to no account, a client without a certificate, TLS 1.1 and CBC
+// suites are refused; the server presents the device certificate; remote
+// calls are audited with the certificate's subject.
+func TestRemoteAPI(t *testing.T) {
+	testutil.RequireTool(t, "openssl")
+	d := startDaemon(t)
+	fleet := filepath.Join(d.root, "fleet")
+	if out, err := exec.Command(filepath.Join(binDir, "cmlsign"), "pki", "init", "--dir", fleet).CombinedOutput(); err != nil {
+		t.Fatalf("fleet pki: %v %s", err, out)
+	}
+	d.provisionIdentity(fleet)
+	owner := newTestCA(t, d.root, "owner-ca")
+	d.must("ca", "register", owner.pem)
+	alice, aliceKey := owner.client(t, d.root, "alice", 10, time.Now().Add(24*time.Hour))
+	bob, bobKey := owner.client(t, d.root, "bob", 11, time.Now().Add(24*time.Hour))
+	old, oldKey := owner.client(t, d.root, "old", 12, time.Now().Add(-time.Hour))
+	gone, goneKey := owner.client(t, d.root, "gone", 13, time.Now().Add(24*time.Hour))
+	rogueCA := newTestCA(t, d.root, "rogue-ca")
+	rogue, rogueKey := rogueCA.client(t, d.root, "alice-rogue", 14, time.Now().Add(24*time.Hour))
+	crl, _ := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{Number: big.NewInt(1), ThisUpdate: time.Now().Add(-time.Minute), NextUpdate: time.Now().Add(time.Hour),
+		RevokedCertificateEntries: []x509.RevocationListEntry{{SerialNumber: big.NewInt(13), RevocationTime: time.Now().Add(-time.Minute)}}}, owner.cert, owner.key)
+	crlPath := filepath.Join(d.root, "owner.crl")
+	os.WriteFile(crlPath, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: crl}), 0o644)
+	d.must("ca", "crl", "load", crlPath)
+	d.must("user", "add", "alice", "--role", "administrator", "--cert-name", "alice", "--cert-name", "old", "--cert-name", "gone", "--cert-name", "alice-rogue")
+	port := freePort(t)
+	d.restartWithDevice(fmt.Sprintf("remote { listen: \"127.0.0.1:%d\" }\n", port))
+	addr := fmt.Sprint("127.0.0.1:", port)
+	remote := func(cert, key string, args ...string) (string, int) {
+		cmd := exec.Command(filepath.Join(binDir, "cmlctl"), append([]string{"--remote", addr, "--cert", cert, "--key", key, "--ca", filepath.Join(fleet, "root-ca.pem")}, args...)...)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		return string(out), code
+	}
+	if out, code := remote(alice, aliceKey, "whoami"); code != 0 || !strings.Contains(out, "alice roles=administrator") {
+		t.Fatalf("remote whoami as alice: %d %s", code, out)
+	}
+	d.installGuestOS()
+	d.create("r", "")
+	if out, code := remote(alice, aliceKey, "start", "r"); code != 0 {
+		t.Errorf("remote start: %d %s", code, out)
+	}
+	if out, code := remote(alice, aliceKey, "list"); code != 0 || !strings.Contains(out, "RUNNING") {
+		t.Errorf("remote list: %d %s", code, out)
+	}
+	if !d.hasAudit("control.Start", "success", `"certificate":"CN=alice"`) {
+		t.Errorf("the remote call is not audited with the certificate's subject")
+	}
+	for name, c := range map[string][2]string{"rogue CA": {rogue, rogueKey}, "expired": {old, oldKey}, "revoked": {gone, goneKey}} {
+		if out, code := remote(c[0], c[1], "list"); code == 0 {
+			t.Errorf("%s certificate accepted: %s", name, out)
+		}
+	}
+	if out, code := remote(bob, bobKey, "list"); code == 0 || !strings.Contains(out, "no account") {
+		t.Errorf("a certificate mapped to no account: %d %s", code, out)
+	}
+	// openssl as an independent client: old protocols, CBC suites and a
+	// missing client certificate are refused; the server certificate is
+	// the device's.
+	sclient := func(args ...string) (string, error) {
+		cmd := exec.Command("openssl", append([]string{"s_client", "-connect", addr, "-servername", "device"}, args...)...)
+		cmd.Stdin = strings.NewReader("")
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	for _, args := range [][]string{{"-tls1_1", "-cert", alice, "-key", aliceKey}, {"-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA", "-cert", alice, "-key", aliceKey}, {"-tls1_2", "-cipher", "AES128-GCM-SHA256", "-cert", alice, "-key", aliceKey}} {
+		if out, err := sclient(args...); err == nil && strings.Contains(out, "Cipher is") && !strings.Contains(out, "Cipher is (NONE)") {
+			t.Errorf("openssl %v was accepted:\n%s", args, out)
+		}
+	}
+	if out, err := sclient("-tls1_2"); err == nil && strings.Contains(out, "Verify return code") && !strings.Contains(out, "alert") && !strings.Contains(out, "handshake failure") {
+		t.Errorf("a TLS 1.2 client without a certificate was accepted:\n%s", out)
+	}
+	out, _ := sclient("-tls1_3", "-cert", alice, "-key", aliceKey, "-showcerts")
+	dev, _ := os.ReadFile(filepath.Join(d.stateDir, "identity", "tls.pem"))
+	blk, _ := pem.Decode(dev)
+	if blk == nil || !strings.Contains(strings.ReplaceAll(out, "\n", ""), strings.ReplaceAll(string(pem.EncodeToMemory(blk)), "\n", "")) {
+		t.Errorf("the server does not present the device certificate")
+	}
+	// The device's TLS key is in the TPM: no private key on its disk
+	// outside the TPM's own state.
+	filepath.WalkDir(d.stateDir, func(p string, e os.DirEntry, err error) error {
+		if err == nil && e.Type().IsRegular() && !strings.Contains(p, "/tpm/") {
+			if b, _ := os.ReadFile(p); strings.Contains(string(b), "PRIVATE KEY") {
+				t.Errorf("a private key on disk: %s", p)
+			}
+		}
+		return nil
+	})
+	if out, code := remote(alice, aliceKey, "stop", "r"); code != 0 {
+		t.Errorf("remote stop: %d %s", code, out)
+	}
+}
