@@ -239,24 +239,14 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 		e.Time = s.now()
 	}
 	e.Time = e.Time.UTC()
-	// Encoded outside the lock with a zero sequence number and an empty
-	// chain value (the last two fields); under the lock only the tail is
-	// rewritten.
-	e.Seq, e.Chain = 0, ""
-	enc, err := json.Marshal(e)
+	// Encoded outside the lock; under it only the tail is written.
+	head, err := encodeHead(e)
 	if err != nil {
-		return fmt.Errorf("encode audit event: %w", err)
+		return err
 	}
-	const tail = `,"seq":0,"chain":""}`
-	if !bytes.HasSuffix(enc, []byte(tail)) {
-		return fmt.Errorf("encode audit event: unexpected layout")
-	}
-	head := enc[:len(enc)-len(tail)]
 	s.mu.Lock()
 	seq := s.seq + 1
-	blank := fmt.Appendf(head[:len(head):len(head)], `,"seq":%d,"chain":""}`, seq)
-	next := auditlog.Chain(s.chain, blank)
-	line := fmt.Appendf(blank[:len(blank)-len(`""}`)], `"%x"}`+"\n", next[:])
+	line, next := chainLine(head, seq, s.chain)
 	if s.capacity > 0 && s.off+int64(len(line)) > s.capacity {
 		s.failed = true
 		s.mu.Unlock()
@@ -327,6 +317,30 @@ func (s *FileSink) OnAlert(f func(record string)) {
 	s.mu.Lock()
 	s.onAlert = f
 	s.mu.Unlock()
+}
+
+// encodeHead encodes e up to its last two fields, the sequence number and
+// the chain value, which chainLine adds.
+func encodeHead(e Event) ([]byte, error) {
+	e.Seq, e.Chain = 0, ""
+	enc, err := json.Marshal(e)
+	if err != nil {
+		return nil, fmt.Errorf("encode audit event: %w", err)
+	}
+	const tail = `,"seq":0,"chain":""}`
+	if !bytes.HasSuffix(enc, []byte(tail)) {
+		return nil, fmt.Errorf("encode audit event: unexpected layout")
+	}
+	return enc[:len(enc)-len(tail)], nil
+}
+
+// chainLine completes a head into the record line (with its newline):
+// sequence number seq, and the chain value over prev and the record with
+// that value empty.
+func chainLine(head []byte, seq uint64, prev [32]byte) (line []byte, next [32]byte) {
+	blank := fmt.Appendf(head[:len(head):len(head)], `,"seq":%d,"chain":""}`, seq)
+	next = auditlog.Chain(prev, blank)
+	return fmt.Appendf(blank[:len(blank)-len(`""}`)], `"%x"}`+"\n", next[:]), next
 }
 
 // ErrFull is a record refused because the trail is at its capacity.
@@ -446,6 +460,12 @@ func (s *FileSink) Checkpoint() error {
 	if c.Size == s.signedAt {
 		return nil
 	}
+	return s.appendCheckpoint(c)
+}
+
+// appendCheckpoint signs c and appends it, durable, to the checkpoints
+// file; ckMu is held.
+func (s *FileSink) appendCheckpoint(c auditlog.Checkpoint) error {
 	note, err := auditlog.Sign(c, s.signer)
 	if err != nil {
 		return err
@@ -554,36 +574,20 @@ func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
 		// The rotation point must be under a signed checkpoint (a rare
 		// TPM signature under the trail's lock).
 		c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
-		note, err := auditlog.Sign(c, s.signer)
-		if err != nil {
-			return err
+		if err := s.appendCheckpoint(c); err != nil {
+			return fmt.Errorf("checkpoint before rotation: %w", err)
 		}
-		line, _ := json.Marshal(struct {
-			Note string `json:"note"`
-		}{string(note)})
-		f, err := os.OpenFile(s.path+".checkpoints", os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return err
-		}
-		_, werr := f.Write(append(line, '\n'))
-		serr := f.Sync()
-		f.Close()
-		if werr != nil || serr != nil {
-			return fmt.Errorf("checkpoint before rotation: %v %v", werr, serr)
-		}
-		s.signedAt = c.Size
 	}
 	e := Event{Time: s.now().UTC(), Type: "daemon", Operation: auditlog.RotateOperation, Outcome: Success,
 		Reason:  fmt.Sprintf("records 1 to %d were rotated away after the collector received them", s.seq),
 		Details: auditlog.EncodeRotate(&s.tree, s.chain), Seq: s.seq + 1}
-	blank, err := json.Marshal(e)
+	head, err := encodeHead(e)
 	if err != nil {
 		return err
 	}
-	next := auditlog.Chain(s.chain, blank)
-	line := bytes.Replace(blank, []byte(`"chain":""`), []byte(`"chain":"`+hex.EncodeToString(next[:])+`"`), 1)
+	line, next := chainLine(head, e.Seq, s.chain)
 	tmp := s.path + ".rotating"
-	if err := os.WriteFile(tmp, append(line, '\n'), 0o600); err != nil {
+	if err := os.WriteFile(tmp, line, 0o600); err != nil {
 		os.Remove(tmp)
 		return err
 	}
@@ -603,8 +607,8 @@ func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
 		SetAppendOnly(s.path, true)
 	}
 	s.seq, s.chain = e.Seq, next
-	s.tree.Append(auditlog.LeafHash(line))
-	s.off, s.synced = int64(len(line)+1), int64(len(line)+1)
+	s.tree.Append(auditlog.LeafHash(line[:len(line)-1]))
+	s.off, s.synced = int64(len(line)), int64(len(line))
 	s.failed, s.warned = false, 0
 	s.fullOnce = sync.Once{}
 	return nil

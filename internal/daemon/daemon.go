@@ -516,25 +516,16 @@ func forwarder(sink *audit.FileSink, as *cmlv1.AuditSettings, keys *tpm.Keys, id
 	if !pool.AppendCertsFromPEM(caPEM) {
 		return nil, fmt.Errorf("device setting audit.collector_ca_file: no certificate in %s", as.GetCollectorCaFile())
 	}
-	signer, err := keys.TLS.GetSigner()
+	cert, err := deviceTLS(keys, ident)
 	if err != nil {
-		return nil, fmt.Errorf("audit forwarding: TLS key: %w", err)
-	}
-	var chain [][]byte
-	rest := ident.Info().GetTlsCertificate()
-	for {
-		var b *pem.Block
-		if b, rest = pem.Decode(rest); b == nil {
-			break
-		}
-		chain = append(chain, b.Bytes)
+		return nil, fmt.Errorf("audit forwarding: %w", err)
 	}
 	name := as.GetCollectorServerName()
 	if name == "" {
 		name = host
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, ServerName: name,
-		Certificates: []tls.Certificate{{Certificate: chain, PrivateKey: signer}}}
+		Certificates: []tls.Certificate{cert}}
 	hostname, _ := os.Hostname()
 	return &audit.Forwarder{Sink: sink, Addr: as.GetCollector(), TLS: cfg, Hostname: hostname, DeviceUUID: ident.UUID(), Log: log}, nil
 }
@@ -545,21 +536,12 @@ func forwarder(sink *audit.FileSink, as *cmlv1.AuditSettings, keys *tpm.Keys, id
 // revoked, that maps to an account (checked per call). TLS 1.3, or 1.2
 // with ECDHE and AEAD suites only; bounded connections and idle time.
 func remoteServer(rs *cmlv1.RemoteSettings, keys *tpm.Keys, ident *device.Identity, ts *trust.Store, srv *api.Server) (*grpc.Server, net.Listener, error) {
-	signer, err := keys.TLS.GetSigner()
+	cert, err := deviceTLS(keys, ident)
 	if err != nil {
-		return nil, nil, fmt.Errorf("remote API: TLS key: %w", err)
-	}
-	var chain [][]byte
-	rest := ident.Info().GetTlsCertificate()
-	for {
-		var b *pem.Block
-		if b, rest = pem.Decode(rest); b == nil {
-			break
-		}
-		chain = append(chain, b.Bytes)
+		return nil, nil, fmt.Errorf("remote API: %w", err)
 	}
 	cfg := &tls.Config{
-		Certificates: []tls.Certificate{{Certificate: chain, PrivateKey: signer}},
+		Certificates: []tls.Certificate{cert},
 		ClientAuth:   tls.RequireAnyClientCert,
 		MinVersion:   tls.VersionTLS12,
 		CipherSuites: []uint16{ // TLS 1.2: ECDHE with AEAD only
@@ -599,4 +581,23 @@ func remoteServer(rs *cmlv1.RemoteSettings, keys *tpm.Keys, ident *device.Identi
 	)
 	cmlv1.RegisterControlServer(gs, srv)
 	return gs, lis, nil
+}
+
+// deviceTLS is the device's TLS identity: the key in the TPM (a signer;
+// it never leaves the TPM) with the certificate chain installed for it.
+func deviceTLS(keys *tpm.Keys, ident *device.Identity) (tls.Certificate, error) {
+	signer, err := keys.TLS.GetSigner()
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("TLS key: %w", err)
+	}
+	var chain [][]byte
+	rest := ident.Info().GetTlsCertificate()
+	for {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		chain = append(chain, b.Bytes)
+	}
+	return tls.Certificate{Certificate: chain, PrivateKey: signer}, nil
 }

@@ -269,12 +269,22 @@ func abortFuse(conn uint32) {
 }
 
 func isGocryptfs(pid int, plain string) bool {
+	mp, ok := gocryptfsMount(pid)
+	return ok && mp == plain
+}
+
+// gocryptfsMount returns the mount point a gocryptfs process serves (its
+// last argument), or false for any other process.
+func gocryptfsMount(pid int) (string, bool) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
 	if err != nil {
-		return false
+		return "", false
 	}
 	args := bytes.Split(bytes.TrimRight(b, "\x00"), []byte{0})
-	return len(args) > 0 && filepath.Base(string(args[0])) == "gocryptfs" && string(args[len(args)-1]) == plain
+	if len(args) < 2 || filepath.Base(string(args[0])) != "gocryptfs" {
+		return "", false
+	}
+	return string(args[len(args)-1]), true
 }
 
 // CleanupUnder ends what encrypted volumes under dir left behind after a
@@ -294,16 +304,8 @@ func CleanupUnder(dir, runDir string, keep map[string]bool) {
 		if err != nil {
 			continue
 		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if err != nil {
-			continue
-		}
-		args := bytes.Split(bytes.TrimRight(b, "\x00"), []byte{0})
-		if len(args) < 2 || filepath.Base(string(args[0])) != "gocryptfs" {
-			continue
-		}
-		plain := string(args[len(args)-1])
-		if !strings.HasPrefix(plain, dir+"/") {
+		plain, ok := gocryptfsMount(pid)
+		if !ok || !strings.HasPrefix(plain, dir+"/") {
 			continue
 		}
 		if ns, _ := os.Readlink("/proc/" + e.Name() + "/ns/mnt"); ns != "" && ns != self {
