@@ -99,3 +99,42 @@ func TestStore(t *testing.T) {
 		t.Error("an unmapped uid has an account")
 	}
 }
+
+// TestStoreConcurrent: accounts change while calls are decided (run under
+// -race): every add lands once, lookups never see half an account.
+func TestStoreConcurrent(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 200; i++ {
+			s.Local(0)
+			s.ByCert("c5")
+			s.List()
+		}
+	}()
+	errs := make(chan error, 20)
+	for i := 0; i < 20; i++ {
+		go func(i int) {
+			name := "a" + string(rune('a'+i))
+			err := s.Add(Account{Name: name, Roles: []Role{User}, LocalUIDs: []int{2000 + i}, CertNames: []string{name}})
+			if err == nil {
+				tr := true
+				_, err = s.Set(name, nil, []string{"c"}, &tr)
+			}
+			errs <- err
+		}(i)
+	}
+	for i := 0; i < 20; i++ {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	<-done
+	if n := len(s.List()); n != 22 {
+		t.Errorf("%d accounts, want 22", n)
+	}
+}
