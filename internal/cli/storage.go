@@ -112,38 +112,37 @@ func (a *app) removeCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use: "remove <name|uuid>", Short: "Remove a stopped container and its data (an encrypted one is wiped: its key destroyed in the token)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, ctx, cancel, err := a.call()
-			if err != nil {
+			return a.withKeyRef(args[0], pinFile, func(ctx context.Context, c cmlv1.ControlClient, ref *cmlv1.ContainerRef) error {
+				_, err := c.Remove(ctx, ref)
 				return err
-			}
-			defer cancel()
-			ref, err := a.refWithPIN(ctx, c, args[0], pinFile)
-			if err != nil {
-				return err
-			}
-			defer zero(ref.Pin)
-			_, err = c.Remove(ctx, ref)
-			return err
+			})
 		},
 	}
 	cmd.Flags().StringVar(&pinFile, "pin-file", "", "the token's PIN (PKCS#11 tokens need it to destroy the key), from this file")
 	return cmd
 }
 
-// refWithPIN asks for a PIN only where the daemon needs one to destroy a
-// key (PKCS#11 and USB tokens).
-func (a *app) refWithPIN(ctx context.Context, c cmlv1.ControlClient, name, pinFile string) (*cmlv1.ContainerRef, error) {
+// withKeyRef calls fn with a reference to the container, carrying a PIN
+// only where the daemon needs one to destroy its key (PKCS#11 and USB
+// tokens); the PIN is zeroed when fn returns. Remove and wipe share it.
+func (a *app) withKeyRef(name, pinFile string, fn func(context.Context, cmlv1.ControlClient, *cmlv1.ContainerRef) error) error {
+	c, ctx, cancel, err := a.call()
+	if err != nil {
+		return err
+	}
+	defer cancel()
 	ref := &cmlv1.ContainerRef{NameOrUuid: proto.String(name)}
 	ct, enc, err := needsPIN(ctx, c, name)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if enc && (ct.GetTokenType() == cmlv1.ContainerTokenType_PKCS11 || ct.GetTokenType() == cmlv1.ContainerTokenType_USB || pinFile != "") {
 		if ref.Pin, err = readPIN(fmt.Sprintf("PIN for %s's token (to destroy its key): ", ct.GetName()), pinFile); err != nil {
-			return nil, err
+			return err
 		}
+		defer zero(ref.Pin)
 	}
-	return ref, nil
+	return fn(ctx, c, ref)
 }
 
 func (a *app) wipeCmd() *cobra.Command {
@@ -153,25 +152,17 @@ func (a *app) wipeCmd() *cobra.Command {
 		Short: "Stop a container if needed, destroy its key in the token, then its data; the container and its config stay",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, ctx, cancel, err := a.call()
-			if err != nil {
-				return err
-			}
-			defer cancel()
-			ref, err := a.refWithPIN(ctx, c, args[0], pinFile)
-			if err != nil {
-				return err
-			}
-			defer zero(ref.Pin)
-			r, err := c.Wipe(ctx, ref)
-			if err != nil {
-				return err
-			}
-			if a.output == "json" {
-				return a.json(r)
-			}
-			fmt.Fprintf(a.stdout, "%s wiped: %s\n", r.GetContainer().GetName(), r.GetNote())
-			return nil
+			return a.withKeyRef(args[0], pinFile, func(ctx context.Context, c cmlv1.ControlClient, ref *cmlv1.ContainerRef) error {
+				r, err := c.Wipe(ctx, ref)
+				if err != nil {
+					return err
+				}
+				if a.output == "json" {
+					return a.json(r)
+				}
+				fmt.Fprintf(a.stdout, "%s wiped: %s\n", r.GetContainer().GetName(), r.GetNote())
+				return nil
+			})
 		},
 	}
 	cmd.Flags().StringVar(&pinFile, "pin-file", "", "the token's PIN (PKCS#11 tokens need it to destroy the key), from this file")
