@@ -228,7 +228,7 @@ func Run(ctx context.Context, c Config) error {
 		return err
 	}
 	netStage.Audit = sink
-	if err := auditNetworkSettings(ctx, c.StateDir, dev.GetNetwork(), sink); err != nil {
+	if err := auditSettingsChange(ctx, c.StateDir, "network.settings", "network", network.Describe(dev.GetNetwork()), sink); err != nil {
 		return err
 	}
 	if err := auditSettingsChange(ctx, c.StateDir, "audit.settings", "audit", describeAudit(dev.GetAudit()), sink); err != nil {
@@ -463,21 +463,9 @@ func checkTraversable(dir string) error {
 	}
 }
 
-// auditNetworkSettings records a change of the device's network settings
-// (against those of the last start, kept in <state>/network.settings).
-func auditNetworkSettings(ctx context.Context, stateDir string, n *cmlv1.NetworkSettings, sink audit.Recorder) error {
-	if n == nil {
-		n = &cmlv1.NetworkSettings{}
-	}
-	return auditSettingsChange(ctx, stateDir, "network.settings", "network", network.Describe(n), sink)
-}
-
 // describeAudit renders the audit settings on one line, defaults spelled
-// out.
+// out (the getters give the defaults for a missing section).
 func describeAudit(a *cmlv1.AuditSettings) string {
-	if a == nil {
-		a = &cmlv1.AuditSettings{}
-	}
 	return fmt.Sprintf("audit_size=%dMB warn_percent=%d warn_percent_high=%d when_full=%s checkpoint_every=%d checkpoint_interval_seconds=%d collector=%q collector_ca_file=%q",
 		a.GetAuditSize(), a.GetWarnPercent(), a.GetWarnPercentHigh(), a.GetWhenFull(), a.GetCheckpointEvery(), a.GetCheckpointIntervalSeconds(), a.GetCollector(), a.GetCollectorCaFile())
 }
