@@ -5,6 +5,9 @@
 package access
 
 import (
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -14,8 +17,8 @@ import (
 	"sort"
 	"strconv"
 	"sync"
-
-	"encoding/json"
+	"sync/atomic"
+	"time"
 
 	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/config"
@@ -42,7 +45,10 @@ var Roles = []Role{Administrator, Auditor, User}
 type Rule struct {
 	Roles  []Role
 	Scoped bool // users: only their containers
-	Any    bool // every caller with an account (whoami)
+	Any    bool // every caller with an account (whoami; its own password and sessions)
+	// Public: callable before authentication (login authenticates
+	// itself).
+	Public bool
 }
 
 func r(roles ...Role) Rule   { return Rule{Roles: roles} }
@@ -65,6 +71,12 @@ var Table = map[string]Rule{
 	"AuditShow": r(Auditor), "AuditVerify": r(Auditor), "AuditStatus": r(Auditor),
 	"Whoami":  {Any: true},
 	"UserAdd": r(Administrator), "UserRemove": r(Administrator), "UserList": r(Administrator, Auditor), "UserSet": r(Administrator),
+	// Every account changes its own password and sees, locks and ends
+	// its own sessions; administrators also others' (the handlers scope
+	// them).
+	"Login": {Public: true}, "UserPasswd": {Any: true},
+	"SessionList": {Any: true}, "SessionEnd": {Any: true}, "SessionLock": {Any: true},
+	"PolicyGet": r(Administrator, Auditor), "PolicySet": r(Administrator),
 }
 
 // Account is one identified user of cmld (FIA_ATD.1). Accounts live in
@@ -78,80 +90,181 @@ type Account struct {
 	// as this account over the remote API.
 	CertNames []string `json:"cert_names,omitempty"`
 	Locked    bool     `json:"locked,omitempty"`
-	BuiltIn   bool     `json:"built_in,omitempty"`
+	// LockReason says who locked it: an administrator, or too many
+	// failed logins (FIA_AFL.1).
+	LockReason string `json:"lock_reason,omitempty"`
+	BuiltIn    bool   `json:"built_in,omitempty"`
+
+	// Password is the Argon2id hash (PHC string) of the account's
+	// password; an account with one must log in (cmlctl login), also
+	// where its uid or certificate maps to it (multi-factor).
+	Password        string    `json:"password,omitempty"`
+	PasswordChanged time.Time `json:"password_changed,omitzero"`
+	// MustChange: set by an administrator's password, so the owner
+	// chooses its own at the next login.
+	MustChange bool `json:"must_change,omitempty"`
+	// History holds the hashes of earlier passwords, newest first.
+	History []string `json:"history,omitempty"`
+	// Failures counts failed logins since the last success.
+	Failures int `json:"failures,omitempty"`
 }
 
 // Has reports whether a has role.
 func (a *Account) Has(role Role) bool { return slices.Contains(a.Roles, role) }
 
+// HasPassword reports whether the account must log in with a password.
+func (a *Account) HasPassword() bool { return a.Password != "" }
+
+func (a *Account) clone() *Account {
+	c := *a
+	c.Roles = slices.Clone(a.Roles)
+	c.LocalUIDs = slices.Clone(a.LocalUIDs)
+	c.Containers = slices.Clone(a.Containers)
+	c.CertNames = slices.Clone(a.CertNames)
+	c.History = slices.Clone(a.History)
+	return &c
+}
+
+// Public is the account without its password hashes (what the API
+// shows and the authorization works with).
+func (a *Account) Public() Account {
+	c := *a.clone()
+	c.Password, c.History = "", nil
+	return c
+}
+
 // AuditGroup's members are the built-in auditor on the local socket.
 const AuditGroup = "cml-audit"
 
-// Store keeps the accounts in <state>/accounts.json. Root (uid 0) is the
-// built-in administrator (and auditor) "root", members of group cml-audit the built-in
-// auditor "audit", so existing scripts keep working.
+// snapshot is one immutable version of the accounts and the policy:
+// lookups read the current one without a lock; changes copy it, write it
+// to disk and publish the copy (so no caller waits for a disk write to be
+// identified).
+type snapshot struct {
+	policy Policy
+	accs   map[string]*Account
+}
+
+func (s *snapshot) clone() *snapshot {
+	c := &snapshot{policy: s.policy, accs: make(map[string]*Account, len(s.accs))}
+	for n, a := range s.accs {
+		c.accs[n] = a.clone()
+	}
+	return c
+}
+
+// Store keeps the accounts and the password policy in
+// <state>/accounts.json. Root (uid 0) is the built-in administrator (and
+// auditor) "root", members of group cml-audit the built-in auditor
+// "audit", so existing scripts keep working.
 type Store struct {
 	path string
-	mu   sync.Mutex
-	accs map[string]*Account
+	wmu  sync.Mutex // serializes changes, held across their write
+	cur  atomic.Pointer[snapshot]
+	// LimitedRootTrust (device setting access.limited_root_trust): local
+	// root is not authenticated by its uid alone.
+	LimitedRootTrust bool
+	// hashing bounds concurrent Argon2id computations (64 MiB each).
+	hashing chan struct{}
+	// decoy is verified for logins that name no usable account, so they
+	// take as long as a wrong password (CR 1.10).
+	decoy string
+	now   func() time.Time
+}
+
+type storeFile struct {
+	Policy   *Policy    `json:"policy,omitempty"`
+	Accounts []*Account `json:"accounts"`
 }
 
 // Open loads the accounts.
 func Open(dir string) (*Store, error) {
-	s := &Store{path: filepath.Join(dir, "accounts.json"), accs: map[string]*Account{}}
+	s := &Store{path: filepath.Join(dir, "accounts.json"), hashing: make(chan struct{}, 2), now: time.Now}
+	snap := &snapshot{policy: DefaultPolicy(), accs: map[string]*Account{}}
 	b, err := os.ReadFile(s.path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
 	if err == nil {
-		var list []*Account
-		if err := json.Unmarshal(b, &list); err != nil {
+		var f storeFile
+		if len(bytes.TrimSpace(b)) > 0 && bytes.TrimSpace(b)[0] == '[' {
+			err = json.Unmarshal(b, &f.Accounts) // before the policy existed
+		} else {
+			err = json.Unmarshal(b, &f)
+		}
+		if err != nil {
 			return nil, fmt.Errorf("accounts: %w", err)
 		}
-		for _, a := range list {
-			s.accs[a.Name] = a
+		if f.Policy != nil {
+			if err := f.Policy.Valid(); err != nil {
+				return nil, fmt.Errorf("accounts: policy: %w", err)
+			}
+			snap.policy = *f.Policy
+		}
+		for _, a := range f.Accounts {
+			snap.accs[a.Name] = a
 		}
 	}
-	if s.accs["root"] == nil {
+	if snap.accs["root"] == nil {
 		// Local root administers and audits, as before accounts existed
 		// (existing scripts keep working); remove its auditor role to
 		// separate the two.
-		s.accs["root"] = &Account{Name: "root", Roles: []Role{Administrator, Auditor}, LocalUIDs: []int{0}, BuiltIn: true}
+		snap.accs["root"] = &Account{Name: "root", Roles: []Role{Administrator, Auditor}, LocalUIDs: []int{0}, BuiltIn: true}
 	}
-	if s.accs["audit"] == nil {
-		s.accs["audit"] = &Account{Name: "audit", Roles: []Role{Auditor}, BuiltIn: true}
+	if snap.accs["audit"] == nil {
+		snap.accs["audit"] = &Account{Name: "audit", Roles: []Role{Auditor}, BuiltIn: true}
 	}
+	s.cur.Store(snap)
+	d := make([]byte, 32)
+	rand.Read(d)
+	s.decoy = hashPassword(d)
 	return s, nil
 }
 
-// save writes the accounts; the caller holds mu.
-func (s *Store) saveLocked() error {
-	var list []*Account
-	for _, a := range s.accs {
-		list = append(list, a)
+// update applies fn to a copy of the accounts, writes the copy and
+// publishes it; an error from fn or the write changes nothing.
+func (s *Store) update(fn func(*snapshot) error) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	next := s.cur.Load().clone()
+	if err := fn(next); err != nil {
+		return err
 	}
-	sort.Slice(list, func(i, j int) bool { return list[i].Name < list[j].Name })
-	b, _ := json.MarshalIndent(list, "", "  ")
-	return atomicfile.Write(s.path, b, 0o600)
+	f := storeFile{Policy: &next.policy}
+	for _, a := range next.accs {
+		f.Accounts = append(f.Accounts, a)
+	}
+	sort.Slice(f.Accounts, func(i, j int) bool { return f.Accounts[i].Name < f.Accounts[j].Name })
+	b, _ := json.MarshalIndent(f, "", "  ")
+	if err := atomicfile.Write(s.path, b, 0o600); err != nil {
+		return fmt.Errorf("accounts: %w", err)
+	}
+	s.cur.Store(next)
+	return nil
+}
+
+// Get returns a copy of one account.
+func (s *Store) Get(name string) (*Account, bool) {
+	a := s.cur.Load().accs[name]
+	if a == nil {
+		return nil, false
+	}
+	return a.clone(), true
 }
 
 // Local maps a local socket caller to its account: an account listing its
 // uid, else the built-in auditor for members of cml-audit.
 func (s *Store) Local(uid int) (*Account, bool) {
-	s.mu.Lock()
-	for _, a := range s.accs {
+	snap := s.cur.Load()
+	for _, a := range snap.accs {
 		if slices.Contains(a.LocalUIDs, uid) {
-			c := *a
-			s.mu.Unlock()
-			return &c, true
+			return a.clone(), true
 		}
 	}
-	aud := *s.accs["audit"]
-	s.mu.Unlock()
 	if g, err := user.LookupGroup(AuditGroup); err == nil {
 		if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
 			if ids, err := u.GroupIds(); err == nil && slices.Contains(ids, g.Gid) {
-				return &aud, true
+				return snap.accs["audit"].clone(), true
 			}
 		}
 	}
@@ -161,24 +274,19 @@ func (s *Store) Local(uid int) (*Account, bool) {
 // ByCert maps a remote caller's client certificate (its common name,
 // already verified against the owner CAs) to its account.
 func (s *Store) ByCert(cn string) (*Account, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, a := range s.accs {
+	for _, a := range s.cur.Load().accs {
 		if cn != "" && slices.Contains(a.CertNames, cn) {
-			c := *a
-			return &c, true
+			return a.clone(), true
 		}
 	}
 	return nil, false
 }
 
-// List returns copies of every account, by name.
+// List returns every account (without password hashes), by name.
 func (s *Store) List() []Account {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	var out []Account
-	for _, a := range s.accs {
-		out = append(out, *a)
+	for _, a := range s.cur.Load().accs {
+		out = append(out, a.Public())
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
@@ -196,93 +304,98 @@ func validRoles(roles []Role) error {
 	return nil
 }
 
-// Add creates an account.
-func (s *Store) Add(a Account) error {
+// Add creates an account, with an initial password when password is not
+// empty (set by an administrator: the owner must change it at its first
+// login).
+func (s *Store) Add(a Account, password []byte) error {
 	if !config.ValidName(a.Name) {
 		return fmt.Errorf("account name %q is not a safe identifier", a.Name)
 	}
 	if err := validRoles(a.Roles); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.accs[a.Name] != nil {
-		return fmt.Errorf("account %s exists already", a.Name)
+	a.BuiltIn, a.Locked, a.LockReason, a.Failures, a.History = false, false, "", 0, nil
+	a.Password, a.MustChange = "", false
+	if len(password) > 0 {
+		if err := s.Policy().Check(a.Name, password); err != nil {
+			return err
+		}
+		a.Password, a.PasswordChanged, a.MustChange = s.hash(password), s.now(), true
 	}
-	for _, o := range s.accs {
-		for _, u := range a.LocalUIDs {
-			if slices.Contains(o.LocalUIDs, u) {
-				return fmt.Errorf("local uid %d is mapped to account %s already", u, o.Name)
+	return s.update(func(snap *snapshot) error {
+		if snap.accs[a.Name] != nil {
+			return fmt.Errorf("account %s exists already", a.Name)
+		}
+		for _, o := range snap.accs {
+			for _, u := range a.LocalUIDs {
+				if slices.Contains(o.LocalUIDs, u) {
+					return fmt.Errorf("local uid %d is mapped to account %s already", u, o.Name)
+				}
+			}
+			for _, n := range a.CertNames {
+				if slices.Contains(o.CertNames, n) {
+					return fmt.Errorf("certificate name %q is mapped to account %s already", n, o.Name)
+				}
 			}
 		}
-		for _, n := range a.CertNames {
-			if slices.Contains(o.CertNames, n) {
-				return fmt.Errorf("certificate name %q is mapped to account %s already", n, o.Name)
-			}
-		}
-	}
-	a.BuiltIn = false
-	s.accs[a.Name] = &a
-	if err := s.saveLocked(); err != nil {
-		delete(s.accs, a.Name)
-		return err
-	}
-	return nil
+		snap.accs[a.Name] = &a
+		return nil
+	})
 }
 
 // Remove deletes an account; built-in ones stay.
 func (s *Store) Remove(name string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	a := s.accs[name]
-	switch {
-	case a == nil:
-		return fmt.Errorf("account %s does not exist", name)
-	case a.BuiltIn:
-		return fmt.Errorf("account %s is built in and cannot be removed", name)
-	}
-	delete(s.accs, name)
-	if err := s.saveLocked(); err != nil {
-		s.accs[name] = a
-		return err
-	}
-	return nil
+	return s.update(func(snap *snapshot) error {
+		a := snap.accs[name]
+		switch {
+		case a == nil:
+			return fmt.Errorf("account %s does not exist", name)
+		case a.BuiltIn:
+			return fmt.Errorf("account %s is built in and cannot be removed", name)
+		}
+		delete(snap.accs, name)
+		return nil
+	})
 }
 
 // Set changes an account's roles, containers or lock (nil: unchanged).
+// Unlocking also clears the failed-login count.
 func (s *Store) Set(name string, roles []Role, containers []string, locked *bool) (Account, error) {
 	if roles != nil {
 		if err := validRoles(roles); err != nil {
 			return Account{}, err
 		}
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	a := s.accs[name]
-	if a == nil {
-		return Account{}, fmt.Errorf("account %s does not exist", name)
-	}
-	old := *a
-	if roles != nil {
-		if a.Name == "root" && !slices.Contains(roles, Administrator) {
-			return old, fmt.Errorf("the built-in root account keeps the administrator role")
+	var out Account
+	err := s.update(func(snap *snapshot) error {
+		a := snap.accs[name]
+		if a == nil {
+			return fmt.Errorf("account %s does not exist", name)
 		}
-		a.Roles = roles
-	}
-	if containers != nil {
-		a.Containers = containers
-	}
-	if locked != nil {
-		if a.Name == "root" && *locked {
-			return old, fmt.Errorf("the built-in root account cannot be locked")
+		if roles != nil {
+			if a.Name == "root" && !slices.Contains(roles, Administrator) {
+				return fmt.Errorf("the built-in root account keeps the administrator role")
+			}
+			a.Roles = roles
 		}
-		a.Locked = *locked
-	}
-	if err := s.saveLocked(); err != nil {
-		*a = old
-		return old, err
-	}
-	return *a, nil
+		if containers != nil {
+			a.Containers = containers
+		}
+		if locked != nil {
+			if a.Name == "root" && *locked {
+				return fmt.Errorf("the built-in root account cannot be locked")
+			}
+			a.Locked, a.LockReason = *locked, ""
+			if *locked {
+				a.LockReason = "locked by an administrator"
+			} else {
+				a.Failures = 0
+			}
+		}
+		out = a.Public()
+		return nil
+	})
+	return out, err
 }
 
 // Allowed decides a call: the account's roles against the method's rule,
@@ -292,6 +405,9 @@ func Allowed(a *Account, method, container string) error {
 	rule, ok := Table[method]
 	if !ok {
 		return fmt.Errorf("%s is not allowed to anyone (no rule)", method)
+	}
+	if rule.Public {
+		return nil
 	}
 	if a == nil {
 		return fmt.Errorf("the caller has no account")

@@ -2,10 +2,14 @@ package api
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"strings"
 
 	"google.golang.org/grpc"
-	"google.golang.org/protobuf/proto"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/access"
@@ -14,33 +18,100 @@ import (
 )
 
 type accountKey struct{}
+type sessionKey struct{}
 
-// account resolves the caller's account (nil: none). Local socket callers
-// map by uid (root: the built-in administrator; group cml-audit: the
-// built-in auditor).
-func (s *Server) account(ctx context.Context) *access.Account {
-	if a, ok := ctx.Value(accountKey{}).(*access.Account); ok {
-		return a
-	}
-	if s.Accounts == nil {
-		return nil
-	}
-	if cn, remote := remoteName(ctx); remote {
-		a, ok := s.Accounts.ByCert(cn)
-		if !ok {
-			return nil
-		}
-		return a
-	}
-	sub := subject(ctx)
-	if sub == nil {
-		return nil
-	}
-	a, ok := s.Accounts.Local(int(sub.UID))
+// SessionMetadata is the call metadata that carries a session token.
+const SessionMetadata = "cml-session"
+
+// principal is who is on the other end of the connection: a local uid
+// (SO_PEERCRED) or a remote client certificate (verified at the TLS
+// handshake).
+func principal(ctx context.Context) (access.Principal, bool) {
+	p, ok := peer.FromContext(ctx)
 	if !ok {
-		return nil
+		return access.Principal{}, false
 	}
+	switch ai := p.AuthInfo.(type) {
+	case PeerCred:
+		return access.Principal{Local: true, UID: int(ai.UID)}, true
+	case credentials.TLSInfo:
+		if cs := ai.State.PeerCertificates; len(cs) > 0 {
+			fp := sha256.Sum256(cs[0].Raw)
+			return access.Principal{CertName: cs[0].Subject.CommonName, CertFP: hex.EncodeToString(fp[:])}, true
+		}
+	}
+	return access.Principal{}, false
+}
+
+func sessionToken(ctx context.Context) string {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(SessionMetadata); len(v) == 1 {
+		return v[0]
+	}
+	return ""
+}
+
+// account is the caller's account as authorization decided it (nil:
+// none).
+func (s *Server) account(ctx context.Context) *access.Account {
+	a, _ := ctx.Value(accountKey{}).(*access.Account)
 	return a
+}
+
+// session is the caller's session (nil: authenticated per call by its
+// uid or certificate alone).
+func session(ctx context.Context) *access.Session {
+	se, _ := ctx.Value(sessionKey{}).(*access.Session)
+	return se
+}
+
+// mapped is the account a connection's principal maps to without a
+// login: a local uid (root: the built-in administrator; group cml-audit:
+// the built-in auditor) or a client certificate's name.
+func (s *Server) mapped(p access.Principal) (*access.Account, bool) {
+	if p.Local {
+		return s.Accounts.Local(p.UID)
+	}
+	return s.Accounts.ByCert(p.CertName)
+}
+
+// identify authenticates a call: by its session token when it carries
+// one, else by the connection's uid or certificate alone, which is
+// enough only for an account without a password (with one, the
+// password is a second factor and the caller must log in). Under
+// limited trust in root, local root's uid alone may only set the root
+// account's first password.
+func (s *Server) identify(ctx context.Context, method string, req any) (*access.Account, *access.Session, context.Context, error) {
+	p, ok := principal(ctx)
+	if !ok {
+		return nil, nil, nil, nil
+	}
+	if tok := sessionToken(ctx); tok != "" {
+		se, sctx, err := s.Sessions.Use(tok, p)
+		if err != nil {
+			return nil, nil, nil, errdefs.Unauthenticated("%v", err)
+		}
+		a, ok := s.Accounts.Get(se.Account)
+		if !ok {
+			return nil, nil, nil, errdefs.Unauthenticated("%v", access.ErrNoSession)
+		}
+		return a, &se, sctx, nil
+	}
+	a, ok := s.mapped(p)
+	switch {
+	case !ok:
+		return nil, nil, nil, nil
+	case a.HasPassword():
+		return nil, nil, nil, errdefs.Unauthenticated("account %s authenticates with a password: log in first (cmlctl login)", a.Name)
+	case p.Local && a.Name == "root" && s.Accounts.LimitedRootTrust:
+		if r, ok := req.(*cmlv1.PasswdRequest); ok && method == "UserPasswd" && (r.GetName() == "" || r.GetName() == "root") {
+			return a, nil, nil, nil // setting root's first password
+		}
+		return nil, nil, nil, errdefs.Unauthenticated("limited trust in root: set the root account's password (cmlctl user passwd) and log in (cmlctl login)")
+	case !p.Local && s.Accounts.Policy().RemoteMFA:
+		return nil, nil, nil, errdefs.Unauthenticated("the policy wants a password besides the certificate (remote_mfa), and account %s has none", a.Name)
+	}
+	return a, nil, nil, nil
 }
 
 // containerOf names the container a request acts on ("" for none).
@@ -67,14 +138,23 @@ func containerOf(req any) string {
 }
 
 // authorize decides a call against the table (access.Table); refusals are
-// PermissionDenied, audited by the caller's interceptor. Without an
-// account store (unit tests of other parts) everything is allowed.
-func (s *Server) authorize(ctx context.Context, fullMethod string, req any) (context.Context, error) {
+// PermissionDenied (or Unauthenticated), audited by the caller's
+// interceptor. Without an account store (unit tests of other parts)
+// everything is allowed. The returned context ends with the caller's
+// session; done releases it when the call ends.
+func (s *Server) authorize(ctx context.Context, fullMethod string, req any) (context.Context, func(), error) {
+	done := func() {}
 	if s.Accounts == nil {
-		return ctx, nil
+		return ctx, done, nil
 	}
-	a := s.account(ctx)
 	method := strings.TrimPrefix(fullMethod, "/cml.v1.Control/")
+	if rule, ok := access.Table[method]; ok && rule.Public {
+		return ctx, done, nil
+	}
+	a, se, sctx, err := s.identify(ctx, method, req)
+	if err != nil {
+		return ctx, done, errdefs.Wrap(errdefs.ErrUnauthenticated, err, "%s refused", method)
+	}
 	ctr := containerOf(req)
 	if ctr != "" && a != nil && a.Has(access.User) {
 		// The scope is by name; a UUID names the same container.
@@ -83,26 +163,36 @@ func (s *Server) authorize(ctx context.Context, fullMethod string, req any) (con
 		}
 	}
 	if err := access.Allowed(a, method, ctr); err != nil {
-		return ctx, errdefs.PermissionDenied("%s refused: %v", method, err)
+		return ctx, done, errdefs.PermissionDenied("%s refused: %v", method, err)
 	}
-	if a != nil {
-		ctx = context.WithValue(ctx, accountKey{}, a)
-		if sub := audit.SubjectFrom(ctx); sub != nil {
-			sub.Account = a.Name
-			ctx = audit.WithSubject(ctx, *sub)
-		}
+	if a == nil {
+		return ctx, done, nil
 	}
-	return ctx, nil
+	ctx = context.WithValue(ctx, accountKey{}, a)
+	if sub := audit.SubjectFrom(ctx); sub != nil {
+		sub.Account = a.Name
+		ctx = audit.WithSubject(ctx, *sub)
+	}
+	if se == nil {
+		return ctx, done, nil
+	}
+	ctx = context.WithValue(ctx, sessionKey{}, se)
+	cctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(sctx, func() { cancel(access.ErrSessionEnded) })
+	return cctx, func() { stop(); cancel(nil) }, nil
 }
 
 // authStream authorizes a stream on its first message (where an exec or
-// logs stream names its container).
+// logs stream names its container); later messages (an exec's input)
+// count as activity of the caller's session.
 type authStream struct {
 	grpc.ServerStream
 	s      *Server
 	method string
 	ctx    context.Context
 	done   bool
+	// release ends the stream's hold on the caller's session.
+	release func()
 }
 
 func (a *authStream) Context() context.Context { return a.ctx }
@@ -112,84 +202,18 @@ func (a *authStream) RecvMsg(m any) error {
 		return err
 	}
 	if a.done {
+		if se := session(a.ctx); se != nil {
+			a.s.Sessions.Touch(se.ID)
+		}
 		return nil
 	}
 	a.done = true
-	ctx, err := a.s.authorize(a.ctx, a.method, m)
+	ctx, release, err := a.s.authorize(a.ctx, a.method, m)
 	if err != nil {
 		a.s.audit(a.ctx, a.method, containerOf(m), err)
 		return a.s.toStatus(err)
 	}
-	a.ctx = ctx
+	a.ctx, a.release = ctx, release
 	return nil
 }
 
-func accountInfo(a access.Account) *cmlv1.AccountInfo {
-	out := &cmlv1.AccountInfo{Name: proto.String(a.Name), Containers: a.Containers, Locked: proto.Bool(a.Locked), BuiltIn: proto.Bool(a.BuiltIn), CertNames: a.CertNames}
-	for _, r := range a.Roles {
-		out.Roles = append(out.Roles, string(r))
-	}
-	for _, u := range a.LocalUIDs {
-		out.LocalUids = append(out.LocalUids, int32(u))
-	}
-	return out
-}
-
-func roles(rs []string) []access.Role {
-	var out []access.Role
-	for _, r := range rs {
-		out = append(out, access.Role(r))
-	}
-	return out
-}
-
-func (s *Server) Whoami(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.AccountInfo, error) {
-	a := s.account(ctx)
-	if a == nil {
-		return nil, errdefs.PermissionDenied("the caller has no account")
-	}
-	return accountInfo(*a), nil
-}
-
-func (s *Server) UserAdd(ctx context.Context, r *cmlv1.AccountInfo) (*cmlv1.AccountInfo, error) {
-	var uids []int
-	for _, u := range r.GetLocalUids() {
-		uids = append(uids, int(u))
-	}
-	a := access.Account{Name: r.GetName(), Roles: roles(r.GetRoles()), LocalUIDs: uids, Containers: r.GetContainers(), CertNames: r.GetCertNames()}
-	if err := s.Accounts.Add(a); err != nil {
-		return nil, errdefs.InvalidArgument("user add: %v", err)
-	}
-	return accountInfo(a), nil
-}
-
-func (s *Server) UserRemove(ctx context.Context, r *cmlv1.AccountRef) (*cmlv1.Empty, error) {
-	if err := s.Accounts.Remove(r.GetName()); err != nil {
-		return nil, errdefs.InvalidArgument("user remove: %v", err)
-	}
-	return &cmlv1.Empty{}, nil
-}
-
-func (s *Server) UserList(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.AccountList, error) {
-	out := &cmlv1.AccountList{}
-	for _, a := range s.Accounts.List() {
-		out.Accounts = append(out.Accounts, accountInfo(a))
-	}
-	return out, nil
-}
-
-func (s *Server) UserSet(ctx context.Context, r *cmlv1.UserSetRequest) (*cmlv1.AccountInfo, error) {
-	var rs []access.Role
-	if r.GetSetRoles() {
-		rs = roles(r.GetRoles())
-	}
-	var cs []string
-	if r.GetSetContainers() {
-		cs = append([]string{}, r.GetContainers()...)
-	}
-	a, err := s.Accounts.Set(r.GetName(), rs, cs, r.Locked)
-	if err != nil {
-		return nil, errdefs.InvalidArgument("user set: %v", err)
-	}
-	return accountInfo(a), nil
-}

@@ -41,6 +41,8 @@ func (s *Server) toStatus(err error) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, errdefs.ErrPermissionDenied):
 		code = codes.PermissionDenied
+	case errors.Is(err, errdefs.ErrUnauthenticated):
+		code = codes.Unauthenticated
 	case errors.Is(err, errdefs.ErrFailedPrecondition):
 		code = codes.FailedPrecondition
 	case errors.Is(err, errdefs.ErrIntegrity):

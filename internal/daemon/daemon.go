@@ -317,11 +317,17 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
+	accounts.LimitedRootTrust = dev.GetAccess().GetLimitedRootTrust()
+	if err := auditSettingsChange(ctx, c.StateDir, "access.settings", "access", fmt.Sprintf("limited_root_trust=%t", accounts.LimitedRootTrust), sink); err != nil {
+		return err
+	}
+	sessions := access.NewSessions(func() time.Duration { return time.Duration(accounts.Policy().IdleTimeoutSeconds) * time.Second })
+	go sessions.Run(ctx, time.Second)
 	lis, err := listen(c.Socket, c.SocketGroup)
 	if err != nil {
 		return err
 	}
-	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Trail: sink, Forwarder: fw, Accounts: accounts, Log: c.Log}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Trail: sink, Forwarder: fw, Accounts: accounts, Sessions: sessions, Log: c.Log}
 	gs := grpc.NewServer(
 		grpc.Creds(api.PeerCredentials()),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),

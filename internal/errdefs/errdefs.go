@@ -18,6 +18,9 @@ var (
 	ErrFailedPrecondition = errors.New("failed precondition")
 	ErrIntegrity          = errors.New("integrity violation")
 	ErrUnavailable        = errors.New("unavailable")
+	// ErrUnauthenticated: the caller is not (or no longer) authenticated
+	// (no login, a locked or ended session).
+	ErrUnauthenticated = errors.New("unauthenticated")
 )
 
 // classed is an error whose text is its own message and whose class is
@@ -77,3 +80,8 @@ func Wrap(class error, cause error, format string, args ...any) error {
 // Unavailable reports that a resource (a server, a device) cannot be
 // reached now; retrying may help.
 func Unavailable(format string, args ...any) error { return newf(ErrUnavailable, format, args...) }
+
+// Unauthenticated returns an error of class ErrUnauthenticated.
+func Unauthenticated(format string, args ...any) error {
+	return newf(ErrUnauthenticated, format, args...)
+}

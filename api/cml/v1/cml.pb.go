@@ -597,7 +597,7 @@ func (x *DeviceCSRRequest_Key) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use DeviceCSRRequest_Key.Descriptor instead.
 func (DeviceCSRRequest_Key) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45, 0}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46, 0}
 }
 
 // ContainerConfig is a container's configuration file (protobuf text format).
@@ -1436,6 +1436,7 @@ type DeviceConfig struct {
 	Network       *NetworkSettings `protobuf:"bytes,102,opt,name=network" json:"network,omitempty"`
 	Audit         *AuditSettings   `protobuf:"bytes,103,opt,name=audit" json:"audit,omitempty"`
 	Remote        *RemoteSettings  `protobuf:"bytes,104,opt,name=remote" json:"remote,omitempty"`
+	Access        *AccessSettings  `protobuf:"bytes,105,opt,name=access" json:"access,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1551,6 +1552,13 @@ func (x *DeviceConfig) GetAudit() *AuditSettings {
 func (x *DeviceConfig) GetRemote() *RemoteSettings {
 	if x != nil {
 		return x.Remote
+	}
+	return nil
+}
+
+func (x *DeviceConfig) GetAccess() *AccessSettings {
+	if x != nil {
+		return x.Access
 	}
 	return nil
 }
@@ -1982,6 +1990,59 @@ func (x *AuditSettings) GetCollectorServerName() string {
 // listen is set). The server key is the device's TPM-held TLS key; client
 // certificates must chain to an owner CA of the trust store, not be
 // revoked, be valid now, and map to an enabled account (cert_names).
+// AccessSettings: how callers are authenticated on this device (the
+// password policy is set over the API: cmlctl user policy).
+type AccessSettings struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// limited_root_trust: local root is not an administrator by its uid
+	// alone; it must log in with the root account's password.
+	LimitedRootTrust *bool `protobuf:"varint,1,opt,name=limited_root_trust,json=limitedRootTrust,def=0" json:"limited_root_trust,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+// Default values for AccessSettings fields.
+const (
+	Default_AccessSettings_LimitedRootTrust = bool(false)
+)
+
+func (x *AccessSettings) Reset() {
+	*x = AccessSettings{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AccessSettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AccessSettings) ProtoMessage() {}
+
+func (x *AccessSettings) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AccessSettings.ProtoReflect.Descriptor instead.
+func (*AccessSettings) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *AccessSettings) GetLimitedRootTrust() bool {
+	if x != nil && x.LimitedRootTrust != nil {
+		return *x.LimitedRootTrust
+	}
+	return Default_AccessSettings_LimitedRootTrust
+}
+
 type RemoteSettings struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// listen: host:port of the TCP listener.
@@ -2003,7 +2064,7 @@ const (
 
 func (x *RemoteSettings) Reset() {
 	*x = RemoteSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2015,7 +2076,7 @@ func (x *RemoteSettings) String() string {
 func (*RemoteSettings) ProtoMessage() {}
 
 func (x *RemoteSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2028,7 +2089,7 @@ func (x *RemoteSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoteSettings.ProtoReflect.Descriptor instead.
 func (*RemoteSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RemoteSettings) GetListen() string {
@@ -2091,7 +2152,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2103,7 +2164,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2116,7 +2177,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Container) GetUuid() string {
@@ -2258,7 +2319,7 @@ type ContainerRef struct {
 
 func (x *ContainerRef) Reset() {
 	*x = ContainerRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2270,7 +2331,7 @@ func (x *ContainerRef) String() string {
 func (*ContainerRef) ProtoMessage() {}
 
 func (x *ContainerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2283,7 +2344,7 @@ func (x *ContainerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRef.ProtoReflect.Descriptor instead.
 func (*ContainerRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ContainerRef) GetNameOrUuid() string {
@@ -2308,7 +2369,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2320,7 +2381,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2333,7 +2394,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
 }
 
 type ListResponse struct {
@@ -2345,7 +2406,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2357,7 +2418,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2370,7 +2431,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListResponse) GetContainers() []*Container {
@@ -2397,7 +2458,7 @@ type CreateRequest struct {
 
 func (x *CreateRequest) Reset() {
 	*x = CreateRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2409,7 +2470,7 @@ func (x *CreateRequest) String() string {
 func (*CreateRequest) ProtoMessage() {}
 
 func (x *CreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2422,7 +2483,7 @@ func (x *CreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRequest.ProtoReflect.Descriptor instead.
 func (*CreateRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CreateRequest) GetConfig() *ContainerConfig {
@@ -2471,7 +2532,7 @@ type StopRequest struct {
 
 func (x *StopRequest) Reset() {
 	*x = StopRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2483,7 +2544,7 @@ func (x *StopRequest) String() string {
 func (*StopRequest) ProtoMessage() {}
 
 func (x *StopRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2496,7 +2557,7 @@ func (x *StopRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopRequest.ProtoReflect.Descriptor instead.
 func (*StopRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StopRequest) GetNameOrUuid() string {
@@ -2524,7 +2585,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2536,7 +2597,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2549,7 +2610,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *KillRequest) GetNameOrUuid() string {
@@ -2581,7 +2642,7 @@ type UpdateConfigRequest struct {
 
 func (x *UpdateConfigRequest) Reset() {
 	*x = UpdateConfigRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2593,7 +2654,7 @@ func (x *UpdateConfigRequest) String() string {
 func (*UpdateConfigRequest) ProtoMessage() {}
 
 func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2606,7 +2667,7 @@ func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConfigRequest.ProtoReflect.Descriptor instead.
 func (*UpdateConfigRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *UpdateConfigRequest) GetNameOrUuid() string {
@@ -2659,7 +2720,7 @@ type Empty struct {
 
 func (x *Empty) Reset() {
 	*x = Empty{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2671,7 +2732,7 @@ func (x *Empty) String() string {
 func (*Empty) ProtoMessage() {}
 
 func (x *Empty) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2684,7 +2745,7 @@ func (x *Empty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Empty.ProtoReflect.Descriptor instead.
 func (*Empty) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
 }
 
 // ExecStart is the first message of an exec stream.
@@ -2702,7 +2763,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2714,7 +2775,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2727,7 +2788,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ExecStart) GetNameOrUuid() string {
@@ -2787,7 +2848,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2799,7 +2860,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2812,7 +2873,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -2897,7 +2958,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2909,7 +2970,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2922,7 +2983,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -2953,7 +3014,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2965,7 +3026,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2978,7 +3039,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -3048,7 +3109,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3060,7 +3121,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3073,7 +3134,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *LogsRequest) GetNameOrUuid() string {
@@ -3099,7 +3160,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3111,7 +3172,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3124,7 +3185,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *LogsResponse) GetData() []byte {
@@ -3144,7 +3205,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3156,7 +3217,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3169,7 +3230,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *EventsRequest) GetNameOrUuid() string {
@@ -3193,7 +3254,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3205,7 +3266,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3218,7 +3279,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Event) GetTimeUnixNano() int64 {
@@ -3261,7 +3322,7 @@ type GuestOS struct {
 
 func (x *GuestOS) Reset() {
 	*x = GuestOS{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3273,7 +3334,7 @@ func (x *GuestOS) String() string {
 func (*GuestOS) ProtoMessage() {}
 
 func (x *GuestOS) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3286,7 +3347,7 @@ func (x *GuestOS) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOS.ProtoReflect.Descriptor instead.
 func (*GuestOS) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *GuestOS) GetName() string {
@@ -3354,7 +3415,7 @@ type GuestOSListResponse struct {
 
 func (x *GuestOSListResponse) Reset() {
 	*x = GuestOSListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3366,7 +3427,7 @@ func (x *GuestOSListResponse) String() string {
 func (*GuestOSListResponse) ProtoMessage() {}
 
 func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3379,7 +3440,7 @@ func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSListResponse.ProtoReflect.Descriptor instead.
 func (*GuestOSListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GuestOSListResponse) GetGuestos() []*GuestOS {
@@ -3401,7 +3462,7 @@ type GuestOSInstallRequest struct {
 
 func (x *GuestOSInstallRequest) Reset() {
 	*x = GuestOSInstallRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3413,7 +3474,7 @@ func (x *GuestOSInstallRequest) String() string {
 func (*GuestOSInstallRequest) ProtoMessage() {}
 
 func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3426,7 +3487,7 @@ func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GuestOSInstallRequest) GetDir() string {
@@ -3457,7 +3518,7 @@ type GuestOSInstallProgress struct {
 
 func (x *GuestOSInstallProgress) Reset() {
 	*x = GuestOSInstallProgress{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3469,7 +3530,7 @@ func (x *GuestOSInstallProgress) String() string {
 func (*GuestOSInstallProgress) ProtoMessage() {}
 
 func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3482,7 +3543,7 @@ func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallProgress.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallProgress) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *GuestOSInstallProgress) GetPhase() string {
@@ -3527,7 +3588,7 @@ type CA struct {
 
 func (x *CA) Reset() {
 	*x = CA{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3539,7 +3600,7 @@ func (x *CA) String() string {
 func (*CA) ProtoMessage() {}
 
 func (x *CA) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3552,7 +3613,7 @@ func (x *CA) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CA.ProtoReflect.Descriptor instead.
 func (*CA) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CA) GetFingerprint() string {
@@ -3592,7 +3653,7 @@ type CAListResponse struct {
 
 func (x *CAListResponse) Reset() {
 	*x = CAListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3604,7 +3665,7 @@ func (x *CAListResponse) String() string {
 func (*CAListResponse) ProtoMessage() {}
 
 func (x *CAListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3617,7 +3678,7 @@ func (x *CAListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CAListResponse.ProtoReflect.Descriptor instead.
 func (*CAListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CAListResponse) GetCas() []*CA {
@@ -3636,7 +3697,7 @@ type CARegisterRequest struct {
 
 func (x *CARegisterRequest) Reset() {
 	*x = CARegisterRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3648,7 +3709,7 @@ func (x *CARegisterRequest) String() string {
 func (*CARegisterRequest) ProtoMessage() {}
 
 func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3661,7 +3722,7 @@ func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARegisterRequest.ProtoReflect.Descriptor instead.
 func (*CARegisterRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CARegisterRequest) GetPem() []byte {
@@ -3680,7 +3741,7 @@ type CARemoveRequest struct {
 
 func (x *CARemoveRequest) Reset() {
 	*x = CARemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3692,7 +3753,7 @@ func (x *CARemoveRequest) String() string {
 func (*CARemoveRequest) ProtoMessage() {}
 
 func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3705,7 +3766,7 @@ func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARemoveRequest.ProtoReflect.Descriptor instead.
 func (*CARemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CARemoveRequest) GetFingerprint() string {
@@ -3727,7 +3788,7 @@ type CRLLoadRequest struct {
 
 func (x *CRLLoadRequest) Reset() {
 	*x = CRLLoadRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3739,7 +3800,7 @@ func (x *CRLLoadRequest) String() string {
 func (*CRLLoadRequest) ProtoMessage() {}
 
 func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3752,7 +3813,7 @@ func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLLoadRequest.ProtoReflect.Descriptor instead.
 func (*CRLLoadRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CRLLoadRequest) GetPem() []byte {
@@ -3779,7 +3840,7 @@ type CRLLoadResponse struct {
 
 func (x *CRLLoadResponse) Reset() {
 	*x = CRLLoadResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3791,7 +3852,7 @@ func (x *CRLLoadResponse) String() string {
 func (*CRLLoadResponse) ProtoMessage() {}
 
 func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3804,7 +3865,7 @@ func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLLoadResponse.ProtoReflect.Descriptor instead.
 func (*CRLLoadResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *CRLLoadResponse) GetIssuer() string {
@@ -3839,7 +3900,7 @@ type CRL struct {
 
 func (x *CRL) Reset() {
 	*x = CRL{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3851,7 +3912,7 @@ func (x *CRL) String() string {
 func (*CRL) ProtoMessage() {}
 
 func (x *CRL) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3864,7 +3925,7 @@ func (x *CRL) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRL.ProtoReflect.Descriptor instead.
 func (*CRL) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CRL) GetIssuer() string {
@@ -3918,7 +3979,7 @@ type CRLListResponse struct {
 
 func (x *CRLListResponse) Reset() {
 	*x = CRLListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3930,7 +3991,7 @@ func (x *CRLListResponse) String() string {
 func (*CRLListResponse) ProtoMessage() {}
 
 func (x *CRLListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3943,7 +4004,7 @@ func (x *CRLListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLListResponse.ProtoReflect.Descriptor instead.
 func (*CRLListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CRLListResponse) GetCrls() []*CRL {
@@ -3964,7 +4025,7 @@ type CRLRemoveRequest struct {
 
 func (x *CRLRemoveRequest) Reset() {
 	*x = CRLRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3976,7 +4037,7 @@ func (x *CRLRemoveRequest) String() string {
 func (*CRLRemoveRequest) ProtoMessage() {}
 
 func (x *CRLRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3989,7 +4050,7 @@ func (x *CRLRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLRemoveRequest.ProtoReflect.Descriptor instead.
 func (*CRLRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CRLRemoveRequest) GetRef() string {
@@ -4009,7 +4070,7 @@ type GuestOSRemoveRequest struct {
 
 func (x *GuestOSRemoveRequest) Reset() {
 	*x = GuestOSRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4021,7 +4082,7 @@ func (x *GuestOSRemoveRequest) String() string {
 func (*GuestOSRemoveRequest) ProtoMessage() {}
 
 func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4034,7 +4095,7 @@ func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSRemoveRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *GuestOSRemoveRequest) GetName() string {
@@ -4076,7 +4137,7 @@ type DeviceIdentity struct {
 
 func (x *DeviceIdentity) Reset() {
 	*x = DeviceIdentity{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4088,7 +4149,7 @@ func (x *DeviceIdentity) String() string {
 func (*DeviceIdentity) ProtoMessage() {}
 
 func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4101,7 +4162,7 @@ func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceIdentity.ProtoReflect.Descriptor instead.
 func (*DeviceIdentity) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{44}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *DeviceIdentity) GetDeviceUuid() string {
@@ -4174,7 +4235,7 @@ const (
 
 func (x *DeviceCSRRequest) Reset() {
 	*x = DeviceCSRRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4186,7 +4247,7 @@ func (x *DeviceCSRRequest) String() string {
 func (*DeviceCSRRequest) ProtoMessage() {}
 
 func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4199,7 +4260,7 @@ func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCSRRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *DeviceCSRRequest) GetKey() DeviceCSRRequest_Key {
@@ -4218,7 +4279,7 @@ type DeviceCSRResponse struct {
 
 func (x *DeviceCSRResponse) Reset() {
 	*x = DeviceCSRResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4230,7 +4291,7 @@ func (x *DeviceCSRResponse) String() string {
 func (*DeviceCSRResponse) ProtoMessage() {}
 
 func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4243,7 +4304,7 @@ func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRResponse.ProtoReflect.Descriptor instead.
 func (*DeviceCSRResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *DeviceCSRResponse) GetPem() []byte {
@@ -4266,7 +4327,7 @@ type DeviceCertRequest struct {
 
 func (x *DeviceCertRequest) Reset() {
 	*x = DeviceCertRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4278,7 +4339,7 @@ func (x *DeviceCertRequest) String() string {
 func (*DeviceCertRequest) ProtoMessage() {}
 
 func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4291,7 +4352,7 @@ func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCertRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCertRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{47}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *DeviceCertRequest) GetPem() []byte {
@@ -4320,7 +4381,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4332,7 +4393,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4345,7 +4406,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{48}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *AttestRequest) GetNonce() []byte {
@@ -4372,7 +4433,7 @@ type PCRValue struct {
 
 func (x *PCRValue) Reset() {
 	*x = PCRValue{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4384,7 +4445,7 @@ func (x *PCRValue) String() string {
 func (*PCRValue) ProtoMessage() {}
 
 func (x *PCRValue) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4397,7 +4458,7 @@ func (x *PCRValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
 func (*PCRValue) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{49}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *PCRValue) GetIndex() uint32 {
@@ -4438,7 +4499,7 @@ type Attestation struct {
 
 func (x *Attestation) Reset() {
 	*x = Attestation{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4450,7 +4511,7 @@ func (x *Attestation) String() string {
 func (*Attestation) ProtoMessage() {}
 
 func (x *Attestation) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4463,7 +4524,7 @@ func (x *Attestation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attestation.ProtoReflect.Descriptor instead.
 func (*Attestation) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{50}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *Attestation) GetQuote() []byte {
@@ -4533,7 +4594,7 @@ type NetworkRequest struct {
 
 func (x *NetworkRequest) Reset() {
 	*x = NetworkRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4545,7 +4606,7 @@ func (x *NetworkRequest) String() string {
 func (*NetworkRequest) ProtoMessage() {}
 
 func (x *NetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4558,7 +4619,7 @@ func (x *NetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkRequest.ProtoReflect.Descriptor instead.
 func (*NetworkRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{51}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *NetworkRequest) GetContainer() string {
@@ -4582,7 +4643,7 @@ type NetworkReport struct {
 
 func (x *NetworkReport) Reset() {
 	*x = NetworkReport{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4594,7 +4655,7 @@ func (x *NetworkReport) String() string {
 func (*NetworkReport) ProtoMessage() {}
 
 func (x *NetworkReport) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4607,7 +4668,7 @@ func (x *NetworkReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkReport.ProtoReflect.Descriptor instead.
 func (*NetworkReport) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{52}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *NetworkReport) GetContainers() []*ContainerNetwork {
@@ -4649,7 +4710,7 @@ type ContainerNetwork struct {
 
 func (x *ContainerNetwork) Reset() {
 	*x = ContainerNetwork{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4661,7 +4722,7 @@ func (x *ContainerNetwork) String() string {
 func (*ContainerNetwork) ProtoMessage() {}
 
 func (x *ContainerNetwork) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4674,7 +4735,7 @@ func (x *ContainerNetwork) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerNetwork.ProtoReflect.Descriptor instead.
 func (*ContainerNetwork) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{53}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *ContainerNetwork) GetUuid() string {
@@ -4776,7 +4837,7 @@ type NetworkInterface struct {
 
 func (x *NetworkInterface) Reset() {
 	*x = NetworkInterface{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4788,7 +4849,7 @@ func (x *NetworkInterface) String() string {
 func (*NetworkInterface) ProtoMessage() {}
 
 func (x *NetworkInterface) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4801,7 +4862,7 @@ func (x *NetworkInterface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkInterface.ProtoReflect.Descriptor instead.
 func (*NetworkInterface) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{54}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *NetworkInterface) GetName() string {
@@ -4851,7 +4912,7 @@ type NetworkRoute struct {
 
 func (x *NetworkRoute) Reset() {
 	*x = NetworkRoute{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4863,7 +4924,7 @@ func (x *NetworkRoute) String() string {
 func (*NetworkRoute) ProtoMessage() {}
 
 func (x *NetworkRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4876,7 +4937,7 @@ func (x *NetworkRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkRoute.ProtoReflect.Descriptor instead.
 func (*NetworkRoute) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{55}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *NetworkRoute) GetDestination() string {
@@ -4917,7 +4978,7 @@ type EffectiveFlow struct {
 
 func (x *EffectiveFlow) Reset() {
 	*x = EffectiveFlow{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4929,7 +4990,7 @@ func (x *EffectiveFlow) String() string {
 func (*EffectiveFlow) ProtoMessage() {}
 
 func (x *EffectiveFlow) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4942,7 +5003,7 @@ func (x *EffectiveFlow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EffectiveFlow.ProtoReflect.Descriptor instead.
 func (*EffectiveFlow) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{56}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *EffectiveFlow) GetDirection() NetworkFlow_Direction {
@@ -4999,7 +5060,7 @@ type ChangePinRequest struct {
 
 func (x *ChangePinRequest) Reset() {
 	*x = ChangePinRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5011,7 +5072,7 @@ func (x *ChangePinRequest) String() string {
 func (*ChangePinRequest) ProtoMessage() {}
 
 func (x *ChangePinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5024,7 +5085,7 @@ func (x *ChangePinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangePinRequest.ProtoReflect.Descriptor instead.
 func (*ChangePinRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{57}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ChangePinRequest) GetNameOrUuid() string {
@@ -5061,7 +5122,7 @@ type WipeResponse struct {
 
 func (x *WipeResponse) Reset() {
 	*x = WipeResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5073,7 +5134,7 @@ func (x *WipeResponse) String() string {
 func (*WipeResponse) ProtoMessage() {}
 
 func (x *WipeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5086,7 +5147,7 @@ func (x *WipeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WipeResponse.ProtoReflect.Descriptor instead.
 func (*WipeResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{58}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *WipeResponse) GetContainer() *Container {
@@ -5114,7 +5175,7 @@ type DeviceWipeRequest struct {
 
 func (x *DeviceWipeRequest) Reset() {
 	*x = DeviceWipeRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5126,7 +5187,7 @@ func (x *DeviceWipeRequest) String() string {
 func (*DeviceWipeRequest) ProtoMessage() {}
 
 func (x *DeviceWipeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5139,7 +5200,7 @@ func (x *DeviceWipeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceWipeRequest.ProtoReflect.Descriptor instead.
 func (*DeviceWipeRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{59}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *DeviceWipeRequest) GetPin() []byte {
@@ -5160,7 +5221,7 @@ type DeviceWipeResponse struct {
 
 func (x *DeviceWipeResponse) Reset() {
 	*x = DeviceWipeResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5172,7 +5233,7 @@ func (x *DeviceWipeResponse) String() string {
 func (*DeviceWipeResponse) ProtoMessage() {}
 
 func (x *DeviceWipeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5185,7 +5246,7 @@ func (x *DeviceWipeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceWipeResponse.ProtoReflect.Descriptor instead.
 func (*DeviceWipeResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{60}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *DeviceWipeResponse) GetRemoved() []string {
@@ -5223,7 +5284,7 @@ type AuditQuery struct {
 
 func (x *AuditQuery) Reset() {
 	*x = AuditQuery{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5235,7 +5296,7 @@ func (x *AuditQuery) String() string {
 func (*AuditQuery) ProtoMessage() {}
 
 func (x *AuditQuery) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5248,7 +5309,7 @@ func (x *AuditQuery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditQuery.ProtoReflect.Descriptor instead.
 func (*AuditQuery) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{61}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *AuditQuery) GetType() string {
@@ -5317,7 +5378,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5329,7 +5390,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5342,7 +5403,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{62}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *AuditRecord) GetJson() []byte {
@@ -5366,7 +5427,7 @@ type AuditVerifyResponse struct {
 
 func (x *AuditVerifyResponse) Reset() {
 	*x = AuditVerifyResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5378,7 +5439,7 @@ func (x *AuditVerifyResponse) String() string {
 func (*AuditVerifyResponse) ProtoMessage() {}
 
 func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5391,7 +5452,7 @@ func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditVerifyResponse.ProtoReflect.Descriptor instead.
 func (*AuditVerifyResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{63}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *AuditVerifyResponse) GetOk() bool {
@@ -5447,7 +5508,7 @@ type AuditStatusResponse struct {
 
 func (x *AuditStatusResponse) Reset() {
 	*x = AuditStatusResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5459,7 +5520,7 @@ func (x *AuditStatusResponse) String() string {
 func (*AuditStatusResponse) ProtoMessage() {}
 
 func (x *AuditStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5472,7 +5533,7 @@ func (x *AuditStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditStatusResponse.ProtoReflect.Descriptor instead.
 func (*AuditStatusResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{64}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *AuditStatusResponse) GetRecords() uint64 {
@@ -5545,14 +5606,22 @@ type AccountInfo struct {
 	BuiltIn    *bool    `protobuf:"varint,6,opt,name=built_in,json=builtIn" json:"built_in,omitempty"`
 	// cert_names: common names of client certificates (under an owner CA)
 	// that authenticate as this account over the remote API.
-	CertNames     []string `protobuf:"bytes,7,rep,name=cert_names,json=certNames" json:"cert_names,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	CertNames []string `protobuf:"bytes,7,rep,name=cert_names,json=certNames" json:"cert_names,omitempty"`
+	// password: only in UserAdd, the initial password (its owner must
+	// change it at the first login); never in an answer.
+	Password    *string `protobuf:"bytes,8,opt,name=password" json:"password,omitempty"`
+	HasPassword *bool   `protobuf:"varint,9,opt,name=has_password,json=hasPassword" json:"has_password,omitempty"`
+	// password_expired: the next login must set a new password.
+	PasswordExpired *bool   `protobuf:"varint,10,opt,name=password_expired,json=passwordExpired" json:"password_expired,omitempty"`
+	FailedLogins    *uint32 `protobuf:"varint,11,opt,name=failed_logins,json=failedLogins" json:"failed_logins,omitempty"`
+	LockReason      *string `protobuf:"bytes,12,opt,name=lock_reason,json=lockReason" json:"lock_reason,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *AccountInfo) Reset() {
 	*x = AccountInfo{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5564,7 +5633,7 @@ func (x *AccountInfo) String() string {
 func (*AccountInfo) ProtoMessage() {}
 
 func (x *AccountInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5577,7 +5646,7 @@ func (x *AccountInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountInfo.ProtoReflect.Descriptor instead.
 func (*AccountInfo) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{65}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *AccountInfo) GetName() string {
@@ -5629,6 +5698,41 @@ func (x *AccountInfo) GetCertNames() []string {
 	return nil
 }
 
+func (x *AccountInfo) GetPassword() string {
+	if x != nil && x.Password != nil {
+		return *x.Password
+	}
+	return ""
+}
+
+func (x *AccountInfo) GetHasPassword() bool {
+	if x != nil && x.HasPassword != nil {
+		return *x.HasPassword
+	}
+	return false
+}
+
+func (x *AccountInfo) GetPasswordExpired() bool {
+	if x != nil && x.PasswordExpired != nil {
+		return *x.PasswordExpired
+	}
+	return false
+}
+
+func (x *AccountInfo) GetFailedLogins() uint32 {
+	if x != nil && x.FailedLogins != nil {
+		return *x.FailedLogins
+	}
+	return 0
+}
+
+func (x *AccountInfo) GetLockReason() string {
+	if x != nil && x.LockReason != nil {
+		return *x.LockReason
+	}
+	return ""
+}
+
 type AccountRef struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
@@ -5638,7 +5742,7 @@ type AccountRef struct {
 
 func (x *AccountRef) Reset() {
 	*x = AccountRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5650,7 +5754,7 @@ func (x *AccountRef) String() string {
 func (*AccountRef) ProtoMessage() {}
 
 func (x *AccountRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5663,7 +5767,7 @@ func (x *AccountRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountRef.ProtoReflect.Descriptor instead.
 func (*AccountRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{66}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *AccountRef) GetName() string {
@@ -5682,7 +5786,7 @@ type AccountList struct {
 
 func (x *AccountList) Reset() {
 	*x = AccountList{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5694,7 +5798,7 @@ func (x *AccountList) String() string {
 func (*AccountList) ProtoMessage() {}
 
 func (x *AccountList) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5707,7 +5811,7 @@ func (x *AccountList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountList.ProtoReflect.Descriptor instead.
 func (*AccountList) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{67}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *AccountList) GetAccounts() []*AccountInfo {
@@ -5719,6 +5823,524 @@ func (x *AccountList) GetAccounts() []*AccountInfo {
 
 // UserSetRequest changes roles, containers or the lock of an account;
 // unset fields stay.
+// LoginRequest authenticates an account by password (on the remote API
+// in addition to the client certificate). With the token of a locked
+// session in the call's metadata, a successful login unlocks it.
+type LoginRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	Password *string                `protobuf:"bytes,2,opt,name=password" json:"password,omitempty"`
+	// new_password replaces an expired password in the same call.
+	NewPassword   *string `protobuf:"bytes,3,opt,name=new_password,json=newPassword" json:"new_password,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoginRequest) Reset() {
+	*x = LoginRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoginRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoginRequest) ProtoMessage() {}
+
+func (x *LoginRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoginRequest.ProtoReflect.Descriptor instead.
+func (*LoginRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *LoginRequest) GetName() string {
+	if x != nil && x.Name != nil {
+		return *x.Name
+	}
+	return ""
+}
+
+func (x *LoginRequest) GetPassword() string {
+	if x != nil && x.Password != nil {
+		return *x.Password
+	}
+	return ""
+}
+
+func (x *LoginRequest) GetNewPassword() string {
+	if x != nil && x.NewPassword != nil {
+		return *x.NewPassword
+	}
+	return ""
+}
+
+type LoginResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// token: send it as metadata "cml-session" on later calls; it works
+	// only from the uid or certificate that logged in.
+	Token         *string      `protobuf:"bytes,1,opt,name=token" json:"token,omitempty"`
+	Session       *SessionInfo `protobuf:"bytes,2,opt,name=session" json:"session,omitempty"`
+	Account       *AccountInfo `protobuf:"bytes,3,opt,name=account" json:"account,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoginResponse) Reset() {
+	*x = LoginResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoginResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoginResponse) ProtoMessage() {}
+
+func (x *LoginResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoginResponse.ProtoReflect.Descriptor instead.
+func (*LoginResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *LoginResponse) GetToken() string {
+	if x != nil && x.Token != nil {
+		return *x.Token
+	}
+	return ""
+}
+
+func (x *LoginResponse) GetSession() *SessionInfo {
+	if x != nil {
+		return x.Session
+	}
+	return nil
+}
+
+func (x *LoginResponse) GetAccount() *AccountInfo {
+	if x != nil {
+		return x.Account
+	}
+	return nil
+}
+
+type SessionInfo struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Id      *string                `protobuf:"bytes,1,opt,name=id" json:"id,omitempty"`
+	Account *string                `protobuf:"bytes,2,opt,name=account" json:"account,omitempty"`
+	// from: the local uid or the client certificate that logged in.
+	From          *string `protobuf:"bytes,3,opt,name=from" json:"from,omitempty"`
+	CreatedUnix   *int64  `protobuf:"varint,4,opt,name=created_unix,json=createdUnix" json:"created_unix,omitempty"`
+	LastUsedUnix  *int64  `protobuf:"varint,5,opt,name=last_used_unix,json=lastUsedUnix" json:"last_used_unix,omitempty"`
+	Locked        *string `protobuf:"bytes,6,opt,name=locked" json:"locked,omitempty"`
+	Current       *bool   `protobuf:"varint,7,opt,name=current" json:"current,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionInfo) Reset() {
+	*x = SessionInfo{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionInfo) ProtoMessage() {}
+
+func (x *SessionInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionInfo.ProtoReflect.Descriptor instead.
+func (*SessionInfo) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{71}
+}
+
+func (x *SessionInfo) GetId() string {
+	if x != nil && x.Id != nil {
+		return *x.Id
+	}
+	return ""
+}
+
+func (x *SessionInfo) GetAccount() string {
+	if x != nil && x.Account != nil {
+		return *x.Account
+	}
+	return ""
+}
+
+func (x *SessionInfo) GetFrom() string {
+	if x != nil && x.From != nil {
+		return *x.From
+	}
+	return ""
+}
+
+func (x *SessionInfo) GetCreatedUnix() int64 {
+	if x != nil && x.CreatedUnix != nil {
+		return *x.CreatedUnix
+	}
+	return 0
+}
+
+func (x *SessionInfo) GetLastUsedUnix() int64 {
+	if x != nil && x.LastUsedUnix != nil {
+		return *x.LastUsedUnix
+	}
+	return 0
+}
+
+func (x *SessionInfo) GetLocked() string {
+	if x != nil && x.Locked != nil {
+		return *x.Locked
+	}
+	return ""
+}
+
+func (x *SessionInfo) GetCurrent() bool {
+	if x != nil && x.Current != nil {
+		return *x.Current
+	}
+	return false
+}
+
+type SessionListRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// all: every account's sessions (administrators).
+	All           *bool `protobuf:"varint,1,opt,name=all" json:"all,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionListRequest) Reset() {
+	*x = SessionListRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionListRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionListRequest) ProtoMessage() {}
+
+func (x *SessionListRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionListRequest.ProtoReflect.Descriptor instead.
+func (*SessionListRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *SessionListRequest) GetAll() bool {
+	if x != nil && x.All != nil {
+		return *x.All
+	}
+	return false
+}
+
+type SessionListResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sessions      []*SessionInfo         `protobuf:"bytes,1,rep,name=sessions" json:"sessions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionListResponse) Reset() {
+	*x = SessionListResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionListResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionListResponse) ProtoMessage() {}
+
+func (x *SessionListResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionListResponse.ProtoReflect.Descriptor instead.
+func (*SessionListResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *SessionListResponse) GetSessions() []*SessionInfo {
+	if x != nil {
+		return x.Sessions
+	}
+	return nil
+}
+
+// SessionRef names a session; empty: the caller's own.
+type SessionRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            *string                `protobuf:"bytes,1,opt,name=id" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SessionRef) Reset() {
+	*x = SessionRef{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SessionRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SessionRef) ProtoMessage() {}
+
+func (x *SessionRef) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SessionRef.ProtoReflect.Descriptor instead.
+func (*SessionRef) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{74}
+}
+
+func (x *SessionRef) GetId() string {
+	if x != nil && x.Id != nil {
+		return *x.Id
+	}
+	return ""
+}
+
+// PasswdRequest changes a password: one's own (old_password needed when
+// one is set) or, by an administrator, another's (its owner must change
+// it at the next login).
+type PasswdRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
+	OldPassword   *string                `protobuf:"bytes,2,opt,name=old_password,json=oldPassword" json:"old_password,omitempty"`
+	NewPassword   *string                `protobuf:"bytes,3,opt,name=new_password,json=newPassword" json:"new_password,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PasswdRequest) Reset() {
+	*x = PasswdRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PasswdRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PasswdRequest) ProtoMessage() {}
+
+func (x *PasswdRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PasswdRequest.ProtoReflect.Descriptor instead.
+func (*PasswdRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{75}
+}
+
+func (x *PasswdRequest) GetName() string {
+	if x != nil && x.Name != nil {
+		return *x.Name
+	}
+	return ""
+}
+
+func (x *PasswdRequest) GetOldPassword() string {
+	if x != nil && x.OldPassword != nil {
+		return *x.OldPassword
+	}
+	return ""
+}
+
+func (x *PasswdRequest) GetNewPassword() string {
+	if x != nil && x.NewPassword != nil {
+		return *x.NewPassword
+	}
+	return ""
+}
+
+// AccessPolicy is the password, lockout and session policy.
+type AccessPolicy struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	MinLength          *uint32                `protobuf:"varint,1,opt,name=min_length,json=minLength" json:"min_length,omitempty"`
+	MinClasses         *uint32                `protobuf:"varint,2,opt,name=min_classes,json=minClasses" json:"min_classes,omitempty"`
+	History            *uint32                `protobuf:"varint,3,opt,name=history" json:"history,omitempty"`
+	MaxAgeDays         *uint32                `protobuf:"varint,4,opt,name=max_age_days,json=maxAgeDays" json:"max_age_days,omitempty"`
+	MaxFailures        *uint32                `protobuf:"varint,5,opt,name=max_failures,json=maxFailures" json:"max_failures,omitempty"`
+	IdleTimeoutSeconds *uint32                `protobuf:"varint,6,opt,name=idle_timeout_seconds,json=idleTimeoutSeconds" json:"idle_timeout_seconds,omitempty"`
+	RemoteMfa          *bool                  `protobuf:"varint,7,opt,name=remote_mfa,json=remoteMfa" json:"remote_mfa,omitempty"`
+	// limited_root_trust is the device setting (read only here).
+	LimitedRootTrust *bool `protobuf:"varint,8,opt,name=limited_root_trust,json=limitedRootTrust" json:"limited_root_trust,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *AccessPolicy) Reset() {
+	*x = AccessPolicy{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AccessPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AccessPolicy) ProtoMessage() {}
+
+func (x *AccessPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AccessPolicy.ProtoReflect.Descriptor instead.
+func (*AccessPolicy) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{76}
+}
+
+func (x *AccessPolicy) GetMinLength() uint32 {
+	if x != nil && x.MinLength != nil {
+		return *x.MinLength
+	}
+	return 0
+}
+
+func (x *AccessPolicy) GetMinClasses() uint32 {
+	if x != nil && x.MinClasses != nil {
+		return *x.MinClasses
+	}
+	return 0
+}
+
+func (x *AccessPolicy) GetHistory() uint32 {
+	if x != nil && x.History != nil {
+		return *x.History
+	}
+	return 0
+}
+
+func (x *AccessPolicy) GetMaxAgeDays() uint32 {
+	if x != nil && x.MaxAgeDays != nil {
+		return *x.MaxAgeDays
+	}
+	return 0
+}
+
+func (x *AccessPolicy) GetMaxFailures() uint32 {
+	if x != nil && x.MaxFailures != nil {
+		return *x.MaxFailures
+	}
+	return 0
+}
+
+func (x *AccessPolicy) GetIdleTimeoutSeconds() uint32 {
+	if x != nil && x.IdleTimeoutSeconds != nil {
+		return *x.IdleTimeoutSeconds
+	}
+	return 0
+}
+
+func (x *AccessPolicy) GetRemoteMfa() bool {
+	if x != nil && x.RemoteMfa != nil {
+		return *x.RemoteMfa
+	}
+	return false
+}
+
+func (x *AccessPolicy) GetLimitedRootTrust() bool {
+	if x != nil && x.LimitedRootTrust != nil {
+		return *x.LimitedRootTrust
+	}
+	return false
+}
+
 type UserSetRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          *string                `protobuf:"bytes,1,opt,name=name" json:"name,omitempty"`
@@ -5733,7 +6355,7 @@ type UserSetRequest struct {
 
 func (x *UserSetRequest) Reset() {
 	*x = UserSetRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5745,7 +6367,7 @@ func (x *UserSetRequest) String() string {
 func (*UserSetRequest) ProtoMessage() {}
 
 func (x *UserSetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5758,7 +6380,7 @@ func (x *UserSetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserSetRequest.ProtoReflect.Descriptor instead.
 func (*UserSetRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{68}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *UserSetRequest) GetName() string {
@@ -5898,7 +6520,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"init_param\x18\x15 \x03(\tR\tinitParam\x12\x19\n" +
 	"\binit_env\x18\x16 \x03(\tR\ainitEnv\x12\"\n" +
 	"\rmin_ram_limit\x18d \x01(\rR\vminRamLimit\x12 \n" +
-	"\vdescription\x18e \x01(\tR\vdescription\"\xed\x03\n" +
+	"\vdescription\x18e \x01(\tR\vdescription\"\x9d\x04\n" +
 	"\fDeviceConfig\x129\n" +
 	"\x15locally_signed_images\x18\x01 \x01(\b:\x05falseR\x13locallySignedImages\x12+\n" +
 	"\x0esigned_configs\x18\x02 \x01(\b:\x04trueR\rsignedConfigs\x12$\n" +
@@ -5911,7 +6533,8 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\astorage\x18e \x01(\v2\x17.cml.v1.StorageSettingsR\astorage\x121\n" +
 	"\anetwork\x18f \x01(\v2\x17.cml.v1.NetworkSettingsR\anetwork\x12+\n" +
 	"\x05audit\x18g \x01(\v2\x15.cml.v1.AuditSettingsR\x05audit\x12.\n" +
-	"\x06remote\x18h \x01(\v2\x16.cml.v1.RemoteSettingsR\x06remote\"\x90\x02\n" +
+	"\x06remote\x18h \x01(\v2\x16.cml.v1.RemoteSettingsR\x06remote\x12.\n" +
+	"\x06access\x18i \x01(\v2\x16.cml.v1.AccessSettingsR\x06access\"\x90\x02\n" +
 	"\x0fStorageSettings\x124\n" +
 	"\x12require_encryption\x18\x01 \x01(\b:\x05falseR\x11requireEncryption\x12#\n" +
 	"\rpkcs11_module\x18\x02 \x01(\tR\fpkcs11Module\x12,\n" +
@@ -5951,7 +6574,9 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x0fSTOP_CONTAINERS\x10\x02\x12\b\n" +
 	"\x04HALT\x10\x03\x12\n" +
 	"\n" +
-	"\x06ROTATE\x10\x04\"{\n" +
+	"\x06ROTATE\x10\x04\"E\n" +
+	"\x0eAccessSettings\x123\n" +
+	"\x12limited_root_trust\x18\x01 \x01(\b:\x05falseR\x10limitedRootTrust\"{\n" +
 	"\x0eRemoteSettings\x12\x16\n" +
 	"\x06listen\x18\x01 \x01(\tR\x06listen\x12$\n" +
 	"\n" +
@@ -6227,7 +6852,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x04path\x18\x05 \x01(\tR\x04path\x12\x1c\n" +
 	"\tcollector\x18\x06 \x01(\tR\tcollector\x120\n" +
 	"\x14forwarding_lag_bytes\x18\a \x01(\x04R\x12forwardingLagBytes\x12(\n" +
-	"\x10audit_size_bytes\x18\b \x01(\x04R\x0eauditSizeBytes\"\xc8\x01\n" +
+	"\x10audit_size_bytes\x18\b \x01(\x04R\x0eauditSizeBytes\"\xf8\x02\n" +
 	"\vAccountInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05roles\x18\x02 \x03(\tR\x05roles\x12\x1d\n" +
@@ -6239,12 +6864,59 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06locked\x18\x05 \x01(\bR\x06locked\x12\x19\n" +
 	"\bbuilt_in\x18\x06 \x01(\bR\abuiltIn\x12\x1d\n" +
 	"\n" +
-	"cert_names\x18\a \x03(\tR\tcertNames\" \n" +
+	"cert_names\x18\a \x03(\tR\tcertNames\x12\x1a\n" +
+	"\bpassword\x18\b \x01(\tR\bpassword\x12!\n" +
+	"\fhas_password\x18\t \x01(\bR\vhasPassword\x12)\n" +
+	"\x10password_expired\x18\n" +
+	" \x01(\bR\x0fpasswordExpired\x12#\n" +
+	"\rfailed_logins\x18\v \x01(\rR\ffailedLogins\x12\x1f\n" +
+	"\vlock_reason\x18\f \x01(\tR\n" +
+	"lockReason\" \n" +
 	"\n" +
 	"AccountRef\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\">\n" +
 	"\vAccountList\x12/\n" +
-	"\baccounts\x18\x01 \x03(\v2\x13.cml.v1.AccountInfoR\baccounts\"\xb6\x01\n" +
+	"\baccounts\x18\x01 \x03(\v2\x13.cml.v1.AccountInfoR\baccounts\"a\n" +
+	"\fLoginRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\x12!\n" +
+	"\fnew_password\x18\x03 \x01(\tR\vnewPassword\"\x83\x01\n" +
+	"\rLoginResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12-\n" +
+	"\asession\x18\x02 \x01(\v2\x13.cml.v1.SessionInfoR\asession\x12-\n" +
+	"\aaccount\x18\x03 \x01(\v2\x13.cml.v1.AccountInfoR\aaccount\"\xc6\x01\n" +
+	"\vSessionInfo\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
+	"\aaccount\x18\x02 \x01(\tR\aaccount\x12\x12\n" +
+	"\x04from\x18\x03 \x01(\tR\x04from\x12!\n" +
+	"\fcreated_unix\x18\x04 \x01(\x03R\vcreatedUnix\x12$\n" +
+	"\x0elast_used_unix\x18\x05 \x01(\x03R\flastUsedUnix\x12\x16\n" +
+	"\x06locked\x18\x06 \x01(\tR\x06locked\x12\x18\n" +
+	"\acurrent\x18\a \x01(\bR\acurrent\"&\n" +
+	"\x12SessionListRequest\x12\x10\n" +
+	"\x03all\x18\x01 \x01(\bR\x03all\"F\n" +
+	"\x13SessionListResponse\x12/\n" +
+	"\bsessions\x18\x01 \x03(\v2\x13.cml.v1.SessionInfoR\bsessions\"\x1c\n" +
+	"\n" +
+	"SessionRef\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"i\n" +
+	"\rPasswdRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
+	"\fold_password\x18\x02 \x01(\tR\voldPassword\x12!\n" +
+	"\fnew_password\x18\x03 \x01(\tR\vnewPassword\"\xac\x02\n" +
+	"\fAccessPolicy\x12\x1d\n" +
+	"\n" +
+	"min_length\x18\x01 \x01(\rR\tminLength\x12\x1f\n" +
+	"\vmin_classes\x18\x02 \x01(\rR\n" +
+	"minClasses\x12\x18\n" +
+	"\ahistory\x18\x03 \x01(\rR\ahistory\x12 \n" +
+	"\fmax_age_days\x18\x04 \x01(\rR\n" +
+	"maxAgeDays\x12!\n" +
+	"\fmax_failures\x18\x05 \x01(\rR\vmaxFailures\x120\n" +
+	"\x14idle_timeout_seconds\x18\x06 \x01(\rR\x12idleTimeoutSeconds\x12\x1d\n" +
+	"\n" +
+	"remote_mfa\x18\a \x01(\bR\tremoteMfa\x12,\n" +
+	"\x12limited_root_trust\x18\b \x01(\bR\x10limitedRootTrust\"\xb6\x01\n" +
 	"\x0eUserSetRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05roles\x18\x02 \x03(\tR\x05roles\x12\x1b\n" +
@@ -6285,7 +6957,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xd8\x11\n" +
+	"\x06FAILED\x10\a2\xdf\x14\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -6335,7 +7007,16 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\n" +
 	"UserRemove\x12\x12.cml.v1.AccountRef\x1a\r.cml.v1.Empty\x12.\n" +
 	"\bUserList\x12\r.cml.v1.Empty\x1a\x13.cml.v1.AccountList\x126\n" +
-	"\aUserSet\x12\x16.cml.v1.UserSetRequest\x1a\x13.cml.v1.AccountInfoB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
+	"\aUserSet\x12\x16.cml.v1.UserSetRequest\x1a\x13.cml.v1.AccountInfo\x122\n" +
+	"\n" +
+	"UserPasswd\x12\x15.cml.v1.PasswdRequest\x1a\r.cml.v1.Empty\x124\n" +
+	"\x05Login\x12\x14.cml.v1.LoginRequest\x1a\x15.cml.v1.LoginResponse\x12F\n" +
+	"\vSessionList\x12\x1a.cml.v1.SessionListRequest\x1a\x1b.cml.v1.SessionListResponse\x125\n" +
+	"\n" +
+	"SessionEnd\x12\x12.cml.v1.SessionRef\x1a\x13.cml.v1.SessionInfo\x121\n" +
+	"\vSessionLock\x12\r.cml.v1.Empty\x1a\x13.cml.v1.SessionInfo\x120\n" +
+	"\tPolicyGet\x12\r.cml.v1.Empty\x1a\x14.cml.v1.AccessPolicy\x127\n" +
+	"\tPolicySet\x12\x14.cml.v1.AccessPolicy\x1a\x14.cml.v1.AccessPolicyB,Z*github.com/cmlproject/cml/api/cml/v1;cmlv1"
 
 var (
 	file_api_cml_v1_cml_proto_rawDescOnce sync.Once
@@ -6350,7 +7031,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 }
 
 var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 69)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
@@ -6373,63 +7054,72 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(*NetworkSettings)(nil),        // 18: cml.v1.NetworkSettings
 	(*NetworkEndpoint)(nil),        // 19: cml.v1.NetworkEndpoint
 	(*AuditSettings)(nil),          // 20: cml.v1.AuditSettings
-	(*RemoteSettings)(nil),         // 21: cml.v1.RemoteSettings
-	(*Container)(nil),              // 22: cml.v1.Container
-	(*ContainerRef)(nil),           // 23: cml.v1.ContainerRef
-	(*ListRequest)(nil),            // 24: cml.v1.ListRequest
-	(*ListResponse)(nil),           // 25: cml.v1.ListResponse
-	(*CreateRequest)(nil),          // 26: cml.v1.CreateRequest
-	(*StopRequest)(nil),            // 27: cml.v1.StopRequest
-	(*KillRequest)(nil),            // 28: cml.v1.KillRequest
-	(*UpdateConfigRequest)(nil),    // 29: cml.v1.UpdateConfigRequest
-	(*Empty)(nil),                  // 30: cml.v1.Empty
-	(*ExecStart)(nil),              // 31: cml.v1.ExecStart
-	(*ExecRequest)(nil),            // 32: cml.v1.ExecRequest
-	(*Resize)(nil),                 // 33: cml.v1.Resize
-	(*ExecResponse)(nil),           // 34: cml.v1.ExecResponse
-	(*LogsRequest)(nil),            // 35: cml.v1.LogsRequest
-	(*LogsResponse)(nil),           // 36: cml.v1.LogsResponse
-	(*EventsRequest)(nil),          // 37: cml.v1.EventsRequest
-	(*Event)(nil),                  // 38: cml.v1.Event
-	(*GuestOS)(nil),                // 39: cml.v1.GuestOS
-	(*GuestOSListResponse)(nil),    // 40: cml.v1.GuestOSListResponse
-	(*GuestOSInstallRequest)(nil),  // 41: cml.v1.GuestOSInstallRequest
-	(*GuestOSInstallProgress)(nil), // 42: cml.v1.GuestOSInstallProgress
-	(*CA)(nil),                     // 43: cml.v1.CA
-	(*CAListResponse)(nil),         // 44: cml.v1.CAListResponse
-	(*CARegisterRequest)(nil),      // 45: cml.v1.CARegisterRequest
-	(*CARemoveRequest)(nil),        // 46: cml.v1.CARemoveRequest
-	(*CRLLoadRequest)(nil),         // 47: cml.v1.CRLLoadRequest
-	(*CRLLoadResponse)(nil),        // 48: cml.v1.CRLLoadResponse
-	(*CRL)(nil),                    // 49: cml.v1.CRL
-	(*CRLListResponse)(nil),        // 50: cml.v1.CRLListResponse
-	(*CRLRemoveRequest)(nil),       // 51: cml.v1.CRLRemoveRequest
-	(*GuestOSRemoveRequest)(nil),   // 52: cml.v1.GuestOSRemoveRequest
-	(*DeviceIdentity)(nil),         // 53: cml.v1.DeviceIdentity
-	(*DeviceCSRRequest)(nil),       // 54: cml.v1.DeviceCSRRequest
-	(*DeviceCSRResponse)(nil),      // 55: cml.v1.DeviceCSRResponse
-	(*DeviceCertRequest)(nil),      // 56: cml.v1.DeviceCertRequest
-	(*AttestRequest)(nil),          // 57: cml.v1.AttestRequest
-	(*PCRValue)(nil),               // 58: cml.v1.PCRValue
-	(*Attestation)(nil),            // 59: cml.v1.Attestation
-	(*NetworkRequest)(nil),         // 60: cml.v1.NetworkRequest
-	(*NetworkReport)(nil),          // 61: cml.v1.NetworkReport
-	(*ContainerNetwork)(nil),       // 62: cml.v1.ContainerNetwork
-	(*NetworkInterface)(nil),       // 63: cml.v1.NetworkInterface
-	(*NetworkRoute)(nil),           // 64: cml.v1.NetworkRoute
-	(*EffectiveFlow)(nil),          // 65: cml.v1.EffectiveFlow
-	(*ChangePinRequest)(nil),       // 66: cml.v1.ChangePinRequest
-	(*WipeResponse)(nil),           // 67: cml.v1.WipeResponse
-	(*DeviceWipeRequest)(nil),      // 68: cml.v1.DeviceWipeRequest
-	(*DeviceWipeResponse)(nil),     // 69: cml.v1.DeviceWipeResponse
-	(*AuditQuery)(nil),             // 70: cml.v1.AuditQuery
-	(*AuditRecord)(nil),            // 71: cml.v1.AuditRecord
-	(*AuditVerifyResponse)(nil),    // 72: cml.v1.AuditVerifyResponse
-	(*AuditStatusResponse)(nil),    // 73: cml.v1.AuditStatusResponse
-	(*AccountInfo)(nil),            // 74: cml.v1.AccountInfo
-	(*AccountRef)(nil),             // 75: cml.v1.AccountRef
-	(*AccountList)(nil),            // 76: cml.v1.AccountList
-	(*UserSetRequest)(nil),         // 77: cml.v1.UserSetRequest
+	(*AccessSettings)(nil),         // 21: cml.v1.AccessSettings
+	(*RemoteSettings)(nil),         // 22: cml.v1.RemoteSettings
+	(*Container)(nil),              // 23: cml.v1.Container
+	(*ContainerRef)(nil),           // 24: cml.v1.ContainerRef
+	(*ListRequest)(nil),            // 25: cml.v1.ListRequest
+	(*ListResponse)(nil),           // 26: cml.v1.ListResponse
+	(*CreateRequest)(nil),          // 27: cml.v1.CreateRequest
+	(*StopRequest)(nil),            // 28: cml.v1.StopRequest
+	(*KillRequest)(nil),            // 29: cml.v1.KillRequest
+	(*UpdateConfigRequest)(nil),    // 30: cml.v1.UpdateConfigRequest
+	(*Empty)(nil),                  // 31: cml.v1.Empty
+	(*ExecStart)(nil),              // 32: cml.v1.ExecStart
+	(*ExecRequest)(nil),            // 33: cml.v1.ExecRequest
+	(*Resize)(nil),                 // 34: cml.v1.Resize
+	(*ExecResponse)(nil),           // 35: cml.v1.ExecResponse
+	(*LogsRequest)(nil),            // 36: cml.v1.LogsRequest
+	(*LogsResponse)(nil),           // 37: cml.v1.LogsResponse
+	(*EventsRequest)(nil),          // 38: cml.v1.EventsRequest
+	(*Event)(nil),                  // 39: cml.v1.Event
+	(*GuestOS)(nil),                // 40: cml.v1.GuestOS
+	(*GuestOSListResponse)(nil),    // 41: cml.v1.GuestOSListResponse
+	(*GuestOSInstallRequest)(nil),  // 42: cml.v1.GuestOSInstallRequest
+	(*GuestOSInstallProgress)(nil), // 43: cml.v1.GuestOSInstallProgress
+	(*CA)(nil),                     // 44: cml.v1.CA
+	(*CAListResponse)(nil),         // 45: cml.v1.CAListResponse
+	(*CARegisterRequest)(nil),      // 46: cml.v1.CARegisterRequest
+	(*CARemoveRequest)(nil),        // 47: cml.v1.CARemoveRequest
+	(*CRLLoadRequest)(nil),         // 48: cml.v1.CRLLoadRequest
+	(*CRLLoadResponse)(nil),        // 49: cml.v1.CRLLoadResponse
+	(*CRL)(nil),                    // 50: cml.v1.CRL
+	(*CRLListResponse)(nil),        // 51: cml.v1.CRLListResponse
+	(*CRLRemoveRequest)(nil),       // 52: cml.v1.CRLRemoveRequest
+	(*GuestOSRemoveRequest)(nil),   // 53: cml.v1.GuestOSRemoveRequest
+	(*DeviceIdentity)(nil),         // 54: cml.v1.DeviceIdentity
+	(*DeviceCSRRequest)(nil),       // 55: cml.v1.DeviceCSRRequest
+	(*DeviceCSRResponse)(nil),      // 56: cml.v1.DeviceCSRResponse
+	(*DeviceCertRequest)(nil),      // 57: cml.v1.DeviceCertRequest
+	(*AttestRequest)(nil),          // 58: cml.v1.AttestRequest
+	(*PCRValue)(nil),               // 59: cml.v1.PCRValue
+	(*Attestation)(nil),            // 60: cml.v1.Attestation
+	(*NetworkRequest)(nil),         // 61: cml.v1.NetworkRequest
+	(*NetworkReport)(nil),          // 62: cml.v1.NetworkReport
+	(*ContainerNetwork)(nil),       // 63: cml.v1.ContainerNetwork
+	(*NetworkInterface)(nil),       // 64: cml.v1.NetworkInterface
+	(*NetworkRoute)(nil),           // 65: cml.v1.NetworkRoute
+	(*EffectiveFlow)(nil),          // 66: cml.v1.EffectiveFlow
+	(*ChangePinRequest)(nil),       // 67: cml.v1.ChangePinRequest
+	(*WipeResponse)(nil),           // 68: cml.v1.WipeResponse
+	(*DeviceWipeRequest)(nil),      // 69: cml.v1.DeviceWipeRequest
+	(*DeviceWipeResponse)(nil),     // 70: cml.v1.DeviceWipeResponse
+	(*AuditQuery)(nil),             // 71: cml.v1.AuditQuery
+	(*AuditRecord)(nil),            // 72: cml.v1.AuditRecord
+	(*AuditVerifyResponse)(nil),    // 73: cml.v1.AuditVerifyResponse
+	(*AuditStatusResponse)(nil),    // 74: cml.v1.AuditStatusResponse
+	(*AccountInfo)(nil),            // 75: cml.v1.AccountInfo
+	(*AccountRef)(nil),             // 76: cml.v1.AccountRef
+	(*AccountList)(nil),            // 77: cml.v1.AccountList
+	(*LoginRequest)(nil),           // 78: cml.v1.LoginRequest
+	(*LoginResponse)(nil),          // 79: cml.v1.LoginResponse
+	(*SessionInfo)(nil),            // 80: cml.v1.SessionInfo
+	(*SessionListRequest)(nil),     // 81: cml.v1.SessionListRequest
+	(*SessionListResponse)(nil),    // 82: cml.v1.SessionListResponse
+	(*SessionRef)(nil),             // 83: cml.v1.SessionRef
+	(*PasswdRequest)(nil),          // 84: cml.v1.PasswdRequest
+	(*AccessPolicy)(nil),           // 85: cml.v1.AccessPolicy
+	(*UserSetRequest)(nil),         // 86: cml.v1.UserSetRequest
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
@@ -6444,123 +7134,141 @@ var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	17, // 9: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
 	18, // 10: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
 	20, // 11: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
-	21, // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
-	19, // 13: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
-	6,  // 14: cml.v1.NetworkEndpoint.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	7,  // 15: cml.v1.AuditSettings.when_full:type_name -> cml.v1.AuditSettings.FullAction
-	4,  // 16: cml.v1.Container.state:type_name -> cml.v1.ContainerState
-	3,  // 17: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
-	1,  // 18: cml.v1.Container.token_type:type_name -> cml.v1.ContainerTokenType
-	2,  // 19: cml.v1.Container.cryptfs_mode:type_name -> cml.v1.CryptfsMode
-	22, // 20: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
-	9,  // 21: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
-	9,  // 22: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
-	31, // 23: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
-	33, // 24: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
-	22, // 25: cml.v1.Event.container:type_name -> cml.v1.Container
-	3,  // 26: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
-	39, // 27: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
-	39, // 28: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
-	43, // 29: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
-	49, // 30: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
-	8,  // 31: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
-	58, // 32: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
-	62, // 33: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
-	18, // 34: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
-	63, // 35: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
-	64, // 36: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
-	65, // 37: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
-	5,  // 38: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
-	6,  // 39: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	22, // 40: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
-	74, // 41: cml.v1.AccountList.accounts:type_name -> cml.v1.AccountInfo
-	24, // 42: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	26, // 43: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	23, // 44: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	23, // 45: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	27, // 46: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	28, // 47: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	23, // 48: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	23, // 49: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	29, // 50: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	23, // 51: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	23, // 52: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	32, // 53: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	35, // 54: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	37, // 55: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	30, // 56: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	41, // 57: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	52, // 58: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	30, // 59: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	45, // 60: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	46, // 61: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	47, // 62: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	30, // 63: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
-	51, // 64: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
-	30, // 65: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
-	54, // 66: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
-	56, // 67: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
-	30, // 68: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
-	57, // 69: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
-	60, // 70: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
-	66, // 71: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
-	23, // 72: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
-	23, // 73: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
-	68, // 74: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
-	70, // 75: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
-	30, // 76: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
-	30, // 77: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
-	30, // 78: cml.v1.Control.Whoami:input_type -> cml.v1.Empty
-	74, // 79: cml.v1.Control.UserAdd:input_type -> cml.v1.AccountInfo
-	75, // 80: cml.v1.Control.UserRemove:input_type -> cml.v1.AccountRef
-	30, // 81: cml.v1.Control.UserList:input_type -> cml.v1.Empty
-	77, // 82: cml.v1.Control.UserSet:input_type -> cml.v1.UserSetRequest
-	25, // 83: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	22, // 84: cml.v1.Control.Create:output_type -> cml.v1.Container
-	30, // 85: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	22, // 86: cml.v1.Control.Start:output_type -> cml.v1.Container
-	22, // 87: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	30, // 88: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	22, // 89: cml.v1.Control.State:output_type -> cml.v1.Container
-	9,  // 90: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	22, // 91: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	22, // 92: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	22, // 93: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	34, // 94: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	36, // 95: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	38, // 96: cml.v1.Control.Events:output_type -> cml.v1.Event
-	40, // 97: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	42, // 98: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	30, // 99: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	44, // 100: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	43, // 101: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	43, // 102: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	48, // 103: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	50, // 104: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	49, // 105: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	53, // 106: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	55, // 107: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	53, // 108: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	53, // 109: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	59, // 110: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	61, // 111: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
-	30, // 112: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
-	22, // 113: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
-	67, // 114: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
-	69, // 115: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
-	71, // 116: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
-	72, // 117: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
-	73, // 118: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
-	74, // 119: cml.v1.Control.Whoami:output_type -> cml.v1.AccountInfo
-	74, // 120: cml.v1.Control.UserAdd:output_type -> cml.v1.AccountInfo
-	30, // 121: cml.v1.Control.UserRemove:output_type -> cml.v1.Empty
-	76, // 122: cml.v1.Control.UserList:output_type -> cml.v1.AccountList
-	74, // 123: cml.v1.Control.UserSet:output_type -> cml.v1.AccountInfo
-	83, // [83:124] is the sub-list for method output_type
-	42, // [42:83] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	22, // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
+	21, // 13: cml.v1.DeviceConfig.access:type_name -> cml.v1.AccessSettings
+	19, // 14: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
+	6,  // 15: cml.v1.NetworkEndpoint.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	7,  // 16: cml.v1.AuditSettings.when_full:type_name -> cml.v1.AuditSettings.FullAction
+	4,  // 17: cml.v1.Container.state:type_name -> cml.v1.ContainerState
+	3,  // 18: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
+	1,  // 19: cml.v1.Container.token_type:type_name -> cml.v1.ContainerTokenType
+	2,  // 20: cml.v1.Container.cryptfs_mode:type_name -> cml.v1.CryptfsMode
+	23, // 21: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
+	9,  // 22: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
+	9,  // 23: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
+	32, // 24: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
+	34, // 25: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
+	23, // 26: cml.v1.Event.container:type_name -> cml.v1.Container
+	3,  // 27: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
+	40, // 28: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
+	40, // 29: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
+	44, // 30: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
+	50, // 31: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
+	8,  // 32: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
+	59, // 33: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
+	63, // 34: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
+	18, // 35: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
+	64, // 36: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
+	65, // 37: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
+	66, // 38: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
+	5,  // 39: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
+	6,  // 40: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	23, // 41: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
+	75, // 42: cml.v1.AccountList.accounts:type_name -> cml.v1.AccountInfo
+	80, // 43: cml.v1.LoginResponse.session:type_name -> cml.v1.SessionInfo
+	75, // 44: cml.v1.LoginResponse.account:type_name -> cml.v1.AccountInfo
+	80, // 45: cml.v1.SessionListResponse.sessions:type_name -> cml.v1.SessionInfo
+	25, // 46: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	27, // 47: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	24, // 48: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	24, // 49: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	28, // 50: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	29, // 51: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	24, // 52: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	24, // 53: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	30, // 54: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	24, // 55: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	24, // 56: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	33, // 57: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	36, // 58: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	38, // 59: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	31, // 60: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	42, // 61: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	53, // 62: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	31, // 63: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	46, // 64: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	47, // 65: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	48, // 66: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	31, // 67: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
+	52, // 68: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
+	31, // 69: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	55, // 70: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	57, // 71: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	31, // 72: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	58, // 73: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	61, // 74: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
+	67, // 75: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
+	24, // 76: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
+	24, // 77: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
+	69, // 78: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
+	71, // 79: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
+	31, // 80: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
+	31, // 81: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
+	31, // 82: cml.v1.Control.Whoami:input_type -> cml.v1.Empty
+	75, // 83: cml.v1.Control.UserAdd:input_type -> cml.v1.AccountInfo
+	76, // 84: cml.v1.Control.UserRemove:input_type -> cml.v1.AccountRef
+	31, // 85: cml.v1.Control.UserList:input_type -> cml.v1.Empty
+	86, // 86: cml.v1.Control.UserSet:input_type -> cml.v1.UserSetRequest
+	84, // 87: cml.v1.Control.UserPasswd:input_type -> cml.v1.PasswdRequest
+	78, // 88: cml.v1.Control.Login:input_type -> cml.v1.LoginRequest
+	81, // 89: cml.v1.Control.SessionList:input_type -> cml.v1.SessionListRequest
+	83, // 90: cml.v1.Control.SessionEnd:input_type -> cml.v1.SessionRef
+	31, // 91: cml.v1.Control.SessionLock:input_type -> cml.v1.Empty
+	31, // 92: cml.v1.Control.PolicyGet:input_type -> cml.v1.Empty
+	85, // 93: cml.v1.Control.PolicySet:input_type -> cml.v1.AccessPolicy
+	26, // 94: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	23, // 95: cml.v1.Control.Create:output_type -> cml.v1.Container
+	31, // 96: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	23, // 97: cml.v1.Control.Start:output_type -> cml.v1.Container
+	23, // 98: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	31, // 99: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	23, // 100: cml.v1.Control.State:output_type -> cml.v1.Container
+	9,  // 101: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	23, // 102: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	23, // 103: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	23, // 104: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	35, // 105: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	37, // 106: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	39, // 107: cml.v1.Control.Events:output_type -> cml.v1.Event
+	41, // 108: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	43, // 109: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	31, // 110: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	45, // 111: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	44, // 112: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	44, // 113: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	49, // 114: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	51, // 115: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	50, // 116: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	54, // 117: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	56, // 118: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	54, // 119: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	54, // 120: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	60, // 121: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	62, // 122: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	31, // 123: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
+	23, // 124: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
+	68, // 125: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
+	70, // 126: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
+	72, // 127: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
+	73, // 128: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
+	74, // 129: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
+	75, // 130: cml.v1.Control.Whoami:output_type -> cml.v1.AccountInfo
+	75, // 131: cml.v1.Control.UserAdd:output_type -> cml.v1.AccountInfo
+	31, // 132: cml.v1.Control.UserRemove:output_type -> cml.v1.Empty
+	77, // 133: cml.v1.Control.UserList:output_type -> cml.v1.AccountList
+	75, // 134: cml.v1.Control.UserSet:output_type -> cml.v1.AccountInfo
+	31, // 135: cml.v1.Control.UserPasswd:output_type -> cml.v1.Empty
+	79, // 136: cml.v1.Control.Login:output_type -> cml.v1.LoginResponse
+	82, // 137: cml.v1.Control.SessionList:output_type -> cml.v1.SessionListResponse
+	80, // 138: cml.v1.Control.SessionEnd:output_type -> cml.v1.SessionInfo
+	80, // 139: cml.v1.Control.SessionLock:output_type -> cml.v1.SessionInfo
+	85, // 140: cml.v1.Control.PolicyGet:output_type -> cml.v1.AccessPolicy
+	85, // 141: cml.v1.Control.PolicySet:output_type -> cml.v1.AccessPolicy
+	94, // [94:142] is the sub-list for method output_type
+	46, // [46:94] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -6568,13 +7276,13 @@ func file_api_cml_v1_cml_proto_init() {
 	if File_api_cml_v1_cml_proto != nil {
 		return
 	}
-	file_api_cml_v1_cml_proto_msgTypes[23].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[24].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinEof)(nil),
 		(*ExecRequest_Resize)(nil),
 	}
-	file_api_cml_v1_cml_proto_msgTypes[25].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[26].OneofWrappers = []any{
 		(*ExecResponse_Stdout)(nil),
 		(*ExecResponse_Stderr)(nil),
 		(*ExecResponse_ExitStatus)(nil),
@@ -6585,7 +7293,7 @@ func file_api_cml_v1_cml_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   69,
+			NumMessages:   78,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

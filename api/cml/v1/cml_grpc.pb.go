@@ -71,6 +71,13 @@ const (
 	Control_UserRemove_FullMethodName        = "/cml.v1.Control/UserRemove"
 	Control_UserList_FullMethodName          = "/cml.v1.Control/UserList"
 	Control_UserSet_FullMethodName           = "/cml.v1.Control/UserSet"
+	Control_UserPasswd_FullMethodName        = "/cml.v1.Control/UserPasswd"
+	Control_Login_FullMethodName             = "/cml.v1.Control/Login"
+	Control_SessionList_FullMethodName       = "/cml.v1.Control/SessionList"
+	Control_SessionEnd_FullMethodName        = "/cml.v1.Control/SessionEnd"
+	Control_SessionLock_FullMethodName       = "/cml.v1.Control/SessionLock"
+	Control_PolicyGet_FullMethodName         = "/cml.v1.Control/PolicyGet"
+	Control_PolicySet_FullMethodName         = "/cml.v1.Control/PolicySet"
 )
 
 // ControlClient is the client API for Control service.
@@ -120,6 +127,13 @@ type ControlClient interface {
 	UserRemove(ctx context.Context, in *AccountRef, opts ...grpc.CallOption) (*Empty, error)
 	UserList(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountList, error)
 	UserSet(ctx context.Context, in *UserSetRequest, opts ...grpc.CallOption) (*AccountInfo, error)
+	UserPasswd(ctx context.Context, in *PasswdRequest, opts ...grpc.CallOption) (*Empty, error)
+	Login(ctx context.Context, in *LoginRequest, opts ...grpc.CallOption) (*LoginResponse, error)
+	SessionList(ctx context.Context, in *SessionListRequest, opts ...grpc.CallOption) (*SessionListResponse, error)
+	SessionEnd(ctx context.Context, in *SessionRef, opts ...grpc.CallOption) (*SessionInfo, error)
+	SessionLock(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*SessionInfo, error)
+	PolicyGet(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccessPolicy, error)
+	PolicySet(ctx context.Context, in *AccessPolicy, opts ...grpc.CallOption) (*AccessPolicy, error)
 }
 
 type controlClient struct {
@@ -579,6 +593,76 @@ func (c *controlClient) UserSet(ctx context.Context, in *UserSetRequest, opts ..
 	return out, nil
 }
 
+func (c *controlClient) UserPasswd(ctx context.Context, in *PasswdRequest, opts ...grpc.CallOption) (*Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Empty)
+	err := c.cc.Invoke(ctx, Control_UserPasswd_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) Login(ctx context.Context, in *LoginRequest, opts ...grpc.CallOption) (*LoginResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LoginResponse)
+	err := c.cc.Invoke(ctx, Control_Login_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) SessionList(ctx context.Context, in *SessionListRequest, opts ...grpc.CallOption) (*SessionListResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SessionListResponse)
+	err := c.cc.Invoke(ctx, Control_SessionList_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) SessionEnd(ctx context.Context, in *SessionRef, opts ...grpc.CallOption) (*SessionInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SessionInfo)
+	err := c.cc.Invoke(ctx, Control_SessionEnd_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) SessionLock(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*SessionInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SessionInfo)
+	err := c.cc.Invoke(ctx, Control_SessionLock_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) PolicyGet(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccessPolicy, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AccessPolicy)
+	err := c.cc.Invoke(ctx, Control_PolicyGet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) PolicySet(ctx context.Context, in *AccessPolicy, opts ...grpc.CallOption) (*AccessPolicy, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AccessPolicy)
+	err := c.cc.Invoke(ctx, Control_PolicySet_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -626,6 +710,13 @@ type ControlServer interface {
 	UserRemove(context.Context, *AccountRef) (*Empty, error)
 	UserList(context.Context, *Empty) (*AccountList, error)
 	UserSet(context.Context, *UserSetRequest) (*AccountInfo, error)
+	UserPasswd(context.Context, *PasswdRequest) (*Empty, error)
+	Login(context.Context, *LoginRequest) (*LoginResponse, error)
+	SessionList(context.Context, *SessionListRequest) (*SessionListResponse, error)
+	SessionEnd(context.Context, *SessionRef) (*SessionInfo, error)
+	SessionLock(context.Context, *Empty) (*SessionInfo, error)
+	PolicyGet(context.Context, *Empty) (*AccessPolicy, error)
+	PolicySet(context.Context, *AccessPolicy) (*AccessPolicy, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -758,6 +849,27 @@ func (UnimplementedControlServer) UserList(context.Context, *Empty) (*AccountLis
 }
 func (UnimplementedControlServer) UserSet(context.Context, *UserSetRequest) (*AccountInfo, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method UserSet not implemented")
+}
+func (UnimplementedControlServer) UserPasswd(context.Context, *PasswdRequest) (*Empty, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method UserPasswd not implemented")
+}
+func (UnimplementedControlServer) Login(context.Context, *LoginRequest) (*LoginResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Login not implemented")
+}
+func (UnimplementedControlServer) SessionList(context.Context, *SessionListRequest) (*SessionListResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SessionList not implemented")
+}
+func (UnimplementedControlServer) SessionEnd(context.Context, *SessionRef) (*SessionInfo, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SessionEnd not implemented")
+}
+func (UnimplementedControlServer) SessionLock(context.Context, *Empty) (*SessionInfo, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SessionLock not implemented")
+}
+func (UnimplementedControlServer) PolicyGet(context.Context, *Empty) (*AccessPolicy, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method PolicyGet not implemented")
+}
+func (UnimplementedControlServer) PolicySet(context.Context, *AccessPolicy) (*AccessPolicy, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method PolicySet not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -1479,6 +1591,132 @@ func _Control_UserSet_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_UserPasswd_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PasswdRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).UserPasswd(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_UserPasswd_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).UserPasswd(ctx, req.(*PasswdRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_Login_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LoginRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).Login(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_Login_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).Login(ctx, req.(*LoginRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_SessionList_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SessionListRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).SessionList(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_SessionList_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).SessionList(ctx, req.(*SessionListRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_SessionEnd_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SessionRef)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).SessionEnd(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_SessionEnd_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).SessionEnd(ctx, req.(*SessionRef))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_SessionLock_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).SessionLock(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_SessionLock_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).SessionLock(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_PolicyGet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).PolicyGet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_PolicyGet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).PolicyGet(ctx, req.(*Empty))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_PolicySet_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AccessPolicy)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).PolicySet(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_PolicySet_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).PolicySet(ctx, req.(*AccessPolicy))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1629,6 +1867,34 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UserSet",
 			Handler:    _Control_UserSet_Handler,
+		},
+		{
+			MethodName: "UserPasswd",
+			Handler:    _Control_UserPasswd_Handler,
+		},
+		{
+			MethodName: "Login",
+			Handler:    _Control_Login_Handler,
+		},
+		{
+			MethodName: "SessionList",
+			Handler:    _Control_SessionList_Handler,
+		},
+		{
+			MethodName: "SessionEnd",
+			Handler:    _Control_SessionEnd_Handler,
+		},
+		{
+			MethodName: "SessionLock",
+			Handler:    _Control_SessionLock_Handler,
+		},
+		{
+			MethodName: "PolicyGet",
+			Handler:    _Control_PolicyGet_Handler,
+		},
+		{
+			MethodName: "PolicySet",
+			Handler:    _Control_PolicySet_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
