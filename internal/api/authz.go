@@ -141,7 +141,8 @@ func containerOf(req any) string {
 // PermissionDenied (or Unauthenticated), audited by the caller's
 // interceptor. Without an account store (unit tests of other parts)
 // everything is allowed. The returned context ends with the caller's
-// session; done releases it when the call ends.
+// session; done releases it when the call ends. A refusal's context
+// names the account that was refused, for its audit record.
 func (s *Server) authorize(ctx context.Context, fullMethod string, req any) (context.Context, func(), error) {
 	done := func() {}
 	if s.Accounts == nil {
@@ -162,16 +163,16 @@ func (s *Server) authorize(ctx context.Context, fullMethod string, req any) (con
 			ctr = st.GetName()
 		}
 	}
+	if a != nil {
+		// Named also in the record of a refusal.
+		ctx = context.WithValue(ctx, accountKey{}, a)
+		if sub := audit.SubjectFrom(ctx); sub != nil {
+			sub.Account = a.Name
+			ctx = audit.WithSubject(ctx, *sub)
+		}
+	}
 	if err := access.Allowed(a, method, ctr); err != nil {
 		return ctx, done, errdefs.PermissionDenied("%s refused: %v", method, err)
-	}
-	if a == nil {
-		return ctx, done, nil
-	}
-	ctx = context.WithValue(ctx, accountKey{}, a)
-	if sub := audit.SubjectFrom(ctx); sub != nil {
-		sub.Account = a.Name
-		ctx = audit.WithSubject(ctx, *sub)
 	}
 	if se == nil {
 		return ctx, done, nil
@@ -210,10 +211,9 @@ func (a *authStream) RecvMsg(m any) error {
 	a.done = true
 	ctx, release, err := a.s.authorize(a.ctx, a.method, m)
 	if err != nil {
-		a.s.audit(a.ctx, a.method, containerOf(m), err)
+		a.s.audit(ctx, a.method, containerOf(m), err)
 		return a.s.toStatus(err)
 	}
 	a.ctx, a.release = ctx, release
 	return nil
 }
-

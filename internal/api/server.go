@@ -209,7 +209,7 @@ func (s *Server) UnaryInterceptor(ctx context.Context, req any, info *grpc.Unary
 	// refusals are audited as denied accesses.
 	actx, release, aerr := s.authorize(ctx, info.FullMethod, req)
 	if aerr != nil {
-		s.audit(ctx, info.FullMethod, objectOf(req), aerr)
+		s.audit(actx, info.FullMethod, objectOf(req), aerr)
 		return nil, s.toStatus(aerr)
 	}
 	defer release()

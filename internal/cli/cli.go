@@ -125,6 +125,10 @@ type app struct {
 	stderr                io.Writer
 	conn                  *grpc.ClientConn
 	code                  int
+	// sessionFile keeps the login's token; token is it, once read.
+	sessionFile string
+	token       string
+	tokenRead   bool
 }
 
 func (a *app) client() (cmlv1.ControlClient, error) {
@@ -140,7 +144,8 @@ func (a *app) client() (cmlv1.ControlClient, error) {
 		// Attestation answers carry the whole measurement log (up to 256
 		// MiB for a device that ran for years).
 		conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds),
-			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxAnswer)))
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxAnswer)),
+			grpc.WithChainUnaryInterceptor(a.unarySession), grpc.WithChainStreamInterceptor(a.streamSession))
 		if err != nil {
 			return nil, err
 		}
@@ -167,6 +172,7 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 	root.PersistentFlags().StringVar(&a.cert, "cert", os.Getenv("CML_CERT"), "client certificate (PEM) for --remote ($CML_CERT)")
 	root.PersistentFlags().StringVar(&a.key, "key", os.Getenv("CML_KEY"), "client key (PEM) for --remote ($CML_KEY)")
 	root.PersistentFlags().StringVar(&a.ca, "ca", os.Getenv("CML_CA"), "CA the device's certificate must chain to, for --remote ($CML_CA)")
+	root.PersistentFlags().StringVar(&a.sessionFile, "session-file", os.Getenv("CML_SESSION_FILE"), "where cmlctl login keeps the session token ($CML_SESSION_FILE; default: per device under $XDG_RUNTIME_DIR)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", "text", "output format for list, state, config: text or json")
 	root.SetArgs(args)
 	root.SetIn(stdin)
@@ -176,7 +182,7 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 		a.startCmd(), a.stopCmd(), a.killCmd(), a.refCmd("state", "Show a container's state"),
 		a.refCmd("config", "Show a container's config"), a.updateConfigCmd(), a.refCmd("freeze", "Freeze a container"),
 		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd(), a.caCmd(), a.deviceCmd(), a.networkCmd(),
-		a.wipeCmd(), a.changePinCmd(), a.tokenCmd(), a.auditCmd(), a.whoamiCmd(), a.userCmd())
+		a.wipeCmd(), a.changePinCmd(), a.tokenCmd(), a.auditCmd(), a.whoamiCmd(), a.userCmd(), a.loginCmd(), a.logoutCmd(), a.sessionCmd())
 	err := root.Execute()
 	if a.conn != nil {
 		a.conn.Close()
@@ -195,6 +201,16 @@ func (a *app) call() (cmlv1.ControlClient, context.Context, context.CancelFunc, 
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	return c, ctx, cancel, nil
+}
+
+// rpc runs fn with the client and a bounded context.
+func (a *app) rpc(fn func(ctx context.Context, c cmlv1.ControlClient) error) error {
+	c, ctx, cancel, err := a.call()
+	if err != nil {
+		return err
+	}
+	defer cancel()
+	return fn(ctx, c)
 }
 
 // table prints the reply of a read-only call: as JSON with --output json,

@@ -32,21 +32,29 @@ func storageText(ct *cmlv1.Container) string {
 
 // readPIN reads a PIN from file, or asks on the terminal without echo.
 // A PIN never comes from argv or the environment.
-func readPIN(prompt, file string) ([]byte, error) {
+func readPIN(prompt, file string) ([]byte, error) { return readSecret("PIN", prompt, file, false) }
+
+// readSecret reads a PIN or password (what) from file, or asks on the
+// terminal without echo; empty answers are refused unless allowEmpty.
+func readSecret(what, prompt, file string, allowEmpty bool) ([]byte, error) {
 	if file != "" {
 		b, err := safefile.ReadFile(file, 4096)
 		if err != nil {
-			return nil, fmt.Errorf("PIN file: %w", err)
+			return nil, fmt.Errorf("%s file: %w", what, err)
 		}
 		b = bytes.TrimRight(b, "\r\n")
-		if len(b) == 0 {
-			return nil, fmt.Errorf("PIN file %s is empty", file)
+		if len(b) == 0 && !allowEmpty {
+			return nil, fmt.Errorf("%s file %s is empty", what, file)
 		}
 		return b, nil
 	}
 	tty, err := os.OpenFile("/dev/tty", os.O_RDWR, 0)
 	if err != nil || !term.IsTerminal(int(tty.Fd())) {
-		return nil, fmt.Errorf("a PIN is needed and there is no terminal to ask on: use --pin-file")
+		flag := "--pin-file"
+		if what != "PIN" {
+			flag = "--" + strings.ReplaceAll(what, " ", "-") + "-file"
+		}
+		return nil, fmt.Errorf("a %s is needed and there is no terminal to ask on: use %s", what, flag)
 	}
 	defer tty.Close()
 	fmt.Fprint(tty, prompt)
@@ -55,8 +63,8 @@ func readPIN(prompt, file string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if len(b) == 0 {
-		return nil, fmt.Errorf("empty PIN")
+	if len(b) == 0 && !allowEmpty {
+		return nil, fmt.Errorf("empty %s", what)
 	}
 	return b, nil
 }

@@ -22,8 +22,19 @@ func (a *app) printAccount(x *cmlv1.AccountInfo) error {
 	state := "enabled"
 	if x.GetLocked() {
 		state = "locked"
+		if r := x.GetLockReason(); r != "" {
+			state += " (" + r + ")"
+		}
 	}
-	fmt.Fprintf(a.stdout, "%s roles=%s containers=%s local-uids=%s %s\n", x.GetName(), strings.Join(x.GetRoles(), ","), strings.Join(x.GetContainers(), ","), strings.Join(uids, ","), state)
+	pw := "no"
+	switch {
+	case x.GetPasswordExpired():
+		pw = "expired"
+	case x.GetHasPassword():
+		pw = "yes"
+	}
+	fmt.Fprintf(a.stdout, "%s roles=%s containers=%s local-uids=%s cert-names=%s password=%s failed-logins=%d %s\n", x.GetName(), strings.Join(x.GetRoles(), ","),
+		strings.Join(x.GetContainers(), ","), strings.Join(uids, ","), strings.Join(x.GetCertNames(), ","), pw, x.GetFailedLogins(), state)
 	return nil
 }
 
@@ -49,6 +60,8 @@ func (a *app) userCmd() *cobra.Command {
 	u := &cobra.Command{Use: "user", Short: "Manage cmld's accounts and their roles (administrators)"}
 	var roles, containers, certNames []string
 	var uids []int
+	var withPassword bool
+	var pwFile string
 	add := &cobra.Command{
 		Use: "add <name>", Short: "Add an account (--role administrator|auditor|user, --uid for local callers, --container for users)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -58,6 +71,14 @@ func (a *app) userCmd() *cobra.Command {
 			}
 			defer cancel()
 			req := &cmlv1.AccountInfo{Name: proto.String(args[0]), Roles: roles, Containers: containers, CertNames: certNames}
+			if withPassword || pwFile != "" {
+				pw, err := newPassword(pwFile)
+				if err != nil {
+					return err
+				}
+				defer zero(pw)
+				req.Password = proto.String(string(pw))
+			}
 			for _, u := range uids {
 				req.LocalUids = append(req.LocalUids, int32(u))
 			}
@@ -72,6 +93,8 @@ func (a *app) userCmd() *cobra.Command {
 	add.Flags().StringSliceVar(&containers, "container", nil, "container a user may operate")
 	add.Flags().IntSliceVar(&uids, "uid", nil, "local uid mapped to the account")
 	add.Flags().StringSliceVar(&certNames, "cert-name", nil, "common name of a client certificate (under an owner CA) for the remote API")
+	add.Flags().BoolVar(&withPassword, "password", false, "ask for an initial password (its owner must change it at the first login)")
+	add.Flags().StringVar(&pwFile, "password-file", "", "read the initial password from this file")
 	list := &cobra.Command{
 		Use: "list", Short: "List accounts", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -137,6 +160,6 @@ func (a *app) userCmd() *cobra.Command {
 	rolesCmd.Flags().StringSliceVar(&setContainers, "container", nil, "containers of a user")
 	lock := set("lock <name>", "Lock an account", func(_ *cobra.Command, r *cmlv1.UserSetRequest) { r.Locked = proto.Bool(true) })
 	unlock := set("unlock <name>", "Unlock an account", func(_ *cobra.Command, r *cmlv1.UserSetRequest) { r.Locked = proto.Bool(false) })
-	u.AddCommand(add, list, remove, rolesCmd, lock, unlock)
+	u.AddCommand(add, list, remove, rolesCmd, lock, unlock, a.passwdCmd(), a.policyCmd())
 	return u
 }
