@@ -25,6 +25,11 @@ type PKCS11 struct {
 	once sync.Once
 	ctx  *pkcs11.Ctx
 	err  error
+	// op serializes operations on the token, session to logout: a
+	// token's login state is shared by all sessions of a process, so
+	// one operation's logout would cut off another's, and a login
+	// while another is logged in would not check the PIN at all.
+	op sync.Mutex
 }
 
 const pkcs11Name = "pkcs11.wrapped"
@@ -52,11 +57,18 @@ func (p *PKCS11) init() error {
 	return p.err
 }
 
-// session opens a logged-in session on the token.
-func (p *PKCS11) session(pin []byte) (pkcs11.SessionHandle, error) {
+// session opens a logged-in session on the token; done ends it. The
+// token is held in between (p.op).
+func (p *PKCS11) session(pin []byte) (sh pkcs11.SessionHandle, err error) {
 	if err := p.init(); err != nil {
 		return 0, err
 	}
+	p.op.Lock()
+	defer func() {
+		if err != nil {
+			p.op.Unlock()
+		}
+	}()
 	slots, err := p.ctx.GetSlotList(true)
 	if err != nil {
 		return 0, err
@@ -88,6 +100,7 @@ func (p *PKCS11) session(pin []byte) (pkcs11.SessionHandle, error) {
 func (p *PKCS11) done(sh pkcs11.SessionHandle) {
 	p.ctx.Logout(sh)
 	p.ctx.CloseSession(sh)
+	p.op.Unlock()
 }
 
 func trimLabel(s string) string {
