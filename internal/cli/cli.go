@@ -129,6 +129,9 @@ type app struct {
 	sessionFile string
 	token       string
 	tokenRead   bool
+	// p11*: the client key on a PKCS#11 token; signer, once open.
+	p11Module, p11Token, p11Key, p11PINFile string
+	signer                                  interface{ Close() }
 }
 
 func (a *app) client() (cmlv1.ControlClient, error) {
@@ -172,6 +175,10 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 	root.PersistentFlags().StringVar(&a.cert, "cert", os.Getenv("CML_CERT"), "client certificate (PEM) for --remote ($CML_CERT)")
 	root.PersistentFlags().StringVar(&a.key, "key", os.Getenv("CML_KEY"), "client key (PEM) for --remote ($CML_KEY)")
 	root.PersistentFlags().StringVar(&a.ca, "ca", os.Getenv("CML_CA"), "CA the device's certificate must chain to, for --remote ($CML_CA)")
+	root.PersistentFlags().StringVar(&a.p11Module, "pkcs11-module", os.Getenv("CML_PKCS11_MODULE"), "PKCS#11 module holding the client key for --remote, instead of --key ($CML_PKCS11_MODULE)")
+	root.PersistentFlags().StringVar(&a.p11Token, "token-label", os.Getenv("CML_TOKEN_LABEL"), "label of the token in --pkcs11-module (default: the first) ($CML_TOKEN_LABEL)")
+	root.PersistentFlags().StringVar(&a.p11Key, "key-label", os.Getenv("CML_KEY_LABEL"), "label of the client key on the token ($CML_KEY_LABEL)")
+	root.PersistentFlags().StringVar(&a.p11PINFile, "pkcs11-pin-file", "", "read the token's PIN from this file (else asked on the terminal)")
 	root.PersistentFlags().StringVar(&a.sessionFile, "session-file", os.Getenv("CML_SESSION_FILE"), "where cmlctl login keeps the session token ($CML_SESSION_FILE; default: per device under $XDG_RUNTIME_DIR)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", "text", "output format for list, state, config: text or json")
 	root.SetArgs(args)
@@ -182,10 +189,13 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 		a.startCmd(), a.stopCmd(), a.killCmd(), a.refCmd("state", "Show a container's state"),
 		a.refCmd("config", "Show a container's config"), a.updateConfigCmd(), a.refCmd("freeze", "Freeze a container"),
 		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd(), a.caCmd(), a.deviceCmd(), a.networkCmd(),
-		a.wipeCmd(), a.changePinCmd(), a.tokenCmd(), a.auditCmd(), a.whoamiCmd(), a.userCmd(), a.loginCmd(), a.logoutCmd(), a.sessionCmd())
+		a.wipeCmd(), a.changePinCmd(), a.tokenCmd(), a.auditCmd(), a.whoamiCmd(), a.userCmd(), a.loginCmd(), a.logoutCmd(), a.sessionCmd(), a.clientCmd())
 	err := root.Execute()
 	if a.conn != nil {
 		a.conn.Close()
+	}
+	if a.signer != nil {
+		a.signer.Close()
 	}
 	if err != nil && strings.HasPrefix(err.Error(), "unknown ") || err != nil && strings.Contains(err.Error(), "accepts ") {
 		return 2, err

@@ -49,14 +49,16 @@ func (ca *testCA) client(t *testing.T, dir, cn string, serial int64, notAfter ti
 	return cp, kp
 }
 
-// TestRemoteAPI: the control API over mutual TLS with the TPM-held device
-// key: an administrator's certificate under the owner CA works with the
-// same commands; a rogue CA, a revoked or expired certificate, one that
-// maps to no account, a client without a certificate, TLS 1.1 and CBC
-// suites are refused; the server presents the device certificate; remote
-// calls are audited with the certificate's subject.
-func TestRemoteAPI(t *testing.T) {
-	testutil.RequireTool(t, "openssl")
+// remoteDevice is a daemon with a provisioned device identity, an owner
+// CA registered, and the remote API listening.
+type remoteDevice struct {
+	*daemon
+	owner *testCA
+	fleet string
+	addr  string
+}
+
+func newRemoteDevice(t *testing.T, extra string) *remoteDevice {
 	d := startDaemon(t)
 	fleet := filepath.Join(d.root, "fleet")
 	if out, err := exec.Command(filepath.Join(binDir, "cmlsign"), "pki", "init", "--dir", fleet).CombinedOutput(); err != nil {
@@ -65,6 +67,34 @@ func TestRemoteAPI(t *testing.T) {
 	d.provisionIdentity(fleet)
 	owner := newTestCA(t, d.root, "owner-ca")
 	d.must("ca", "register", owner.pem)
+	port := freePort(t)
+	d.restartWithDevice(fmt.Sprintf("remote { listen: \"127.0.0.1:%d\" }\n%s", port, extra))
+	return &remoteDevice{daemon: d, owner: owner, fleet: fleet, addr: fmt.Sprint("127.0.0.1:", port)}
+}
+
+// remote runs cmlctl against the remote API with a client certificate
+// (args carry --key or the PKCS#11 flags), in env's environment.
+func (r *remoteDevice) remote(env []string, cert string, args ...string) (string, int) {
+	cmd := exec.Command(filepath.Join(binDir, "cmlctl"), append([]string{"--remote", r.addr, "--cert", cert, "--ca", filepath.Join(r.fleet, "root-ca.pem")}, args...)...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	}
+	return string(out), code
+}
+
+// TestRemoteAPI: the control API over mutual TLS with the TPM-held device
+// key: an administrator's certificate under the owner CA works with the
+// same commands; a rogue CA, a revoked or expired certificate, one that
+// maps to no account, a client without a certificate, TLS 1.1 and CBC
+// suites are refused; the server presents the device certificate; remote
+// calls are audited with the certificate's subject.
+func TestRemoteAPI(t *testing.T) {
+	testutil.RequireTool(t, "openssl")
+	rd := newRemoteDevice(t, "")
+	d, owner, addr := rd.daemon, rd.owner, rd.addr
 	alice, aliceKey := owner.client(t, d.root, "alice", 10, time.Now().Add(24*time.Hour))
 	bob, bobKey := owner.client(t, d.root, "bob", 11, time.Now().Add(24*time.Hour))
 	old, oldKey := owner.client(t, d.root, "old", 12, time.Now().Add(-time.Hour))
@@ -77,17 +107,8 @@ func TestRemoteAPI(t *testing.T) {
 	os.WriteFile(crlPath, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: crl}), 0o644)
 	d.must("ca", "crl", "load", crlPath)
 	d.must("user", "add", "alice", "--role", "administrator", "--cert-name", "alice", "--cert-name", "old", "--cert-name", "gone", "--cert-name", "alice-rogue")
-	port := freePort(t)
-	d.restartWithDevice(fmt.Sprintf("remote { listen: \"127.0.0.1:%d\" }\n", port))
-	addr := fmt.Sprint("127.0.0.1:", port)
 	remote := func(cert, key string, args ...string) (string, int) {
-		cmd := exec.Command(filepath.Join(binDir, "cmlctl"), append([]string{"--remote", addr, "--cert", cert, "--key", key, "--ca", filepath.Join(fleet, "root-ca.pem")}, args...)...)
-		out, err := cmd.CombinedOutput()
-		code := 0
-		if ee, ok := err.(*exec.ExitError); ok {
-			code = ee.ExitCode()
-		}
-		return string(out), code
+		return rd.remote(nil, cert, append([]string{"--key", key}, args...)...)
 	}
 	if out, code := remote(alice, aliceKey, "whoami"); code != 0 || !strings.Contains(out, "alice roles=administrator") {
 		t.Fatalf("remote whoami as alice: %d %s", code, out)
@@ -146,5 +167,93 @@ func TestRemoteAPI(t *testing.T) {
 	})
 	if out, code := remote(alice, aliceKey, "stop", "r"); code != 0 {
 		t.Errorf("remote stop: %d %s", code, out)
+	}
+}
+
+// TestRemoteMultiFactorAndTokenKey: under the remote_mfa policy a
+// certificate alone gets nothing; certificate and password log in, to a
+// session bound to that certificate (its token with another certificate
+// is nothing, and one account's password with another's certificate is
+// refused); a client key generated on a PKCS#11 token (SoftHSM2) and
+// certified by the owner CA through openssl authenticates with the same
+// commands, and a wrong token PIN gets nothing (CR 1.1(2), FIA_UAU.5,
+// FTP_ITC.1).
+func TestRemoteMultiFactorAndTokenKey(t *testing.T) {
+	testutil.RequireTool(t, "openssl", "softhsm2-util")
+	module := "/usr/lib/softhsm/libsofthsm2.so"
+	if _, err := os.Stat(module); err != nil {
+		t.Skip("SoftHSM2 module not installed (apt-get install softhsm2)")
+	}
+	rd := newRemoteDevice(t, "")
+	d := rd.daemon
+	alice, aliceKey := rd.owner.client(t, d.root, "alice", 20, time.Now().Add(24*time.Hour))
+	bob, bobKey := rd.owner.client(t, d.root, "bob", 21, time.Now().Add(24*time.Hour))
+	d.must("user", "add", "alice", "--role", "administrator", "--cert-name", "alice")
+	d.must("user", "add", "bob", "--role", "auditor", "--cert-name", "bob")
+	d.must("user", "policy", "--remote-mfa=true")
+	const initial, chosen = "Initial-Passw0rd", "Chosen-By-0wner1"
+	f := secretFiles(t, filepath.Join(d.root, "secrets"), 0, initial, chosen, "4711", "0000")
+	sessA, sessB := filepath.Join(d.root, "alice.session"), filepath.Join(d.root, "bob.session")
+	if out, code := rd.remote(nil, alice, "--key", aliceKey, "--session-file", sessA, "whoami"); code == 0 || !strings.Contains(out, "remote_mfa") {
+		t.Errorf("a certificate alone under remote_mfa: %d %s", code, out)
+	}
+	d.must("user", "passwd", "alice", "--new-password-file", f[initial])
+	if out, code := rd.remote(nil, alice, "--key", aliceKey, "--session-file", sessA, "login", "--password-file", f[initial], "--new-password-file", f[chosen]); code != 0 || !strings.Contains(out, "logged in as alice") {
+		t.Fatalf("remote login with certificate and password: %d %s", code, out)
+	}
+	if out, code := rd.remote(nil, alice, "--key", aliceKey, "--session-file", sessA, "list"); code != 0 {
+		t.Errorf("a call in the remote session: %d %s", code, out)
+	}
+	if out, code := rd.remote(nil, bob, "--key", bobKey, "--session-file", sessA, "whoami"); code == 0 || !strings.Contains(out, "no such session") {
+		t.Errorf("alice's session token with bob's certificate: %d %s", code, out)
+	}
+	if out, code := rd.remote(nil, bob, "--key", bobKey, "--session-file", sessB, "login", "alice", "--password-file", f[chosen]); code == 0 || !strings.Contains(out, "login failed") {
+		t.Errorf("alice's password with bob's certificate: %d %s", code, out)
+	}
+	if !d.hasAudit("control.Login", "success", `"certificate":"CN=alice"`) || !d.hasAudit("control.Login", "failure", "may not log in as certificate bob") {
+		t.Error("remote logins are not audited with the certificate")
+	}
+
+	// A client key on a PKCS#11 token.
+	d.must("user", "policy", "--remote-mfa=false")
+	hsm := filepath.Join(d.root, "softhsm")
+	os.MkdirAll(filepath.Join(hsm, "tokens"), 0o700)
+	conf := filepath.Join(hsm, "softhsm2.conf")
+	os.WriteFile(conf, []byte("directories.tokendir = "+filepath.Join(hsm, "tokens")+"\nobjectstore.backend = file\n"), 0o600)
+	env := []string{"SOFTHSM2_CONF=" + conf}
+	init := exec.Command("softhsm2-util", "--init-token", "--free", "--label", "operator", "--pin", "4711", "--so-pin", "12345678")
+	init.Env = append(os.Environ(), env...)
+	if out, err := init.CombinedOutput(); err != nil {
+		t.Fatalf("softhsm2-util: %v %s", err, out)
+	}
+	p11 := func(pin string) []string {
+		return []string{"--pkcs11-module", module, "--token-label", "operator", "--key-label", "carol-remote", "--pkcs11-pin-file", f[pin]}
+	}
+	csrPath := filepath.Join(d.root, "carol.csr")
+	csr := exec.Command(filepath.Join(binDir, "cmlctl"), append(p11("4711"), "client", "csr", "--cn", "carol", "--out", csrPath)...)
+	csr.Env = append(os.Environ(), env...)
+	if out, err := csr.CombinedOutput(); err != nil {
+		t.Fatalf("client csr: %v %s", err, out)
+	}
+	caKey := filepath.Join(d.root, "owner-ca.key")
+	kd, _ := x509.MarshalPKCS8PrivateKey(rd.owner.key)
+	os.WriteFile(caKey, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kd}), 0o600)
+	ext := filepath.Join(d.root, "client.ext")
+	os.WriteFile(ext, []byte("extendedKeyUsage = clientAuth\nkeyUsage = digitalSignature\n"), 0o644)
+	carol := filepath.Join(d.root, "carol.pem")
+	if out, err := exec.Command("openssl", "x509", "-req", "-in", csrPath, "-CA", rd.owner.pem, "-CAkey", caKey, "-set_serial", "30", "-days", "1",
+		"-extfile", ext, "-out", carol).CombinedOutput(); err != nil {
+		t.Fatalf("openssl x509 -req: %v %s", err, out)
+	}
+	d.must("user", "add", "carol", "--role", "administrator", "--cert-name", "carol")
+	if out, code := rd.remote(env, carol, append(p11("4711"), "whoami")...); code != 0 || !strings.Contains(out, "carol roles=administrator") {
+		t.Errorf("remote whoami with the key on the token: %d %s", code, out)
+	}
+	if out, code := rd.remote(env, carol, append(p11("0000"), "whoami")...); code == 0 || !strings.Contains(out, "refused the PIN") {
+		t.Errorf("a wrong token PIN: %d %s", code, out)
+	}
+	// The certificate of another key does not pair with the token's.
+	if out, code := rd.remote(env, alice, append(p11("4711"), "whoami")...); code == 0 || !strings.Contains(out, "not the certificate of key") {
+		t.Errorf("another key's certificate with the token's key: %d %s", code, out)
 	}
 }
