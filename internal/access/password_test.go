@@ -149,7 +149,7 @@ func TestSessions(t *testing.T) {
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	ss := NewSessions(func() time.Duration { return time.Minute })
 	ss.now = clock
-	tok, s := ss.Open("op", local1000)
+	tok, s, _ := ss.Open("op", local1000)
 	if _, _, err := ss.Use(tok, Principal{Local: true, UID: 1001}); !errors.Is(err, ErrNoSession) {
 		t.Errorf("token from another uid: %v", err)
 	}
@@ -206,7 +206,7 @@ func TestSessionsConcurrent(t *testing.T) {
 		go func(i int) {
 			defer wg.Done()
 			p := Principal{Local: true, UID: 1000 + i%4}
-			tok, s := ss.Open("a", p)
+			tok, s, _ := ss.Open("a", p)
 			for j := 0; j < 50; j++ {
 				ss.Use(tok, p)
 				ss.Touch(s.ID)
@@ -222,5 +222,13 @@ func TestSessionsConcurrent(t *testing.T) {
 	wg.Wait()
 	if n := ss.EndAccount("a"); n != 8 {
 		t.Errorf("%d sessions left to end, want 8", n)
+	}
+	for i := 0; i < MaxPerAccount; i++ {
+		if _, _, err := ss.Open("b", local1000); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := ss.Open("b", local1000); !errors.Is(err, ErrTooManySessions) {
+		t.Errorf("session %d of one account: %v", MaxPerAccount+1, err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"sort"
 	"sync"
 	"time"
@@ -38,6 +39,12 @@ type Session struct {
 	cancel context.CancelFunc
 }
 
+// MaxPerAccount bounds the open sessions of one account (CR 7.1).
+const MaxPerAccount = 32
+
+// ErrTooManySessions refuses a login beyond MaxPerAccount.
+var ErrTooManySessions = fmt.Errorf("the account has %d sessions open: end one first (cmlctl session list, session end)", MaxPerAccount)
+
 // Sessions holds the open sessions. Its lock guards only memory.
 type Sessions struct {
 	mu     sync.Mutex
@@ -45,7 +52,10 @@ type Sessions struct {
 	byID   map[string]*Session
 	// Idle is the inactivity timeout (from the policy, read per call).
 	Idle func() time.Duration
-	now  func() time.Time
+	// OnIdleLock, if set, hears of each session locked for inactivity
+	// (called without the lock held).
+	OnIdleLock func(Session)
+	now        func() time.Time
 }
 
 // NewSessions returns an empty session table.
@@ -57,7 +67,7 @@ func tokenHash(tok string) [32]byte { return sha256.Sum256([]byte(tok)) }
 
 // Open starts a session for account from p and returns its token (shown
 // once; cmld keeps only its hash).
-func (t *Sessions) Open(account string, p Principal) (string, Session) {
+func (t *Sessions) Open(account string, p Principal) (string, Session, error) {
 	raw := make([]byte, 32)
 	rand.Read(raw)
 	tok := "cml1." + base64.RawURLEncoding.EncodeToString(raw)
@@ -67,21 +77,43 @@ func (t *Sessions) Open(account string, p Principal) (string, Session) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Session{ID: hex.EncodeToString(id), Account: account, Principal: p, Created: now, LastUsed: now, hash: tokenHash(tok), ctx: ctx, cancel: cancel}
 	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for _, o := range t.byID {
+		if o.Account == account {
+			n++
+		}
+	}
+	if n >= MaxPerAccount {
+		cancel()
+		return "", Session{}, ErrTooManySessions
+	}
 	t.byHash[s.hash] = s
 	t.byID[s.ID] = s
-	t.mu.Unlock()
-	return tok, s.view()
+	return tok, s.view(), nil
 }
 
 func (s *Session) view() Session {
 	return Session{ID: s.ID, Account: s.Account, Principal: s.Principal, Created: s.Created, LastUsed: s.LastUsed, Locked: s.Locked}
 }
 
-// idleLocked locks s when it has been idle too long; the caller holds mu.
-func (t *Sessions) idleLocked(s *Session, now time.Time) {
+// idleLocked locks s when it has been idle too long and reports whether
+// it did; the caller holds mu.
+func (t *Sessions) idleLocked(s *Session, now time.Time) bool {
 	if s.Locked == "" && t.Idle != nil && now.Sub(s.LastUsed) > t.Idle() {
 		s.Locked = "idle for " + t.Idle().String()
 		s.cancel()
+		return true
+	}
+	return false
+}
+
+// notify reports sessions locked for inactivity (without mu).
+func (t *Sessions) notify(locked []Session) {
+	if t.OnIdleLock != nil {
+		for _, s := range locked {
+			t.OnIdleLock(s)
+		}
 	}
 }
 
@@ -90,13 +122,19 @@ func (t *Sessions) idleLocked(s *Session, now time.Time) {
 // session locks or ends (calls and streams under it end with it).
 func (t *Sessions) Use(tok string, p Principal) (Session, context.Context, error) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	s := t.byHash[tokenHash(tok)]
 	if s == nil || s.Principal != p {
+		t.mu.Unlock()
 		return Session{}, nil, ErrNoSession
 	}
 	now := t.now()
-	t.idleLocked(s, now)
+	if t.idleLocked(s, now) {
+		v := s.view()
+		t.mu.Unlock()
+		t.notify([]Session{v})
+		return v, nil, ErrSessionLocked
+	}
+	defer t.mu.Unlock()
 	if s.Locked != "" {
 		return s.view(), nil, ErrSessionLocked
 	}
@@ -217,10 +255,14 @@ func (t *Sessions) Run(ctx context.Context, every time.Duration) {
 		case <-tk.C:
 			t.mu.Lock()
 			now := t.now()
+			var locked []Session
 			for _, s := range t.byID {
-				t.idleLocked(s, now)
+				if t.idleLocked(s, now) {
+					locked = append(locked, s.view())
+				}
 			}
 			t.mu.Unlock()
+			t.notify(locked)
 		}
 	}
 }

@@ -153,6 +153,7 @@ func (s *Server) Login(ctx context.Context, r *cmlv1.LoginRequest) (*cmlv1.Login
 			return nil, errdefs.InvalidArgument("login: name the account (this caller maps to none)")
 		}
 		name = a.Name
+		r.Name = proto.String(name) // for the audit record's object
 	}
 	a, err := s.Accounts.Authenticate(p, name, []byte(r.GetPassword()), []byte(r.GetNewPassword()))
 	if err != nil {
@@ -171,7 +172,9 @@ func (s *Server) Login(ctx context.Context, r *cmlv1.LoginRequest) (*cmlv1.Login
 		}
 	}
 	if tok == "" {
-		tok, se = s.Sessions.Open(a.Name, p)
+		if tok, se, err = s.Sessions.Open(a.Name, p); err != nil {
+			return nil, errdefs.FailedPrecondition("login: %v", err)
+		}
 	}
 	out := &cmlv1.LoginResponse{Token: proto.String(tok), Session: sessionInfo(se, se.ID), Account: s.accountInfo(a.Public())}
 	return out, nil

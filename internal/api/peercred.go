@@ -77,20 +77,3 @@ func subject(ctx context.Context) *audit.Subject {
 	}
 	return &audit.Subject{UID: pc.UID, GID: pc.GID, PID: pc.PID}
 }
-
-// remoteName is the common name of a remote caller's client certificate
-// (verified at the handshake), or "" for a local caller.
-func remoteName(ctx context.Context) (string, bool) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return "", false
-	}
-	ti, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok {
-		return "", false
-	}
-	if cs := ti.State.PeerCertificates; len(cs) > 0 {
-		return cs[0].Subject.CommonName, true
-	}
-	return "", true
-}

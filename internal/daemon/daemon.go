@@ -322,6 +322,10 @@ func Run(ctx context.Context, c Config) error {
 		return err
 	}
 	sessions := access.NewSessions(func() time.Duration { return time.Duration(accounts.Policy().IdleTimeoutSeconds) * time.Second })
+	sessions.OnIdleLock = func(se access.Session) {
+		sink.Record(ctx, audit.Event{Type: "access", Operation: "access.session.lock", Object: "account " + se.Account, Outcome: audit.Success,
+			Reason: fmt.Sprintf("session %s of %s (%s) %s", se.ID, se.Account, se.Principal, se.Locked)})
+	}
 	go sessions.Run(ctx, time.Second)
 	lis, err := listen(c.Socket, c.SocketGroup)
 	if err != nil {

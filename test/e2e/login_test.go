@@ -169,6 +169,9 @@ func TestPasswordsLockoutAndSessions(t *testing.T) {
 	if out, code := op("login", "--password-file", f[next]); code != 0 {
 		t.Fatalf("unlock after idle: %d %s", code, out)
 	}
+	if !d.hasAudit("access.session.lock", "success", "idle for 10s") || !d.hasAudit("control.SessionLock", "success", `"account":"op"`) {
+		t.Error("session locks are not audited")
+	}
 	d.must("user", "policy", "--idle-timeout", "15m")
 
 	// An administrator ends the session while an exec runs under it.
