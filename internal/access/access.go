@@ -6,7 +6,6 @@ package access
 
 import (
 	"bytes"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -166,10 +165,7 @@ type Store struct {
 	LimitedRootTrust bool
 	// hashing bounds concurrent Argon2id computations (64 MiB each).
 	hashing chan struct{}
-	// decoy is verified for logins that name no usable account, so they
-	// take as long as a wrong password (CR 1.10).
-	decoy string
-	now   func() time.Time
+	now func() time.Time
 }
 
 type storeFile struct {
@@ -215,9 +211,6 @@ func Open(dir string) (*Store, error) {
 		snap.accs["audit"] = &Account{Name: "audit", Roles: []Role{Auditor}, BuiltIn: true}
 	}
 	s.cur.Store(snap)
-	d := make([]byte, 32)
-	rand.Read(d)
-	s.decoy = hashPassword(d)
 	return s, nil
 }
 

@@ -232,3 +232,16 @@ func TestSessionsConcurrent(t *testing.T) {
 		t.Errorf("session %d of one account: %v", MaxPerAccount+1, err)
 	}
 }
+
+// TestDecoyHasTheParameters: the decoy verified for unknown accounts has
+// the parameters of real hashes, so both cost the same (CR 1.10), and it
+// parses (a decoy that fails early would answer faster).
+func TestDecoyHasTheParameters(t *testing.T) {
+	real := hashPassword([]byte("x"))
+	if strings.Join(strings.Split(decoy, "$")[:4], "$") != strings.Join(strings.Split(real, "$")[:4], "$") {
+		t.Errorf("decoy %s and a real hash %s differ in parameters", decoy, real)
+	}
+	if verifyPassword(decoy, []byte("")) {
+		t.Error("the decoy verifies the empty password")
+	}
+}
