@@ -27,7 +27,7 @@ demo: deps build
 # when not root; CI runs as root.
 # RACE are the packages where clients or goroutines meet; their tests run
 # again under the race detector.
-RACE := ./internal/container/ ./internal/reaper/ ./internal/api/ ./internal/guestos/ ./internal/tpm/ ./internal/device/ ./internal/network ./internal/audit ./internal/access ./internal/token
+RACE := ./internal/container/ ./internal/reaper/ ./internal/api/ ./internal/guestos/ ./internal/tpm/ ./internal/device/ ./internal/network ./internal/audit ./internal/access ./internal/token ./internal/storage
 
 test: deps build lint
 	$(GO) test -count=1 -timeout 20m ./...

@@ -165,7 +165,7 @@ type Store struct {
 	LimitedRootTrust bool
 	// hashing bounds concurrent Argon2id computations (64 MiB each).
 	hashing chan struct{}
-	now func() time.Time
+	now     func() time.Time
 }
 
 type storeFile struct {
