@@ -393,6 +393,9 @@ func ParseDevice(source string, text []byte) (*cmlv1.DeviceConfig, error) {
 		if n := r.GetMaxConnections(); n == 0 || n > 4096 {
 			return nil, errdefs.InvalidArgument("%s: field remote.max_connections: %d is out of range (1..4096)", source, n)
 		}
+		if n := r.GetMaxConnectionsPerHost(); n == 0 || n > r.GetMaxConnections() {
+			return nil, errdefs.InvalidArgument("%s: field remote.max_connections_per_host: %d is out of range (1..max_connections)", source, n)
+		}
 	}
 	if a := d.GetAudit(); a != nil {
 		if n := a.GetCheckpointEvery(); n == 0 || n > 1000000 {

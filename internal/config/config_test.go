@@ -97,11 +97,13 @@ func TestParseDevice(t *testing.T) {
 	if d, _ := ParseDevice("device.conf", nil); d.GetMeasurementPcr() != 11 || d.GetProductName() != "CML device" {
 		t.Errorf("defaults: %v", d)
 	}
-	if _, err := ParseDevice("device.conf", []byte("version: 1\nstorage {}\nnetwork {}\naudit {}\nremote {}\n")); err != nil {
+	if _, err := ParseDevice("device.conf", []byte("version: 1\nstorage {}\nnetwork {}\naudit {}\nremote {}\naccess { limited_root_trust: true }\n")); err != nil {
 		t.Errorf("version 1 with its sections: %v", err)
 	}
 	for _, bad := range []string{"measurement_pcr: 24\n", "serial: \"a\\nb\"\n", "product_name: \"" + strings.Repeat("x", 65) + "\"\n",
-		"version: 2\n", "storage { token: \"x\" }\n", "uplink: \"eth0\"\n"} {
+		"version: 2\n", "storage { token: \"x\" }\n", "uplink: \"eth0\"\n",
+		"remote { listen: \":7443\" max_connections: 4 max_connections_per_host: 5 }\n", "remote { listen: \":7443\" max_connections_per_host: 0 }\n",
+		"access { limited_root_trust: 1 root: true }\n"} {
 		if _, err := ParseDevice("device.conf", []byte(bad)); !errors.Is(err, errdefs.ErrInvalidArgument) {
 			t.Errorf("%q: %v", bad, err)
 		}

@@ -567,7 +567,9 @@ func remoteServer(rs *cmlv1.RemoteSettings, keys *tpm.Keys, ident *device.Identi
 	if err != nil {
 		return nil, nil, fmt.Errorf("remote API: %w", err)
 	}
-	lis = netutil.LimitListener(lis, int(rs.GetMaxConnections()))
+	// Per address first (the excess is closed at once), then overall (the
+	// excess waits for a slot).
+	lis = netutil.LimitListener(limitPerHost(lis, int(rs.GetMaxConnectionsPerHost())), int(rs.GetMaxConnections()))
 	gs := grpc.NewServer(
 		grpc.Creds(credentials.NewTLS(cfg)),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),

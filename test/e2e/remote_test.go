@@ -1,14 +1,17 @@
 package e2e
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -58,7 +61,7 @@ type remoteDevice struct {
 	addr  string
 }
 
-func newRemoteDevice(t *testing.T, extra string) *remoteDevice {
+func newRemoteDevice(t *testing.T, remoteFields string) *remoteDevice {
 	d := startDaemon(t)
 	fleet := filepath.Join(d.root, "fleet")
 	if out, err := exec.Command(filepath.Join(binDir, "cmlsign"), "pki", "init", "--dir", fleet).CombinedOutput(); err != nil {
@@ -68,7 +71,7 @@ func newRemoteDevice(t *testing.T, extra string) *remoteDevice {
 	owner := newTestCA(t, d.root, "owner-ca")
 	d.must("ca", "register", owner.pem)
 	port := freePort(t)
-	d.restartWithDevice(fmt.Sprintf("remote { listen: \"127.0.0.1:%d\" }\n%s", port, extra))
+	d.restartWithDevice(fmt.Sprintf("remote { listen: \"127.0.0.1:%d\" %s }\n", port, remoteFields))
 	return &remoteDevice{daemon: d, owner: owner, fleet: fleet, addr: fmt.Sprint("127.0.0.1:", port)}
 }
 
@@ -255,5 +258,45 @@ func TestRemoteMultiFactorAndTokenKey(t *testing.T) {
 	// The certificate of another key does not pair with the token's.
 	if out, code := rd.remote(env, alice, append(p11("4711"), "whoami")...); code == 0 || !strings.Contains(out, "not the certificate of key") {
 		t.Errorf("another key's certificate with the token's key: %d %s", code, out)
+	}
+}
+
+// TestRemoteConnectionLimits: one address cannot take every connection
+// slot (CR 7.1). An attacker at 127.0.0.2 opens TCP connections and never
+// starts TLS: beyond max_connections_per_host they are closed at once,
+// and an administrator at 127.0.0.1 is served within seconds (without
+// the per-address limit the attacker's connections fill
+// max_connections and the administrator waits for the 10 s handshake
+// timeout).
+func TestRemoteConnectionLimits(t *testing.T) {
+	rd := newRemoteDevice(t, "max_connections: 6 max_connections_per_host: 3")
+	d := rd.daemon
+	alice, aliceKey := rd.owner.client(t, d.root, "alice", 40, time.Now().Add(24*time.Hour))
+	d.must("user", "add", "alice", "--role", "administrator", "--cert-name", "alice")
+	dialer := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}, Timeout: 2 * time.Second}
+	var held []net.Conn
+	for i := 0; i < 6; i++ {
+		c, err := dialer.Dial("tcp", rd.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		held = append(held, c)
+	}
+	closed := 0
+	for _, c := range held {
+		c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			closed++
+		}
+	}
+	if closed != 3 {
+		t.Errorf("%d of 6 connections from one address closed at once, want 3", closed)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "cmlctl"), "--remote", rd.addr, "--cert", alice, "--key", aliceKey, "--ca", filepath.Join(rd.fleet, "root-ca.pem"), "whoami")
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "alice") {
+		t.Errorf("the administrator was not served while one address held its share: %v %s", err, out)
 	}
 }

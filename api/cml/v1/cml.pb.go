@@ -2052,14 +2052,18 @@ type RemoteSettings struct {
 	Tls13Only *bool `protobuf:"varint,2,opt,name=tls13_only,json=tls13Only,def=0" json:"tls13_only,omitempty"`
 	// max_connections bounds concurrent remote connections.
 	MaxConnections *uint32 `protobuf:"varint,3,opt,name=max_connections,json=maxConnections,def=16" json:"max_connections,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// max_connections_per_host bounds those from one address, so that one
+	// client (authenticated or not) cannot hold every slot.
+	MaxConnectionsPerHost *uint32 `protobuf:"varint,4,opt,name=max_connections_per_host,json=maxConnectionsPerHost,def=4" json:"max_connections_per_host,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 // Default values for RemoteSettings fields.
 const (
-	Default_RemoteSettings_Tls13Only      = bool(false)
-	Default_RemoteSettings_MaxConnections = uint32(16)
+	Default_RemoteSettings_Tls13Only             = bool(false)
+	Default_RemoteSettings_MaxConnections        = uint32(16)
+	Default_RemoteSettings_MaxConnectionsPerHost = uint32(4)
 )
 
 func (x *RemoteSettings) Reset() {
@@ -2111,6 +2115,13 @@ func (x *RemoteSettings) GetMaxConnections() uint32 {
 		return *x.MaxConnections
 	}
 	return Default_RemoteSettings_MaxConnections
+}
+
+func (x *RemoteSettings) GetMaxConnectionsPerHost() uint32 {
+	if x != nil && x.MaxConnectionsPerHost != nil {
+		return *x.MaxConnectionsPerHost
+	}
+	return Default_RemoteSettings_MaxConnectionsPerHost
 }
 
 // Container is the daemon's view of one container.
@@ -6576,12 +6587,13 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\n" +
 	"\x06ROTATE\x10\x04\"E\n" +
 	"\x0eAccessSettings\x123\n" +
-	"\x12limited_root_trust\x18\x01 \x01(\b:\x05falseR\x10limitedRootTrust\"{\n" +
+	"\x12limited_root_trust\x18\x01 \x01(\b:\x05falseR\x10limitedRootTrust\"\xb7\x01\n" +
 	"\x0eRemoteSettings\x12\x16\n" +
 	"\x06listen\x18\x01 \x01(\tR\x06listen\x12$\n" +
 	"\n" +
 	"tls13_only\x18\x02 \x01(\b:\x05falseR\ttls13Only\x12+\n" +
-	"\x0fmax_connections\x18\x03 \x01(\r:\x0216R\x0emaxConnections\"\x8f\x05\n" +
+	"\x0fmax_connections\x18\x03 \x01(\r:\x0216R\x0emaxConnections\x12:\n" +
+	"\x18max_connections_per_host\x18\x04 \x01(\r:\x014R\x15maxConnectionsPerHost\"\x8f\x05\n" +
 	"\tContainer\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12,\n" +
