@@ -428,23 +428,34 @@ func verityParams(m *cmlv1.GuestOSMount) (salt, root []byte, err error) {
 // /proc/self/fd/<fd> and close it after.
 func (s *Store) Check(ctx context.Context, g *GuestOS) (*os.File, error) {
 	id := fmt.Sprintf("guestos %s %d", g.Name(), g.Version())
-	if err := s.checkManifest(g); err != nil {
-		return nil, err
-	}
+	// The manifest's signature and the images' hash trees are checked at
+	// once; an image is used only when both hold (the root hash it is
+	// compared with comes from the manifest, which counts only verified).
+	manifest := make(chan error, 1)
+	go func() { manifest <- s.checkManifest(g) }()
 	var rootImg *os.File
+	var ierr error
 	for _, m := range g.Config.GetMounts() {
 		f, err := s.checkImage(g, m)
 		if err != nil {
-			if rootImg != nil {
-				rootImg.Close()
-			}
-			return nil, fmt.Errorf("%s: %w", id, err)
+			ierr = fmt.Errorf("%s: %w", id, err)
+			break
 		}
 		if m.GetMountPoint() == "/" {
 			rootImg = f
 		} else {
 			f.Close()
 		}
+	}
+	err := <-manifest
+	if err == nil {
+		err = ierr
+	}
+	if err != nil {
+		if rootImg != nil {
+			rootImg.Close()
+		}
+		return nil, err
 	}
 	return rootImg, nil
 }
