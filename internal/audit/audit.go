@@ -565,14 +565,27 @@ func (s *FileSink) Capacity() int64 {
 func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
 	s.ckMu.Lock()
 	defer s.ckMu.Unlock()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !confirmed(s.off) {
-		return fmt.Errorf("the collector has not confirmed the trail yet")
+	// The rotation point must be under a signed checkpoint. The TPM signs
+	// outside the trail's lock, so records go on meanwhile; if some came
+	// in, it signs again; only a trail that moved under three signatures
+	// in a row gets its last one under the lock (one bounded TPM call).
+	for try := 0; ; try++ {
+		s.mu.Lock()
+		if !confirmed(s.off) {
+			s.mu.Unlock()
+			return fmt.Errorf("the collector has not confirmed the trail yet")
+		}
+		if s.signer == nil || s.signedAt == s.tree.Size() || try == 3 {
+			break // with s.mu held
+		}
+		c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
+		s.mu.Unlock()
+		if err := s.appendCheckpoint(c); err != nil {
+			return fmt.Errorf("checkpoint before rotation: %w", err)
+		}
 	}
+	defer s.mu.Unlock()
 	if s.signer != nil && s.signedAt != s.tree.Size() {
-		// The rotation point must be under a signed checkpoint (a rare
-		// TPM signature under the trail's lock).
 		c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
 		if err := s.appendCheckpoint(c); err != nil {
 			return fmt.Errorf("checkpoint before rotation: %w", err)

@@ -9,6 +9,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -404,5 +405,68 @@ func TestRotate(t *testing.T) {
 	forged := bytes.Replace(log, []byte(`"size\":`), []byte(`"size\":1`), 1)
 	if r := verify(t, path, forged, []crypto.PublicKey{key.Public()}, nil); r.OK() {
 		t.Error("a forged rotation record verified")
+	}
+}
+
+// heldSigner signs only when the test lets it: entered reports each
+// signature begun, release lets one finish.
+type heldSigner struct {
+	crypto.Signer
+	entered, release chan struct{}
+}
+
+func (h heldSigner) Sign(r io.Reader, d []byte, o crypto.SignerOpts) ([]byte, error) {
+	h.entered <- struct{}{}
+	<-h.release
+	return h.Signer.Sign(r, d, o)
+}
+
+// TestRotateSignsOutsideTheLock: while the TPM signs the checkpoint a
+// rotation needs (held here), other writers' records go on; the records
+// that came in meanwhile are under the checkpoint signed next, and the
+// rotated trail verifies.
+func TestRotateSignsOutsideTheLock(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	s, err := OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	hs := heldSigner{Signer: key, entered: make(chan struct{}), release: make(chan struct{})}
+	s.SetSigner(hs, "o", 1000, time.Hour)
+	for i := 0; i < 10; i++ {
+		s.Record(context.Background(), Event{Type: "t", Operation: "before", Outcome: Success})
+	}
+	rotated := make(chan error, 1)
+	go func() { rotated <- s.Rotate(func(int64) bool { return true }) }()
+	<-hs.entered
+	wrote := make(chan error, 1)
+	go func() { wrote <- s.Record(context.Background(), Event{Type: "t", Operation: "during signing", Outcome: Success}) }()
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a record waited for the rotation's TPM signature")
+	}
+	hs.release <- struct{}{}
+	// The record written meanwhile needs a second signature.
+	<-hs.entered
+	hs.release <- struct{}{}
+	if err := <-rotated; err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for range hs.entered {
+			hs.release <- struct{}{}
+		}
+	}()
+	s.Record(context.Background(), Event{Type: "t", Operation: "after rotation", Outcome: Success})
+	s.Close()
+	close(hs.entered)
+	log, _ := os.ReadFile(path)
+	if r := verify(t, path, log, []crypto.PublicKey{key.Public()}, nil); !r.OK() || r.Rotated != 11 {
+		t.Errorf("rotated %d (want 11): %+v", r.Rotated, r.Problems)
 	}
 }
