@@ -441,7 +441,9 @@ func TestRotateSignsOutsideTheLock(t *testing.T) {
 	go func() { rotated <- s.Rotate(func(int64) bool { return true }) }()
 	<-hs.entered
 	wrote := make(chan error, 1)
-	go func() { wrote <- s.Record(context.Background(), Event{Type: "t", Operation: "during signing", Outcome: Success}) }()
+	go func() {
+		wrote <- s.Record(context.Background(), Event{Type: "t", Operation: "during signing", Outcome: Success})
+	}()
 	select {
 	case err := <-wrote:
 		if err != nil {
