@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	libaudit "github.com/elastic/go-libaudit/v2"
@@ -28,14 +27,7 @@ func WatchSeccomp(ctx context.Context, sink Recorder, attribute Attributor, perS
 		return fmt.Errorf("kernel audit multicast: %w", err)
 	}
 	go func() { <-ctx.Done(); c.Close() }()
-	type bucket struct {
-		window     time.Time
-		n          int
-		suppressed int
-		name       string
-	}
-	var mu sync.Mutex
-	buckets := map[string]*bucket{}
+	lim := &Limiter{PerSecond: perSecond}
 	go func() {
 		t := time.NewTicker(time.Second)
 		defer t.Stop()
@@ -44,18 +36,9 @@ func WatchSeccomp(ctx context.Context, sink Recorder, attribute Attributor, perS
 			case <-ctx.Done():
 				return
 			case now := <-t.C:
-				mu.Lock()
-				var out []Event
-				for id, b := range buckets {
-					if b.suppressed > 0 && now.Sub(b.window) >= time.Second {
-						out = append(out, Event{Type: "container", Operation: "container.seccomp.summary", Object: b.name + "/" + id, Outcome: Failure,
-							Reason: fmt.Sprintf("%d more denied system calls not recorded one by one (limit %d per second)", b.suppressed, perSecond)})
-						b.suppressed = 0
-					}
-				}
-				mu.Unlock()
-				for _, e := range out {
-					sink.Record(ctx, e)
+				for _, x := range lim.Flush(now) {
+					sink.Record(ctx, Event{Type: "container", Operation: "container.seccomp.summary", Object: x.Label + "/" + x.Key, Outcome: Failure,
+						Reason: fmt.Sprintf("%d more denied system calls not recorded one by one (limit %d per second)", x.N, perSecond)})
 				}
 			}
 		}
@@ -79,22 +62,7 @@ func WatchSeccomp(ctx context.Context, sink Recorder, attribute Attributor, perS
 		if !ok {
 			continue
 		}
-		mu.Lock()
-		b := buckets[id]
-		if b == nil {
-			b = &bucket{name: name}
-			buckets[id] = b
-		}
-		if now := time.Now(); now.Sub(b.window) >= time.Second {
-			b.window, b.n = now, 0
-		}
-		b.n++
-		over := b.n > perSecond
-		if over {
-			b.suppressed++
-		}
-		mu.Unlock()
-		if over {
+		if !lim.Allow(id, name, time.Now()) {
 			continue
 		}
 		sc := f["syscall"]

@@ -12,16 +12,6 @@ import (
 	"github.com/cmlproject/cml/internal/audit"
 )
 
-// deniedCounter rate-limits the audit records of one container's denied
-// packets: at most the device's denied_events_per_second are recorded one
-// by one in each second; the rest are counted and summed up in one record
-// per second, which also carries the kernel's exact drop counter.
-type deniedCounter struct {
-	window     time.Time
-	recorded   uint32
-	suppressed uint64
-}
-
 // Packet is one denied packet, as NFLOG delivered it.
 type Packet struct {
 	InIndex, OutIndex uint32
@@ -137,22 +127,10 @@ func (st *Stage) denied1(ctx context.Context, p Packet, now time.Time) {
 			peer = " from container " + st.running[other].rec.Name
 		}
 	}
-	dc := st.denied[id]
-	if dc == nil {
-		dc = &deniedCounter{}
-		st.denied[id] = dc
-	}
-	if now.Sub(dc.window) >= time.Second {
-		dc.window, dc.recorded = now, 0
-	}
-	limit := st.raw.GetDeniedEventsPerSecond()
-	if dc.recorded >= limit {
-		dc.suppressed++
-		st.mu.Unlock()
+	st.mu.Unlock()
+	if !st.denied.Allow(id, name, now) {
 		return
 	}
-	dc.recorded++
-	st.mu.Unlock()
 	what := "outgoing"
 	if dir == "to" {
 		what = "incoming"
@@ -164,27 +142,10 @@ func (st *Stage) denied1(ctx context.Context, p Packet, now time.Time) {
 // flushDenied writes one summary per container whose denied packets were
 // counted but not recorded one by one.
 func (st *Stage) flushDenied(ctx context.Context, now time.Time) {
-	type sum struct {
-		id, name string
-		n        uint64
-	}
-	var sums []sum
-	st.mu.Lock()
-	for id, dc := range st.denied {
-		if dc.suppressed > 0 && now.Sub(dc.window) >= time.Second {
-			name := id
-			if r := st.running[id]; r != nil {
-				name = r.rec.Name
-			}
-			sums = append(sums, sum{id, name, dc.suppressed})
-			dc.suppressed = 0
-		}
-	}
-	st.mu.Unlock()
-	for _, s := range sums {
-		c, _ := st.fw.counters(s.id)
-		st.record(ctx, audit.Event{Type: "network", Operation: "network.denied.summary", Object: s.name + "/" + s.id, Outcome: audit.Failure,
-			Reason: fmt.Sprintf("%d more denied packets not recorded one by one (limit %d per second); the kernel has dropped %d packets of this container since its start", s.n, st.raw.GetDeniedEventsPerSecond(), c.droppedPackets)})
+	for _, s := range st.denied.Flush(now) {
+		c, _ := st.fw.counters(s.Key)
+		st.record(ctx, audit.Event{Type: "network", Operation: "network.denied.summary", Object: s.Label + "/" + s.Key, Outcome: audit.Failure,
+			Reason: fmt.Sprintf("%d more denied packets not recorded one by one (limit %d per second); the kernel has dropped %d packets of this container since its start", s.N, st.raw.GetDeniedEventsPerSecond(), c.droppedPackets)})
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/audit"
 	"github.com/cmlproject/cml/internal/audittest"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/container"
@@ -239,7 +240,7 @@ func ipv4udp(src, dst string, sport, dport uint16) []byte {
 // per-second budget of records and one summary with the rest counted.
 func TestDeniedRecordsAreBounded(t *testing.T) {
 	rec := &audittest.Recorder{}
-	st := &Stage{raw: &cmlv1.NetworkSettings{}, Audit: rec, Log: slog.New(slog.DiscardHandler), running: map[string]*run{}, byIndex: map[int]string{}, denied: map[string]*deniedCounter{}, fw: newFirewall(Settings{Table: "cmlnone"})}
+	st := &Stage{raw: &cmlv1.NetworkSettings{}, Audit: rec, Log: slog.New(slog.DiscardHandler), running: map[string]*run{}, byIndex: map[int]string{}, denied: &audit.Limiter{PerSecond: 10}, fw: newFirewall(Settings{Table: "cmlnone"})}
 	st.running["id1"] = &run{rec: record{Name: "a"}, index: 7}
 	st.byIndex[7] = "id1"
 	p, ok := parsePacket(ipv4udp("10.0.0.1", "192.0.2.9", 40000, 9999))

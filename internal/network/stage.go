@@ -52,11 +52,11 @@ type Stage struct {
 	host *os.File // cmld's own network namespace
 
 	mu      sync.Mutex
-	ready   error                     // why the table could not be built
-	running map[string]*run           // by container id
-	ifaces  map[string]string         // assigned host interface name -> container id
-	byIndex map[int]string            // host link ifindex -> container id
-	denied  map[string]*deniedCounter // rate limiting of denied-flow audit records
+	ready   error             // why the table could not be built
+	running map[string]*run   // by container id
+	ifaces  map[string]string // assigned host interface name -> container id
+	byIndex map[int]string    // host link ifindex -> container id
+	denied  *audit.Limiter    // rate limiting of denied-flow audit records
 }
 
 // run is one container's network while it runs.
@@ -89,7 +89,7 @@ func New(n *cmlv1.NetworkSettings, log *slog.Logger) (*Stage, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Stage{settings: s, fw: newFirewall(s), raw: n, Log: log, host: host, running: map[string]*run{}, ifaces: map[string]string{}, byIndex: map[int]string{}, denied: map[string]*deniedCounter{}}, nil
+	return &Stage{settings: s, fw: newFirewall(s), raw: n, Log: log, host: host, running: map[string]*run{}, ifaces: map[string]string{}, byIndex: map[int]string{}, denied: &audit.Limiter{PerSecond: int(n.GetDeniedEventsPerSecond())}}, nil
 }
 
 func settingsFrom(n *cmlv1.NetworkSettings) (Settings, error) {
@@ -401,7 +401,7 @@ func (st *Stage) Release(_ context.Context, id string, raw json.RawMessage) erro
 	if r != nil {
 		delete(st.byIndex, r.index)
 	}
-	delete(st.denied, id)
+	st.denied.Forget(id)
 	st.mu.Unlock()
 	var rec record
 	if r != nil {
