@@ -77,17 +77,28 @@ type Recorder interface {
 // checkpoints (<file>.checkpoints) once a signer is set. Writers share
 // fsyncs (group commit): Record returns when its record is durable.
 type FileSink struct {
-	mu    sync.Mutex // guards f's writes, seq, chain, tree
+	mu    sync.Mutex // guards seq, chain, tree, off, pend, epoch, durable
 	f     *os.File
 	path  string
 	now   func() time.Time
 	seq   uint64
 	chain [32]byte
 	tree  auditlog.Tree
-	off   int64 // bytes written
+	off   int64  // bytes recorded: in the file, or pending
+	pend  []byte // records taken but not yet written (the next commit's)
+	// epoch counts failed commits: a record taken in an earlier epoch
+	// was dropped with its batch.
+	epoch   uint64
+	lastErr error
+	// durable is the state as of the last commit: what a failed commit
+	// rolls back to, and what checkpoints sign.
+	durable sinkState
 
-	syncMu sync.Mutex // one fsync at a time; later writers ride on it
-	synced int64      // bytes known durable
+	// One commit (write and fdatasync) at a time: its leader sets
+	// committing; the writers it covers wait for commitDone to close.
+	committing bool
+	commitDone chan struct{}
+	synced     int64 // bytes known durable
 
 	ckMu       sync.Mutex // checkpoint signing and its file
 	signer     crypto.Signer
@@ -112,6 +123,19 @@ type FileSink struct {
 	Torn string
 }
 
+// sinkState is the trail's state after some record.
+type sinkState struct {
+	seq   uint64
+	chain [32]byte
+	tree  auditlog.Tree
+}
+
+func (s *FileSink) state() sinkState {
+	st := sinkState{seq: s.seq, chain: s.chain}
+	st.tree.Restore(s.tree.State())
+	return st
+}
+
 // OpenFile opens (creating 0600 if needed) the audit trail at path and
 // takes up its sequence, chain and tree. An incomplete last record (a
 // crash mid-write) is moved to <path>.torn-<time> and cut off, never glued
@@ -120,7 +144,7 @@ func OpenFile(path string, now func() time.Time) (*FileSink, error) {
 	if now == nil {
 		now = time.Now
 	}
-	s := &FileSink{path: path, now: now, every: 1000, kick: make(chan struct{}, 1)}
+	s := &FileSink{path: path, now: now, every: 1000, kick: make(chan struct{}, 1), commitDone: make(chan struct{})}
 	b, err := os.ReadFile(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("open audit log: %w", err)
@@ -173,6 +197,7 @@ func OpenFile(path string, now func() time.Time) (*FileSink, error) {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	s.f, s.off, s.synced = f, int64(len(b)), int64(len(b))
+	s.durable = s.state()
 	return s, nil
 }
 
@@ -253,20 +278,13 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 		s.full("the audit trail reached its capacity (audit_size)")
 		return ErrFull
 	}
-	if n, err := s.f.Write(line); err != nil {
-		if n > 0 {
-			// Half a record: cut it, so that none is glued to the next.
-			s.f.Truncate(s.off)
-		}
-		s.failed = true
-		s.mu.Unlock()
-		s.full("writing the audit trail failed: " + err.Error())
-		return fmt.Errorf("write audit log: %w", err)
-	}
+	// Taken: the next commit writes it with the others taken meanwhile,
+	// in one write and one fdatasync (group commit).
+	s.pend = append(s.pend, line...)
 	s.seq, s.chain = seq, next
 	s.tree.Append(auditlog.LeafHash(line[:len(line)-1]))
 	s.off += int64(len(line))
-	end, size := s.off, s.tree.Size()
+	end, size, epoch := s.off, s.tree.Size(), s.epoch
 	alert := s.onAlert != nil && Integrity(e)
 	var crossed []int
 	if s.capacity > 0 {
@@ -283,7 +301,7 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 			s.onWarn(pct)
 		}
 	}
-	if err := s.sync(end); err != nil {
+	if err := s.commit(end, epoch); err != nil {
 		return err
 	}
 	if alert {
@@ -402,22 +420,83 @@ func (s *FileSink) full(reason string) {
 	}
 }
 
-// sync makes the file durable up to end: one fsync serves every writer
-// that wrote before it started (group commit).
-func (s *FileSink) sync(end int64) error {
-	s.syncMu.Lock()
-	defer s.syncMu.Unlock()
-	if s.synced >= end {
-		return nil
-	}
+// commit makes the trail durable up to end, for a record taken in epoch:
+// one write of every record taken so far and one fdatasync serve all
+// their writers (group commit). When the write or the fdatasync fails,
+// the file is cut back to its last durable length and the trail's state
+// rolled back to it: every record of the batch (and any taken after it,
+// which chain on it) is dropped, and its writer gets the error, so no
+// record is ever acknowledged that the file does not hold, and the chain
+// never skips one.
+func (s *FileSink) commit(end int64, epoch uint64) error {
 	s.mu.Lock()
-	upTo := s.off
-	s.mu.Unlock()
-	if err := s.f.Sync(); err != nil {
+	defer s.mu.Unlock()
+	for {
+		switch {
+		case s.epoch != epoch:
+			return s.lastErr
+		case s.synced >= end:
+			return nil
+		case s.committing:
+			// Another writer's commit is under way: wait for it, then
+			// see whether it covered this record.
+			ch := s.commitDone
+			s.mu.Unlock()
+			<-ch
+			s.mu.Lock()
+			continue
+		}
+		// Lead the next commit: everything taken so far.
+		s.committing = true
+		buf, upTo, st := s.pend, s.off, s.state()
+		s.pend = nil
+		s.mu.Unlock()
+		err := s.flush(buf)
+		s.mu.Lock()
+		if err != nil {
+			s.rollback(err)
+		} else {
+			s.synced, s.durable = upTo, st
+		}
+		s.committing = false
+		close(s.commitDone)
+		s.commitDone = make(chan struct{})
+	}
+}
+
+// waitCommit waits, with mu held, until no commit is under way.
+func (s *FileSink) waitCommit() {
+	for s.committing {
+		ch := s.commitDone
+		s.mu.Unlock()
+		<-ch
+		s.mu.Lock()
+	}
+}
+
+// flush writes buf and makes the file durable; the caller leads the
+// commit (or holds mu with none under way).
+func (s *FileSink) flush(buf []byte) error {
+	if _, err := s.f.Write(buf); err != nil {
+		return fmt.Errorf("write audit log: %w", err)
+	}
+	if err := unix.Fdatasync(int(s.f.Fd())); err != nil {
 		return fmt.Errorf("sync audit log: %w", err)
 	}
-	s.synced = upTo
 	return nil
+}
+
+// rollback drops what is not durable after a failed commit; mu is held
+// and no other commit is under way.
+func (s *FileSink) rollback(err error) {
+	s.f.Truncate(s.synced)
+	s.seq, s.chain = s.durable.seq, s.durable.chain
+	s.tree.Restore(s.durable.tree.State())
+	s.off, s.pend = s.synced, nil
+	s.epoch++
+	s.lastErr = err
+	s.failed = true
+	s.full("writing the audit trail failed: " + err.Error())
 }
 
 // SetSigner starts checkpoints: the tree's size and root signed with
@@ -454,8 +533,10 @@ func (s *FileSink) Checkpoint() error {
 	if s.signer == nil {
 		return nil
 	}
+	// Only what is durable: a checkpoint never covers a record a crash
+	// could still take away.
 	s.mu.Lock()
-	c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
+	c := auditlog.Checkpoint{Origin: s.origin, Size: s.durable.tree.Size(), Root: s.durable.tree.Root(), Time: s.now().Unix()}
 	s.mu.Unlock()
 	if c.Size == s.signedAt {
 		return nil
@@ -493,6 +574,10 @@ func (s *FileSink) appendCheckpoint(c auditlog.Checkpoint) error {
 
 // Close writes a last checkpoint and closes the file.
 func (s *FileSink) Close() error {
+	s.mu.Lock()
+	end, epoch := s.off, s.epoch
+	s.mu.Unlock()
+	s.commit(end, epoch)
 	if s.done != nil {
 		close(s.done)
 		s.Checkpoint()
@@ -571,12 +656,24 @@ func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
 	// in a row gets its last one under the lock (one bounded TPM call).
 	for try := 0; ; try++ {
 		s.mu.Lock()
+		// No commit under way (none starts while mu is held), and what
+		// is taken but not written goes first, so that the rotation
+		// point is in the file.
+		s.waitCommit()
+		if len(s.pend) > 0 {
+			if err := s.flush(s.pend); err != nil {
+				s.rollback(err)
+				s.mu.Unlock()
+				return err
+			}
+			s.synced, s.durable, s.pend = s.off, s.state(), nil
+		}
 		if !confirmed(s.off) {
 			s.mu.Unlock()
 			return fmt.Errorf("the collector has not confirmed the trail yet")
 		}
 		if s.signer == nil || s.signedAt == s.tree.Size() || try == 3 {
-			break // with s.mu held
+			break // with mu held
 		}
 		c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
 		s.mu.Unlock()
@@ -622,6 +719,7 @@ func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
 	s.seq, s.chain = e.Seq, next
 	s.tree.Append(auditlog.LeafHash(line[:len(line)-1]))
 	s.off, s.synced = int64(len(line)), int64(len(line))
+	s.durable = s.state()
 	s.failed, s.warned = false, 0
 	s.fullOnce = sync.Once{}
 	return nil

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -470,5 +471,65 @@ func TestRotateSignsOutsideTheLock(t *testing.T) {
 	log, _ := os.ReadFile(path)
 	if r := verify(t, path, log, []crypto.PublicKey{key.Public()}, nil); !r.OK() || r.Rotated != 11 {
 		t.Errorf("rotated %d (want 11): %+v", r.Rotated, r.Problems)
+	}
+}
+
+// TestFailedCommitDropsItsBatch: when the group commit's write fails
+// (here: the file descriptor turned read-only), every writer of the batch
+// gets the error, the trail rolls back to its durable state, and after
+// recovery the records go on with no gap in sequence or chain (the file
+// verifies); nothing was acknowledged that the file does not hold.
+func TestFailedCommitDropsItsBatch(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	s, err := OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 5; i++ {
+		if err := s.Record(context.Background(), Event{Type: "t", Operation: "before", Outcome: Success}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	good := s.f
+	ro, _ := os.Open(path)
+	s.mu.Lock()
+	s.f = ro
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	var failed, ok atomic.Int32
+	for i := 0; i < 16; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if s.Record(context.Background(), Event{Type: "t", Operation: "lost", Outcome: Success}) != nil {
+				failed.Add(1)
+			} else {
+				ok.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if ok.Load() != 0 || failed.Load() != 16 {
+		t.Fatalf("%d records acknowledged, %d failed, on a file that takes no writes", ok.Load(), failed.Load())
+	}
+	if !s.Full() {
+		t.Error("a failed write does not refuse audited operations")
+	}
+	s.mu.Lock()
+	s.f = good
+	s.mu.Unlock()
+	ro.Close()
+	if !s.Recovered() {
+		t.Fatal("not recovered")
+	}
+	for i := 0; i < 3; i++ {
+		if err := s.Record(context.Background(), Event{Type: "t", Operation: "after", Outcome: Success}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	log, _ := os.ReadFile(path)
+	if r := verify(t, path, log, nil, nil); !r.OK() || r.Entries != 8 || strings.Contains(string(log), `"lost"`) {
+		t.Errorf("after a failed commit: %d entries %+v\n%s", r.Entries, r.Problems, log)
 	}
 }
