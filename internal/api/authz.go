@@ -75,6 +75,24 @@ func (s *Server) mapped(p access.Principal) (*access.Account, bool) {
 	return s.Accounts.ByCert(p.CertName)
 }
 
+// stillValid re-checks a remote caller's certificate chain on every
+// call, so that a CRL loaded or an owner CA removed while a connection is
+// open takes effect at once, not at its next handshake.
+func (s *Server) stillValid(ctx context.Context) error {
+	pr, ok := peer.FromContext(ctx)
+	if !ok || s.Trust == nil {
+		return nil
+	}
+	ti, ok := pr.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return nil
+	}
+	if err := s.Trust.VerifyClient(ti.State.PeerCertificates); err != nil {
+		return errdefs.Unauthenticated("%v", err)
+	}
+	return nil
+}
+
 // identify authenticates a call: by its session token when it carries
 // one, else by the connection's uid or certificate alone, which is
 // enough only for an account without a password (with one, the
@@ -85,6 +103,9 @@ func (s *Server) identify(ctx context.Context, method string, req any) (*access.
 	p, ok := principal(ctx)
 	if !ok {
 		return nil, nil, nil, nil
+	}
+	if err := s.stillValid(ctx); err != nil {
+		return nil, nil, nil, err
 	}
 	if tok := sessionToken(ctx); tok != "" {
 		se, sctx, err := s.Sessions.Use(tok, p)

@@ -130,15 +130,8 @@ func (a *app) remoteTLS() (*tls.Config, error) {
 		// The device's certificate names the device, not a host name: it
 		// is checked against the CA, not against the address.
 		InsecureSkipVerify: true,
-		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			var certs []*x509.Certificate
-			for _, r := range raw {
-				c, err := x509.ParseCertificate(r)
-				if err != nil {
-					return err
-				}
-				certs = append(certs, c)
-			}
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			certs := cs.PeerCertificates
 			if len(certs) == 0 {
 				return fmt.Errorf("the device sent no certificate")
 			}

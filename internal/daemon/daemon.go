@@ -547,17 +547,12 @@ func remoteServer(rs *cmlv1.RemoteSettings, keys *tpm.Keys, ident *device.Identi
 			tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
 			tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
 		},
-		// Owner CAs and CRLs change at run time: checked per handshake.
-		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			var certs []*x509.Certificate
-			for _, r := range raw {
-				c, err := x509.ParseCertificate(r)
-				if err != nil {
-					return err
-				}
-				certs = append(certs, c)
-			}
-			return ts.VerifyClient(certs)
+		// Owner CAs and CRLs change at run time: checked at every
+		// handshake, resumed ones included (VerifyPeerCertificate is not
+		// called on a resumption, so a certificate revoked after its
+		// first handshake could come back with a session ticket).
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			return ts.VerifyClient(cs.PeerCertificates)
 		},
 	}
 	if rs.GetTls13Only() {

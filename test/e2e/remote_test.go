@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -19,6 +20,12 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
+
+	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
 	"github.com/cmlproject/cml/internal/testutil"
 )
 
@@ -298,5 +305,62 @@ func TestRemoteConnectionLimits(t *testing.T) {
 	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "cmlctl"), "--remote", rd.addr, "--cert", alice, "--key", aliceKey, "--ca", filepath.Join(rd.fleet, "root-ca.pem"), "whoami")
 	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "alice") {
 		t.Errorf("the administrator was not served while one address held its share: %v %s", err, out)
+	}
+}
+
+// TestRemoteRevocationTakesEffectAtOnce: a client certificate revoked
+// after its first handshake gets nothing more: not on a connection that
+// is already open (every call re-checks the chain), and not by resuming
+// its TLS session with a ticket from before the revocation (checked on
+// resumption too; Go does not re-verify certificates on resumption).
+func TestRemoteRevocationTakesEffectAtOnce(t *testing.T) {
+	rd := newRemoteDevice(t, "")
+	d := rd.daemon
+	cp, kp := rd.owner.client(t, d.root, "dave", 50, time.Now().Add(24*time.Hour))
+	d.must("user", "add", "dave", "--role", "administrator", "--cert-name", "dave")
+	pair, err := tls.LoadX509KeyPair(cp, kp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{pair}, InsecureSkipVerify: true, ClientSessionCache: tls.NewLRUClientSessionCache(8),
+		MinVersion: tls.VersionTLS13, NextProtos: []string{"h2"}, ServerName: "device"}
+	resumes := func() (resumed bool, err error) {
+		c, err := tls.Dial("tcp", rd.addr, cfg)
+		if err != nil {
+			return false, err
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			return false, err
+		}
+		return c.ConnectionState().DidResume, nil
+	}
+	conn, err := grpc.NewClient(rd.addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	c := cmlv1.NewControlClient(conn)
+	ctx := context.Background()
+	if _, err := c.Whoami(ctx, &cmlv1.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := resumes(); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := resumes(); err != nil || !r {
+		t.Fatalf("TLS sessions do not resume here (%v), so the test shows nothing", err)
+	}
+	crl, _ := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{Number: big.NewInt(2), ThisUpdate: time.Now().Add(-time.Minute), NextUpdate: time.Now().Add(time.Hour),
+		RevokedCertificateEntries: []x509.RevocationListEntry{{SerialNumber: big.NewInt(50), RevocationTime: time.Now().Add(-time.Minute)}}}, rd.owner.cert, rd.owner.key)
+	crlPath := filepath.Join(d.root, "dave.crl")
+	os.WriteFile(crlPath, pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: crl}), 0o644)
+	d.must("ca", "crl", "load", crlPath)
+	if _, err := c.Whoami(ctx, &cmlv1.Empty{}); status.Code(err) != codes.Unauthenticated {
+		t.Errorf("a call on a connection opened before the revocation: %v", err)
+	}
+	if r, err := resumes(); err == nil {
+		t.Errorf("a revoked certificate resumed its TLS session (resumed %t)", r)
 	}
 }
