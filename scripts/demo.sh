@@ -85,6 +85,22 @@ step "Remote attestation: cmlverify checks the quote, the device certificate, th
 mkdir -p "$DEMO/refs" && cp "$DEMO/demo.conf" "$DEMO/demo.conf.sig" "$DEMO/demo.conf.cert" "$DEMO/refs/"
 run bin/cmlverify --fleet-ca "$DEMO/fleet/root-ca.pem" --trust "$DEMO/pki/root-ca.pem" --reference "$DEMO/guestos-src" --reference "$DEMO/refs" --socket "$CML_SOCKET"
 
+step "Accounts and roles: local root is the built-in administrator; every call is decided by one table"
+run bin/cmlctl whoami
+run bin/cmlctl user policy
+bin/cmlctl user remove operator >/dev/null 2>&1 || true
+rm -f "$DEMO/operator.session"
+printf 'Initial-Passw0rd\n' >"$DEMO/operator.pw" && printf 'Chosen-By-0perator\n' >"$DEMO/operator.new" && chmod 600 "$DEMO/operator.pw" "$DEMO/operator.new"
+run bin/cmlctl user add operator --role user --container demo --password-file "$DEMO/operator.pw"
+step "The operator logs in (the administrator's password must be replaced) and sees and operates only its container"
+OP=(bin/cmlctl --session-file "$DEMO/operator.session")
+run "${OP[@]}" login operator --password-file "$DEMO/operator.pw" --new-password-file "$DEMO/operator.new"
+run "${OP[@]}" list
+printf '$ %s guestos remove busybox 1   # refused\n' "${OP[*]}"
+"${OP[@]}" guestos remove busybox 1 || echo "(exit status $?)"
+run bin/cmlctl session list --all
+run "${OP[@]}" logout
+
 step "Stop it (SIGTERM, then SIGKILL after stop_timeout)"
 run bin/cmlctl stop demo
 run bin/cmlctl list

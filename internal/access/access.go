@@ -124,8 +124,8 @@ func (a *Account) clone() *Account {
 	return &c
 }
 
-// Public is the account without its password hashes (what the API
-// shows and the authorization works with).
+// Public is the account without its password hashes, for messages and
+// logs.
 func (a *Account) Public() Account {
 	c := *a.clone()
 	c.Password, c.History = "", nil
@@ -275,11 +275,11 @@ func (s *Store) ByCert(cn string) (*Account, bool) {
 	return nil, false
 }
 
-// List returns every account (without password hashes), by name.
+// List returns copies of every account, by name.
 func (s *Store) List() []Account {
 	var out []Account
 	for _, a := range s.cur.Load().accs {
-		out = append(out, a.Public())
+		out = append(out, *a.clone())
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
@@ -385,7 +385,7 @@ func (s *Store) Set(name string, roles []Role, containers []string, locked *bool
 				a.Failures = 0
 			}
 		}
-		out = a.Public()
+		out = *a.clone()
 		return nil
 	})
 	return out, err

@@ -13,6 +13,9 @@ import (
 	"github.com/cmlproject/cml/internal/errdefs"
 )
 
+// accountInfo is what the API shows of an account: never a password
+// hash (the message has no field for one), but whether it has a password
+// and whether it expired.
 func (s *Server) accountInfo(a access.Account) *cmlv1.AccountInfo {
 	out := &cmlv1.AccountInfo{Name: proto.String(a.Name), Containers: a.Containers, Locked: proto.Bool(a.Locked), BuiltIn: proto.Bool(a.BuiltIn), CertNames: a.CertNames,
 		HasPassword: proto.Bool(a.HasPassword()), FailedLogins: proto.Uint32(uint32(a.Failures))}
@@ -44,7 +47,7 @@ func (s *Server) Whoami(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.AccountInfo
 	if a == nil {
 		return nil, errdefs.PermissionDenied("the caller has no account")
 	}
-	return s.accountInfo(a.Public()), nil
+	return s.accountInfo(*a), nil
 }
 
 func (s *Server) UserAdd(ctx context.Context, r *cmlv1.AccountInfo) (*cmlv1.AccountInfo, error) {
@@ -57,7 +60,7 @@ func (s *Server) UserAdd(ctx context.Context, r *cmlv1.AccountInfo) (*cmlv1.Acco
 		return nil, errdefs.InvalidArgument("user add: %v", err)
 	}
 	got, _ := s.Accounts.Get(a.Name)
-	return s.accountInfo(got.Public()), nil
+	return s.accountInfo(*got), nil
 }
 
 func (s *Server) UserRemove(ctx context.Context, r *cmlv1.AccountRef) (*cmlv1.Empty, error) {
@@ -176,7 +179,7 @@ func (s *Server) Login(ctx context.Context, r *cmlv1.LoginRequest) (*cmlv1.Login
 			return nil, errdefs.FailedPrecondition("login: %v", err)
 		}
 	}
-	out := &cmlv1.LoginResponse{Token: proto.String(tok), Session: sessionInfo(se, se.ID), Account: s.accountInfo(a.Public())}
+	out := &cmlv1.LoginResponse{Token: proto.String(tok), Session: sessionInfo(se, se.ID), Account: s.accountInfo(*a)}
 	return out, nil
 }
 
@@ -225,6 +228,7 @@ func (s *Server) SessionEnd(ctx context.Context, r *cmlv1.SessionRef) (*cmlv1.Se
 			return nil, errdefs.FailedPrecondition("session end: this call is not in a session (name one: cmlctl session list)")
 		}
 	}
+	r.Id = proto.String(id) // for the audit record's object
 	se, ok := s.Sessions.Get(id)
 	if !ok || (se.Account != me.Name && !me.Has(access.Administrator)) {
 		return nil, errdefs.NotFound("session end: no session %q of yours", id)

@@ -59,7 +59,9 @@ func TestPasswordsLockoutAndSessions(t *testing.T) {
 		return d.asUser(65534, append([]string{"--session-file", sess}, args...)...)
 	}
 	d.refuse("character classes", "user", "add", "op", "--role", "user", "--uid", "65534", "--container", "mine", "--password-file", f[weak])
-	d.must("user", "add", "op", "--role", "user", "--uid", "65534", "--container", "mine", "--password-file", adminFiles[initial])
+	if out := d.must("user", "add", "op", "--role", "user", "--uid", "65534", "--container", "mine", "--password-file", adminFiles[initial]); !strings.Contains(out, "password=expired") {
+		t.Errorf("an account with an administrator's password is not shown as expired: %s", out)
+	}
 	if out, code := op("list"); code == 0 || !strings.Contains(out, "log in first") {
 		t.Errorf("an account with a password without a login: %d %s", code, out)
 	}
@@ -79,6 +81,9 @@ func TestPasswordsLockoutAndSessions(t *testing.T) {
 	}
 	if out, code := op("list"); code != 0 || !strings.Contains(out, "mine") {
 		t.Fatalf("list after login: %d %s", code, out)
+	}
+	if out := d.must("user", "list"); !strings.Contains(out, "password=yes") {
+		t.Errorf("user list does not show the password:\n%s", out)
 	}
 	// A stolen token is no use to another uid (root here).
 	if _, e, code := d.ctl("--session-file", sess, "whoami"); code == 0 || !strings.Contains(e, "no such session") {
