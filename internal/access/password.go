@@ -201,11 +201,14 @@ func failed(format string, args ...any) error {
 }
 
 // bound reports whether an account may log in from p: a local caller
-// whose uid the account lists (or any uid when it lists none), a remote
-// caller whose certificate maps to it.
+// whose uid the account lists (any uid when it lists neither uids nor
+// certificates: a password-only account), a remote caller whose
+// certificate maps to it. An account with certificate names and no uids
+// is remote only: a local user cannot log in as it with the password
+// alone, skipping the certificate.
 func (a *Account) bound(p Principal) bool {
 	if p.Local {
-		return len(a.LocalUIDs) == 0 || slices.Contains(a.LocalUIDs, p.UID)
+		return slices.Contains(a.LocalUIDs, p.UID) || len(a.LocalUIDs) == 0 && len(a.CertNames) == 0
 	}
 	return slices.Contains(a.CertNames, p.CertName)
 }

@@ -72,6 +72,21 @@ func TestLoginLockoutAndHistory(t *testing.T) {
 	if _, err := s.Authenticate(Principal{Local: true, UID: 1001}, "op", own, nil); !errors.Is(err, ErrLoginFailed) {
 		t.Errorf("login from another uid: %v", err)
 	}
+	// A remote-only account (certificate names, no uids) cannot be
+	// logged in as locally with its password alone.
+	if err := s.Add(Account{Name: "fleetadmin", Roles: []Role{Administrator}, CertNames: []string{"fleetadmin"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	remote := Principal{CertName: "fleetadmin", CertFP: "ab"}
+	if err := s.ChangePassword(remote, "fleetadmin", nil, []byte("Fleet-Passw0rd-9")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Authenticate(local1000, "fleetadmin", []byte("Fleet-Passw0rd-9"), nil); !errors.Is(err, ErrLoginFailed) {
+		t.Errorf("a local login as a remote-only account: %v", err)
+	}
+	if _, err := s.Authenticate(remote, "fleetadmin", []byte("Fleet-Passw0rd-9"), nil); err != nil {
+		t.Errorf("the remote login: %v", err)
+	}
 	// History: the last 6 passwords (the current one included) are
 	// refused.
 	prev := own
