@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -90,6 +91,12 @@ type FileSink struct {
 	// was dropped with its batch.
 	epoch   uint64
 	lastErr error
+	// ended holds how each earlier epoch ended: what was durable, and
+	// the error its failed commit gave.
+	ended map[uint64]epochEnd
+	// broken: a failed commit could not be cut back out of the file;
+	// nothing more is recorded until the trail is opened again.
+	broken bool
 	// durable is the state as of the last commit: what a failed commit
 	// rolls back to, and what checkpoints sign.
 	durable sinkState
@@ -107,7 +114,7 @@ type FileSink struct {
 	signedAt   uint64 // tree size of the last checkpoint
 	kick       chan struct{}
 	done       chan struct{}
-	appendOnly bool
+	appendOnly atomic.Bool // chattr +a is kept on the trail
 
 	// Capacity (SetCapacity): bytes, 0 = the filesystem's free space.
 	capacity int64
@@ -121,6 +128,11 @@ type FileSink struct {
 	// Torn is the incomplete last record a crash left, moved aside at
 	// open (empty when there was none).
 	Torn string
+}
+
+type epochEnd struct {
+	synced int64
+	err    error
 }
 
 // sinkState is the trail's state after some record.
@@ -206,7 +218,7 @@ func OpenFile(path string, now func() time.Time) (*FileSink, error) {
 // before changing or deleting a record. It reports whether it could.
 func (s *FileSink) AppendOnly() bool {
 	s.ckMu.Lock()
-	s.appendOnly = true
+	s.appendOnly.Store(true)
 	s.ckMu.Unlock()
 	SetAppendOnly(s.path+".checkpoints", true)
 	return SetAppendOnly(s.path, true)
@@ -270,6 +282,11 @@ func (s *FileSink) Record(_ context.Context, e Event) error {
 		return err
 	}
 	s.mu.Lock()
+	if s.broken {
+		err := s.lastErr
+		s.mu.Unlock()
+		return err
+	}
 	seq := s.seq + 1
 	line, next := chainLine(head, seq, s.chain)
 	if s.capacity > 0 && s.off+int64(len(line)) > s.capacity {
@@ -409,6 +426,10 @@ func (s *FileSink) Full() bool {
 // trail takes records again.
 func (s *FileSink) Recovered() bool {
 	s.mu.Lock()
+	if s.broken {
+		s.mu.Unlock()
+		return false
+	}
 	s.failed = false
 	s.mu.Unlock()
 	return !s.Full()
@@ -434,7 +455,17 @@ func (s *FileSink) commit(end int64, epoch uint64) error {
 	for {
 		switch {
 		case s.epoch != epoch:
-			return s.lastErr
+			// The record's epoch ended with a failed commit: it is
+			// durable if an earlier commit had written it, else it was
+			// dropped.
+			e, ok := s.ended[epoch]
+			if ok && end <= e.synced {
+				return nil
+			}
+			if !ok {
+				return s.lastErr
+			}
+			return e.err
 		case s.synced >= end:
 			return nil
 		case s.committing:
@@ -489,10 +520,28 @@ func (s *FileSink) flush(buf []byte) error {
 // rollback drops what is not durable after a failed commit; mu is held
 // and no other commit is under way.
 func (s *FileSink) rollback(err error) {
-	s.f.Truncate(s.synced)
+	// Cut the file back (lifting append-only for it, as a rotation
+	// does). If even that fails, the file and the state may differ:
+	// the trail takes no more records until a restart re-reads it.
+	if st, serr := s.f.Stat(); serr != nil || st.Size() != s.synced {
+		if s.appendOnly.Load() {
+			SetAppendOnly(s.path, false)
+		}
+		if terr := s.f.Truncate(s.synced); terr != nil {
+			s.broken = true
+			err = fmt.Errorf("%w (and cutting the trail back failed: %v; restart cmld)", err, terr)
+		}
+		if s.appendOnly.Load() {
+			SetAppendOnly(s.path, true)
+		}
+	}
 	s.seq, s.chain = s.durable.seq, s.durable.chain
 	s.tree.Restore(s.durable.tree.State())
 	s.off, s.pend = s.synced, nil
+	if s.ended == nil {
+		s.ended = map[uint64]epochEnd{}
+	}
+	s.ended[s.epoch] = epochEnd{synced: s.synced, err: err}
 	s.epoch++
 	s.lastErr = err
 	s.failed = true
@@ -559,7 +608,7 @@ func (s *FileSink) appendCheckpoint(c auditlog.Checkpoint) error {
 		return err
 	}
 	defer f.Close()
-	if s.appendOnly {
+	if s.appendOnly.Load() {
 		SetAppendOnly(s.path+".checkpoints", true)
 	}
 	if _, err := f.Write(append(line, '\n')); err != nil {
@@ -704,7 +753,7 @@ func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
 	SetAppendOnly(s.path, false)
 	if err := os.Rename(tmp, s.path); err != nil {
 		os.Remove(tmp)
-		SetAppendOnly(s.path, s.appendOnly)
+		SetAppendOnly(s.path, s.appendOnly.Load())
 		return err
 	}
 	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND, 0o600)
@@ -713,7 +762,7 @@ func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
 	}
 	s.f.Close()
 	s.f = f
-	if s.appendOnly {
+	if s.appendOnly.Load() {
 		SetAppendOnly(s.path, true)
 	}
 	s.seq, s.chain = e.Seq, next

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/cmlproject/cml/internal/auditlog"
+	"github.com/cmlproject/cml/internal/testutil"
 )
 
 // trail writes n records with a checkpoint every 10 and returns the log
@@ -531,5 +533,61 @@ func TestFailedCommitDropsItsBatch(t *testing.T) {
 	log, _ := os.ReadFile(path)
 	if r := verify(t, path, log, nil, nil); !r.OK() || r.Entries != 8 || strings.Contains(string(log), `"lost"`) {
 		t.Errorf("after a failed commit: %d entries %+v\n%s", r.Entries, r.Problems, log)
+	}
+}
+
+// TestRollbackOnAFullDisk: the trail's filesystem fills up mid-batch (a
+// tiny tmpfs) while 8 writers record, with the trail append-only: the
+// failed batch is cut back out of the file all the same (no torn or
+// unacknowledged record stays), and once there is room again the trail
+// goes on and verifies.
+func TestRollbackOnAFullDisk(t *testing.T) {
+	testutil.RequireRoot(t)
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=64k", "cmlaudittest", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a tmpfs: %v %s", err, out)
+	}
+	defer exec.Command("umount", "-l", dir).Run()
+	path := filepath.Join(dir, "audit.log")
+	s, err := OpenFile(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !s.AppendOnly() {
+		t.Skip("this tmpfs does not support the append-only attribute")
+	}
+	defer SetAppendOnly(path, false)
+	var wg sync.WaitGroup
+	var acked atomic.Int64
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for s.Record(context.Background(), Event{Type: "t", Operation: "fill", Object: strings.Repeat("x", 200), Outcome: Success}) == nil {
+				acked.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	st, _ := os.Stat(path)
+	s.mu.Lock()
+	synced, seq := s.synced, s.seq
+	s.mu.Unlock()
+	if st.Size() != synced || int64(seq) != acked.Load() {
+		t.Errorf("after the failed batch: file %d bytes, durable %d; %d records in the state, %d acknowledged", st.Size(), synced, seq, acked.Load())
+	}
+	if out, err := exec.Command("mount", "-o", "remount,size=1m", dir).CombinedOutput(); err != nil {
+		t.Fatalf("remount: %v %s", err, out)
+	}
+	if !s.Recovered() {
+		t.Fatal("not recovered with room again")
+	}
+	if err := s.Record(context.Background(), Event{Type: "t", Operation: "after", Outcome: Success}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	log, _ := os.ReadFile(path)
+	if r := verify(t, path, log, nil, nil); !r.OK() || int64(r.Entries) != acked.Load()+1 {
+		t.Errorf("%d entries (want %d): %+v", r.Entries, acked.Load()+1, r.Problems)
 	}
 }
