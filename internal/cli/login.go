@@ -139,6 +139,12 @@ func (a *app) loginCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
+				if old := a.sessionToken(); old != "" && old != resp.GetToken() {
+					// Logged in anew (another account, or the old session
+					// had ended): the session the file held ends, rather
+					// than linger until its idle lock.
+					c.SessionEnd(ctx, &cmlv1.SessionRef{})
+				}
 				if err := a.saveSession(resp.GetToken()); err != nil {
 					return fmt.Errorf("logged in, but the session could not be kept: %w", err)
 				}

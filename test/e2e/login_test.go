@@ -223,6 +223,19 @@ func TestPasswordsLockoutAndSessions(t *testing.T) {
 	}
 	d.must("stop", "mine")
 
+	// Logging in as another account (a password-only one, from the same
+	// uid) ends the session the file held.
+	d.must("user", "add", "op2", "--role", "auditor", "--password-file", adminFiles[initial])
+	if out, code := op("login", "--password-file", f[next]); code != 0 {
+		t.Fatalf("login: %d %s", code, out)
+	}
+	if out, code := op("login", "op2", "--password-file", f[initial], "--new-password-file", f[good]); code != 0 || !strings.Contains(out, "logged in as op2") {
+		t.Fatalf("login as op2: %d %s", code, out)
+	}
+	if out := d.must("session", "list", "--all"); !strings.Contains(out, " op2 ") || strings.Contains(out, " op ") {
+		t.Errorf("after logging in as another account, the sessions are:\n%s", out)
+	}
+
 	// No password in the daemon's log or the trail.
 	logb := d.log.Bytes()
 	trail := strings.Join(d.auditLines(), "\n")
