@@ -67,7 +67,7 @@ var Table = map[string]Rule{
 	"CRLLoad": r(Administrator), "CRLList": r(Administrator, Auditor), "CRLRemove": r(Administrator),
 	"DeviceInfo": r(Administrator, Auditor, User), "DeviceCSR": r(Administrator), "DeviceCert": r(Administrator),
 	"DeviceProvisioned": r(Administrator), "DeviceWipe": r(Administrator), "Attest": r(Administrator, Auditor),
-	"AuditShow": r(Auditor), "AuditVerify": r(Auditor), "AuditStatus": r(Auditor),
+	"AuditShow": r(Auditor), "AuditVerify": r(Auditor), "AuditStatus": r(Auditor), "AuditExport": r(Auditor), "AuditArchive": r(Auditor),
 	"Whoami":  {Any: true},
 	"UserAdd": r(Administrator), "UserRemove": r(Administrator), "UserList": r(Administrator, Auditor), "UserSet": r(Administrator),
 	// Every account changes its own password and sees, locks and ends

@@ -4,7 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
 	"os"
 	"os/user"
 	"slices"
@@ -179,4 +184,126 @@ func (s *Server) AuditStatus(ctx context.Context, _ *cmlv1.Empty) (*cmlv1.AuditS
 		out.Collector, out.ForwardingLagBytes = proto.String(s.Forwarder.Addr), proto.Uint64(s.Forwarder.Lag())
 	}
 	return out, nil
+}
+
+// AuditExport streams the raw trail file as it is on the device (up to
+// its length when the export began), then its checkpoints file: what an
+// auditor archives before AuditArchive frees the space. It works also
+// while the trail is full (it is the remedy).
+func (s *Server) AuditExport(_ *cmlv1.Empty, stream cmlv1.Control_AuditExportServer) (err error) {
+	ctx := stream.Context()
+	if err := s.auditor(ctx); err != nil {
+		return err
+	}
+	t, err := s.trail()
+	if err != nil {
+		return err
+	}
+	// Recorded before the trail is read, so that the export holds its
+	// own record and an archive of it can be confirmed; a failure is
+	// recorded after. While the trail cannot take even this record, the
+	// export goes on: it is the way out, and the archive's rotation
+	// record names the auditor.
+	s.audit(ctx, "/cml.v1.Control/AuditExport", "trail", nil)
+	defer func() {
+		if err != nil {
+			s.audit(ctx, "/cml.v1.Control/AuditExport", "trail", err)
+		}
+	}()
+	send := func(path string, trail bool, limit int64) error {
+		f, err := os.Open(path)
+		if errors.Is(err, os.ErrNotExist) && !trail {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if limit < 0 {
+			st, err := f.Stat()
+			if err != nil {
+				return err
+			}
+			limit = st.Size()
+		}
+		buf := make([]byte, 1<<20)
+		for limit > 0 {
+			n, rerr := f.Read(buf[:min(int64(len(buf)), limit)])
+			if n > 0 {
+				c := &cmlv1.AuditExportChunk{Checkpoints: buf[:n]}
+				if trail {
+					c = &cmlv1.AuditExportChunk{Trail: buf[:n]}
+				}
+				if err := stream.Send(c); err != nil {
+					return err
+				}
+				limit -= int64(n)
+			}
+			if rerr == io.EOF {
+				return nil
+			}
+			if rerr != nil {
+				return rerr
+			}
+		}
+		return nil
+	}
+	if err := send(t.Path(), true, -1); err != nil {
+		return err
+	}
+	return send(t.Path()+".checkpoints", false, -1)
+}
+
+// AuditArchive rotates away the records an auditor confirms to hold: the
+// trail's first size bytes, whose SHA-256 must match, must be the whole
+// trail (records that came in since the export are exported first). The
+// rotation record names the auditor; the trail goes on from the rotated
+// state and verifies. It works while the trail is full: it frees it.
+func (s *Server) AuditArchive(ctx context.Context, r *cmlv1.AuditArchiveRequest) (*cmlv1.AuditArchiveResponse, error) {
+	if err := s.auditor(ctx); err != nil {
+		return nil, err
+	}
+	t, err := s.trail()
+	if err != nil {
+		return nil, err
+	}
+	want, err := hex.DecodeString(r.GetSha256())
+	if err != nil || len(want) != sha256.Size {
+		return nil, errdefs.InvalidArgument("audit archive: sha256 is not a SHA-256 in hex")
+	}
+	var mismatch string
+	confirmed := func(n int64) bool {
+		if uint64(n) != r.GetSize() {
+			mismatch = fmt.Sprintf("the trail holds %d bytes, the archive %d: export again", n, r.GetSize())
+			return false
+		}
+		f, err := os.Open(t.Path())
+		if err != nil {
+			mismatch = err.Error()
+			return false
+		}
+		defer f.Close()
+		h := sha256.New()
+		if _, err := io.CopyN(h, f, n); err != nil {
+			mismatch = err.Error()
+			return false
+		}
+		if !bytes.Equal(h.Sum(nil), want) {
+			mismatch = "the archive's SHA-256 does not match the trail: export again"
+			return false
+		}
+		return true
+	}
+	records, _, _, _ := t.Status()
+	who := "an auditor"
+	if a := s.account(ctx); a != nil {
+		who = "auditor " + a.Name
+	}
+	if err := t.RotateAfter(confirmed, who+" archived them (SHA-256 "+r.GetSha256()+")"); err != nil {
+		if mismatch != "" {
+			return nil, errdefs.FailedPrecondition("audit archive: %s", mismatch)
+		}
+		return nil, err
+	}
+	return &cmlv1.AuditArchiveResponse{Records: proto.Uint64(records), Bytes: proto.Uint64(r.GetSize())}, nil
 }

@@ -695,8 +695,15 @@ func (s *FileSink) Capacity() int64 {
 // checkpoint signed at its end, the file is replaced by a new one whose
 // first record (audit.rotate) carries the tree and chain state, so that
 // verification goes on; the old records are deleted, their space freed.
-// confirmed says whether the collector holds the first n bytes.
+// confirmed says whether the collector holds the first n bytes; it is
+// called with the trail's lock held and everything taken written.
 func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
+	return s.RotateAfter(confirmed, "the collector received them")
+}
+
+// RotateAfter is Rotate with the reason the records could go (after
+// whom), for the rotation record.
+func (s *FileSink) RotateAfter(confirmed func(n int64) bool, after string) error {
 	s.ckMu.Lock()
 	defer s.ckMu.Unlock()
 	// The rotation point must be under a signed checkpoint. The TPM signs
@@ -738,7 +745,7 @@ func (s *FileSink) Rotate(confirmed func(n int64) bool) error {
 		}
 	}
 	e := Event{Time: s.now().UTC(), Type: "daemon", Operation: auditlog.RotateOperation, Outcome: Success,
-		Reason:  fmt.Sprintf("records 1 to %d were rotated away after the collector received them", s.seq),
+		Reason:  fmt.Sprintf("records 1 to %d were rotated away after %s", s.seq, after),
 		Details: auditlog.EncodeRotate(&s.tree, s.chain), Seq: s.seq + 1}
 	head, err := encodeHead(e)
 	if err != nil {

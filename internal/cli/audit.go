@@ -1,15 +1,26 @@
 package cli
 
 import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/proto"
 
 	cmlv1 "github.com/cmlproject/cml/api/cml/v1"
+	"github.com/cmlproject/cml/internal/atomicfile"
+	"github.com/cmlproject/cml/internal/auditlog"
 )
 
 // auditCmd reads the audit trail (auditors only: root or group cml-audit).
@@ -134,6 +145,107 @@ func (a *app) auditCmd() *cobra.Command {
 			return nil
 		},
 	}
-	au.AddCommand(show, verify, status)
+	au.AddCommand(show, verify, status, a.auditArchiveCmd())
 	return au
+}
+
+// parseCert reads a PEM (or DER) certificate.
+func parseCert(b []byte) (*x509.Certificate, error) {
+	if blk, _ := pem.Decode(b); blk != nil {
+		b = blk.Bytes
+	}
+	return x509.ParseCertificate(b)
+}
+
+// auditArchiveCmd copies the raw trail and its checkpoints off the device
+// and, once the copy is on disk and its chain checks out, has the device
+// rotate those records away (the remedy for a full trail without a
+// collector).
+func (a *app) auditArchiveCmd() *cobra.Command {
+	var out string
+	var keep bool
+	cmd := &cobra.Command{
+		Use:   "archive --out DIR",
+		Short: "Copy the audit trail and its checkpoints into DIR, then free the device's trail (auditors; also while it is full)",
+		Long: "Writes DIR/audit-<time>.log and .checkpoints (verify them anywhere with cmlverify audit --cert <device tls.pem>), checks\n" +
+			"the copy's sequence and hash chain, and only then asks the device to rotate exactly those bytes away (confirmed by\n" +
+			"their SHA-256). --keep copies without rotating.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if out == "" {
+				return fmt.Errorf("audit archive needs --out DIR")
+			}
+			return a.rpc(func(ctx context.Context, c cmlv1.ControlClient) error {
+				// Records that come in between the copy and the
+				// confirmation make the device refuse it: copy again
+				// (a full trail takes none).
+				for try := 1; ; try++ {
+					err := a.archiveOnce(ctx, c, out, keep)
+					if try == 3 || err == nil || !strings.Contains(err.Error(), "export again") {
+						return err
+					}
+				}
+			})
+		},
+	}
+	cmd.Flags().StringVar(&out, "out", "", "directory for the copy")
+	cmd.Flags().BoolVar(&keep, "keep", false, "copy only; leave the records on the device")
+	return cmd
+}
+
+// archiveOnce exports the trail into dir and, unless keep, confirms it.
+func (a *app) archiveOnce(ctx context.Context, c cmlv1.ControlClient, out string, keep bool) error {
+	st, err := c.AuditExport(ctx, &cmlv1.Empty{})
+	if err != nil {
+		return err
+	}
+	var trail, cps []byte
+	for {
+		m, err := st.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		trail, cps = append(trail, m.GetTrail()...), append(cps, m.GetCheckpoints()...)
+	}
+	// The copy must hold together before the device drops
+	// its records: consecutive sequence numbers, an intact
+	// hash chain and tree (signatures are checked with the
+	// device's certificate by cmlverify audit).
+	notes, err := auditlog.ReadCheckpoints(cps)
+	if err != nil {
+		return fmt.Errorf("the exported checkpoints: %w", err)
+	}
+	var keys []crypto.PublicKey
+	if id, err := c.DeviceInfo(ctx, &cmlv1.Empty{}); err == nil {
+		if cert, err := parseCert(id.GetTlsCertificate()); err == nil {
+			keys = append(keys, cert.PublicKey)
+		}
+	}
+	if r := auditlog.Verify(trail, notes, nil, keys); !r.OK() {
+		return fmt.Errorf("the exported trail does not hold together (%d problems, first: %s): nothing was rotated", len(r.Problems), r.Problems[0].Text)
+	}
+	if err := os.MkdirAll(out, 0o700); err != nil {
+		return err
+	}
+	base := filepath.Join(out, "audit-"+time.Now().UTC().Format("20060102T150405Z")+".log")
+	if err := atomicfile.Write(base, trail, 0o600); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(base+".checkpoints", cps, 0o600); err != nil {
+		return err
+	}
+	sum := sha256.Sum256(trail)
+	fmt.Fprintf(a.stdout, "archived %d bytes to %s (SHA-256 %x) and its checkpoints\n", len(trail), base, sum)
+	if keep {
+		return nil
+	}
+	res, err := c.AuditArchive(ctx, &cmlv1.AuditArchiveRequest{Size: proto.Uint64(uint64(len(trail))), Sha256: proto.String(hex.EncodeToString(sum[:]))})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(a.stdout, "the device rotated away %d records (%d bytes)\n", res.GetRecords(), res.GetBytes())
+	return nil
 }

@@ -5424,6 +5424,167 @@ func (x *AuditRecord) GetJson() []byte {
 	return nil
 }
 
+// AuditExportChunk is a piece of the raw trail file (then of its
+// checkpoints file), as it is on the device.
+type AuditExportChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Trail         []byte                 `protobuf:"bytes,1,opt,name=trail" json:"trail,omitempty"`
+	Checkpoints   []byte                 `protobuf:"bytes,2,opt,name=checkpoints" json:"checkpoints,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditExportChunk) Reset() {
+	*x = AuditExportChunk{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditExportChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditExportChunk) ProtoMessage() {}
+
+func (x *AuditExportChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditExportChunk.ProtoReflect.Descriptor instead.
+func (*AuditExportChunk) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *AuditExportChunk) GetTrail() []byte {
+	if x != nil {
+		return x.Trail
+	}
+	return nil
+}
+
+func (x *AuditExportChunk) GetCheckpoints() []byte {
+	if x != nil {
+		return x.Checkpoints
+	}
+	return nil
+}
+
+// AuditArchiveRequest confirms what the auditor holds (the trail's first
+// size bytes, by SHA-256), so that the device may rotate them away.
+type AuditArchiveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Size          *uint64                `protobuf:"varint,1,opt,name=size" json:"size,omitempty"`
+	Sha256        *string                `protobuf:"bytes,2,opt,name=sha256" json:"sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditArchiveRequest) Reset() {
+	*x = AuditArchiveRequest{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditArchiveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditArchiveRequest) ProtoMessage() {}
+
+func (x *AuditArchiveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditArchiveRequest.ProtoReflect.Descriptor instead.
+func (*AuditArchiveRequest) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{65}
+}
+
+func (x *AuditArchiveRequest) GetSize() uint64 {
+	if x != nil && x.Size != nil {
+		return *x.Size
+	}
+	return 0
+}
+
+func (x *AuditArchiveRequest) GetSha256() string {
+	if x != nil && x.Sha256 != nil {
+		return *x.Sha256
+	}
+	return ""
+}
+
+type AuditArchiveResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// records rotated away; bytes freed.
+	Records       *uint64 `protobuf:"varint,1,opt,name=records" json:"records,omitempty"`
+	Bytes         *uint64 `protobuf:"varint,2,opt,name=bytes" json:"bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditArchiveResponse) Reset() {
+	*x = AuditArchiveResponse{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditArchiveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditArchiveResponse) ProtoMessage() {}
+
+func (x *AuditArchiveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditArchiveResponse.ProtoReflect.Descriptor instead.
+func (*AuditArchiveResponse) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *AuditArchiveResponse) GetRecords() uint64 {
+	if x != nil && x.Records != nil {
+		return *x.Records
+	}
+	return 0
+}
+
+func (x *AuditArchiveResponse) GetBytes() uint64 {
+	if x != nil && x.Bytes != nil {
+		return *x.Bytes
+	}
+	return 0
+}
+
 // AuditVerifyResponse is the device's own check of its trail.
 type AuditVerifyResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -5438,7 +5599,7 @@ type AuditVerifyResponse struct {
 
 func (x *AuditVerifyResponse) Reset() {
 	*x = AuditVerifyResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5450,7 +5611,7 @@ func (x *AuditVerifyResponse) String() string {
 func (*AuditVerifyResponse) ProtoMessage() {}
 
 func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5463,7 +5624,7 @@ func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditVerifyResponse.ProtoReflect.Descriptor instead.
 func (*AuditVerifyResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{64}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *AuditVerifyResponse) GetOk() bool {
@@ -5519,7 +5680,7 @@ type AuditStatusResponse struct {
 
 func (x *AuditStatusResponse) Reset() {
 	*x = AuditStatusResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5531,7 +5692,7 @@ func (x *AuditStatusResponse) String() string {
 func (*AuditStatusResponse) ProtoMessage() {}
 
 func (x *AuditStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5544,7 +5705,7 @@ func (x *AuditStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditStatusResponse.ProtoReflect.Descriptor instead.
 func (*AuditStatusResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{65}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *AuditStatusResponse) GetRecords() uint64 {
@@ -5632,7 +5793,7 @@ type AccountInfo struct {
 
 func (x *AccountInfo) Reset() {
 	*x = AccountInfo{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5644,7 +5805,7 @@ func (x *AccountInfo) String() string {
 func (*AccountInfo) ProtoMessage() {}
 
 func (x *AccountInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5657,7 +5818,7 @@ func (x *AccountInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountInfo.ProtoReflect.Descriptor instead.
 func (*AccountInfo) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{66}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *AccountInfo) GetName() string {
@@ -5753,7 +5914,7 @@ type AccountRef struct {
 
 func (x *AccountRef) Reset() {
 	*x = AccountRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5765,7 +5926,7 @@ func (x *AccountRef) String() string {
 func (*AccountRef) ProtoMessage() {}
 
 func (x *AccountRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5778,7 +5939,7 @@ func (x *AccountRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountRef.ProtoReflect.Descriptor instead.
 func (*AccountRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{67}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *AccountRef) GetName() string {
@@ -5797,7 +5958,7 @@ type AccountList struct {
 
 func (x *AccountList) Reset() {
 	*x = AccountList{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5809,7 +5970,7 @@ func (x *AccountList) String() string {
 func (*AccountList) ProtoMessage() {}
 
 func (x *AccountList) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5822,7 +5983,7 @@ func (x *AccountList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountList.ProtoReflect.Descriptor instead.
 func (*AccountList) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{68}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *AccountList) GetAccounts() []*AccountInfo {
@@ -5849,7 +6010,7 @@ type LoginRequest struct {
 
 func (x *LoginRequest) Reset() {
 	*x = LoginRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5861,7 +6022,7 @@ func (x *LoginRequest) String() string {
 func (*LoginRequest) ProtoMessage() {}
 
 func (x *LoginRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5874,7 +6035,7 @@ func (x *LoginRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoginRequest.ProtoReflect.Descriptor instead.
 func (*LoginRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{69}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *LoginRequest) GetName() string {
@@ -5911,7 +6072,7 @@ type LoginResponse struct {
 
 func (x *LoginResponse) Reset() {
 	*x = LoginResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5923,7 +6084,7 @@ func (x *LoginResponse) String() string {
 func (*LoginResponse) ProtoMessage() {}
 
 func (x *LoginResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5936,7 +6097,7 @@ func (x *LoginResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoginResponse.ProtoReflect.Descriptor instead.
 func (*LoginResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{70}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *LoginResponse) GetToken() string {
@@ -5976,7 +6137,7 @@ type SessionInfo struct {
 
 func (x *SessionInfo) Reset() {
 	*x = SessionInfo{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5988,7 +6149,7 @@ func (x *SessionInfo) String() string {
 func (*SessionInfo) ProtoMessage() {}
 
 func (x *SessionInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6001,7 +6162,7 @@ func (x *SessionInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionInfo.ProtoReflect.Descriptor instead.
 func (*SessionInfo) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{71}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *SessionInfo) GetId() string {
@@ -6063,7 +6224,7 @@ type SessionListRequest struct {
 
 func (x *SessionListRequest) Reset() {
 	*x = SessionListRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6075,7 +6236,7 @@ func (x *SessionListRequest) String() string {
 func (*SessionListRequest) ProtoMessage() {}
 
 func (x *SessionListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6088,7 +6249,7 @@ func (x *SessionListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionListRequest.ProtoReflect.Descriptor instead.
 func (*SessionListRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{72}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *SessionListRequest) GetAll() bool {
@@ -6107,7 +6268,7 @@ type SessionListResponse struct {
 
 func (x *SessionListResponse) Reset() {
 	*x = SessionListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6119,7 +6280,7 @@ func (x *SessionListResponse) String() string {
 func (*SessionListResponse) ProtoMessage() {}
 
 func (x *SessionListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6132,7 +6293,7 @@ func (x *SessionListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionListResponse.ProtoReflect.Descriptor instead.
 func (*SessionListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{73}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *SessionListResponse) GetSessions() []*SessionInfo {
@@ -6152,7 +6313,7 @@ type SessionRef struct {
 
 func (x *SessionRef) Reset() {
 	*x = SessionRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6164,7 +6325,7 @@ func (x *SessionRef) String() string {
 func (*SessionRef) ProtoMessage() {}
 
 func (x *SessionRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6177,7 +6338,7 @@ func (x *SessionRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionRef.ProtoReflect.Descriptor instead.
 func (*SessionRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{74}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *SessionRef) GetId() string {
@@ -6201,7 +6362,7 @@ type PasswdRequest struct {
 
 func (x *PasswdRequest) Reset() {
 	*x = PasswdRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6213,7 +6374,7 @@ func (x *PasswdRequest) String() string {
 func (*PasswdRequest) ProtoMessage() {}
 
 func (x *PasswdRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6226,7 +6387,7 @@ func (x *PasswdRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PasswdRequest.ProtoReflect.Descriptor instead.
 func (*PasswdRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{75}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *PasswdRequest) GetName() string {
@@ -6268,7 +6429,7 @@ type AccessPolicy struct {
 
 func (x *AccessPolicy) Reset() {
 	*x = AccessPolicy{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6280,7 +6441,7 @@ func (x *AccessPolicy) String() string {
 func (*AccessPolicy) ProtoMessage() {}
 
 func (x *AccessPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6293,7 +6454,7 @@ func (x *AccessPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccessPolicy.ProtoReflect.Descriptor instead.
 func (*AccessPolicy) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{76}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *AccessPolicy) GetMinLength() uint32 {
@@ -6366,7 +6527,7 @@ type UserSetRequest struct {
 
 func (x *UserSetRequest) Reset() {
 	*x = UserSetRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6378,7 +6539,7 @@ func (x *UserSetRequest) String() string {
 func (*UserSetRequest) ProtoMessage() {}
 
 func (x *UserSetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6391,7 +6552,7 @@ func (x *UserSetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserSetRequest.ProtoReflect.Descriptor instead.
 func (*UserSetRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{77}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *UserSetRequest) GetName() string {
@@ -6847,7 +7008,16 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"until_unix\x18\a \x01(\x03R\tuntilUnix\x12\x16\n" +
 	"\x06follow\x18\b \x01(\bR\x06follow\"!\n" +
 	"\vAuditRecord\x12\x12\n" +
-	"\x04json\x18\x01 \x01(\fR\x04json\"\x9e\x01\n" +
+	"\x04json\x18\x01 \x01(\fR\x04json\"J\n" +
+	"\x10AuditExportChunk\x12\x14\n" +
+	"\x05trail\x18\x01 \x01(\fR\x05trail\x12 \n" +
+	"\vcheckpoints\x18\x02 \x01(\fR\vcheckpoints\"A\n" +
+	"\x13AuditArchiveRequest\x12\x12\n" +
+	"\x04size\x18\x01 \x01(\x04R\x04size\x12\x16\n" +
+	"\x06sha256\x18\x02 \x01(\tR\x06sha256\"F\n" +
+	"\x14AuditArchiveResponse\x12\x18\n" +
+	"\arecords\x18\x01 \x01(\x04R\arecords\x12\x14\n" +
+	"\x05bytes\x18\x02 \x01(\x04R\x05bytes\"\x9e\x01\n" +
 	"\x13AuditVerifyResponse\x12\x0e\n" +
 	"\x02ok\x18\x01 \x01(\bR\x02ok\x12\x18\n" +
 	"\arecords\x18\x02 \x01(\x04R\arecords\x12 \n" +
@@ -6969,7 +7139,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xdf\x14\n" +
+	"\x06FAILED\x10\a2\xe4\x15\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -7013,7 +7183,9 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"DeviceWipe\x12\x19.cml.v1.DeviceWipeRequest\x1a\x1a.cml.v1.DeviceWipeResponse\x126\n" +
 	"\tAuditShow\x12\x12.cml.v1.AuditQuery\x1a\x13.cml.v1.AuditRecord0\x01\x129\n" +
 	"\vAuditVerify\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditVerifyResponse\x129\n" +
-	"\vAuditStatus\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditStatusResponse\x12,\n" +
+	"\vAuditStatus\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditStatusResponse\x128\n" +
+	"\vAuditExport\x12\r.cml.v1.Empty\x1a\x18.cml.v1.AuditExportChunk0\x01\x12I\n" +
+	"\fAuditArchive\x12\x1b.cml.v1.AuditArchiveRequest\x1a\x1c.cml.v1.AuditArchiveResponse\x12,\n" +
 	"\x06Whoami\x12\r.cml.v1.Empty\x1a\x13.cml.v1.AccountInfo\x123\n" +
 	"\aUserAdd\x12\x13.cml.v1.AccountInfo\x1a\x13.cml.v1.AccountInfo\x12/\n" +
 	"\n" +
@@ -7043,7 +7215,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 }
 
 var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 78)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 81)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
@@ -7118,20 +7290,23 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(*DeviceWipeResponse)(nil),     // 70: cml.v1.DeviceWipeResponse
 	(*AuditQuery)(nil),             // 71: cml.v1.AuditQuery
 	(*AuditRecord)(nil),            // 72: cml.v1.AuditRecord
-	(*AuditVerifyResponse)(nil),    // 73: cml.v1.AuditVerifyResponse
-	(*AuditStatusResponse)(nil),    // 74: cml.v1.AuditStatusResponse
-	(*AccountInfo)(nil),            // 75: cml.v1.AccountInfo
-	(*AccountRef)(nil),             // 76: cml.v1.AccountRef
-	(*AccountList)(nil),            // 77: cml.v1.AccountList
-	(*LoginRequest)(nil),           // 78: cml.v1.LoginRequest
-	(*LoginResponse)(nil),          // 79: cml.v1.LoginResponse
-	(*SessionInfo)(nil),            // 80: cml.v1.SessionInfo
-	(*SessionListRequest)(nil),     // 81: cml.v1.SessionListRequest
-	(*SessionListResponse)(nil),    // 82: cml.v1.SessionListResponse
-	(*SessionRef)(nil),             // 83: cml.v1.SessionRef
-	(*PasswdRequest)(nil),          // 84: cml.v1.PasswdRequest
-	(*AccessPolicy)(nil),           // 85: cml.v1.AccessPolicy
-	(*UserSetRequest)(nil),         // 86: cml.v1.UserSetRequest
+	(*AuditExportChunk)(nil),       // 73: cml.v1.AuditExportChunk
+	(*AuditArchiveRequest)(nil),    // 74: cml.v1.AuditArchiveRequest
+	(*AuditArchiveResponse)(nil),   // 75: cml.v1.AuditArchiveResponse
+	(*AuditVerifyResponse)(nil),    // 76: cml.v1.AuditVerifyResponse
+	(*AuditStatusResponse)(nil),    // 77: cml.v1.AuditStatusResponse
+	(*AccountInfo)(nil),            // 78: cml.v1.AccountInfo
+	(*AccountRef)(nil),             // 79: cml.v1.AccountRef
+	(*AccountList)(nil),            // 80: cml.v1.AccountList
+	(*LoginRequest)(nil),           // 81: cml.v1.LoginRequest
+	(*LoginResponse)(nil),          // 82: cml.v1.LoginResponse
+	(*SessionInfo)(nil),            // 83: cml.v1.SessionInfo
+	(*SessionListRequest)(nil),     // 84: cml.v1.SessionListRequest
+	(*SessionListResponse)(nil),    // 85: cml.v1.SessionListResponse
+	(*SessionRef)(nil),             // 86: cml.v1.SessionRef
+	(*PasswdRequest)(nil),          // 87: cml.v1.PasswdRequest
+	(*AccessPolicy)(nil),           // 88: cml.v1.AccessPolicy
+	(*UserSetRequest)(nil),         // 89: cml.v1.UserSetRequest
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
@@ -7176,10 +7351,10 @@ var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	5,  // 39: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
 	6,  // 40: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
 	23, // 41: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
-	75, // 42: cml.v1.AccountList.accounts:type_name -> cml.v1.AccountInfo
-	80, // 43: cml.v1.LoginResponse.session:type_name -> cml.v1.SessionInfo
-	75, // 44: cml.v1.LoginResponse.account:type_name -> cml.v1.AccountInfo
-	80, // 45: cml.v1.SessionListResponse.sessions:type_name -> cml.v1.SessionInfo
+	78, // 42: cml.v1.AccountList.accounts:type_name -> cml.v1.AccountInfo
+	83, // 43: cml.v1.LoginResponse.session:type_name -> cml.v1.SessionInfo
+	78, // 44: cml.v1.LoginResponse.account:type_name -> cml.v1.AccountInfo
+	83, // 45: cml.v1.SessionListResponse.sessions:type_name -> cml.v1.SessionInfo
 	25, // 46: cml.v1.Control.List:input_type -> cml.v1.ListRequest
 	27, // 47: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
 	24, // 48: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
@@ -7216,68 +7391,72 @@ var file_api_cml_v1_cml_proto_depIdxs = []int32{
 	71, // 79: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
 	31, // 80: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
 	31, // 81: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
-	31, // 82: cml.v1.Control.Whoami:input_type -> cml.v1.Empty
-	75, // 83: cml.v1.Control.UserAdd:input_type -> cml.v1.AccountInfo
-	76, // 84: cml.v1.Control.UserRemove:input_type -> cml.v1.AccountRef
-	31, // 85: cml.v1.Control.UserList:input_type -> cml.v1.Empty
-	86, // 86: cml.v1.Control.UserSet:input_type -> cml.v1.UserSetRequest
-	84, // 87: cml.v1.Control.UserPasswd:input_type -> cml.v1.PasswdRequest
-	78, // 88: cml.v1.Control.Login:input_type -> cml.v1.LoginRequest
-	81, // 89: cml.v1.Control.SessionList:input_type -> cml.v1.SessionListRequest
-	83, // 90: cml.v1.Control.SessionEnd:input_type -> cml.v1.SessionRef
-	31, // 91: cml.v1.Control.SessionLock:input_type -> cml.v1.Empty
-	31, // 92: cml.v1.Control.PolicyGet:input_type -> cml.v1.Empty
-	85, // 93: cml.v1.Control.PolicySet:input_type -> cml.v1.AccessPolicy
-	26, // 94: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	23, // 95: cml.v1.Control.Create:output_type -> cml.v1.Container
-	31, // 96: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	23, // 97: cml.v1.Control.Start:output_type -> cml.v1.Container
-	23, // 98: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	31, // 99: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	23, // 100: cml.v1.Control.State:output_type -> cml.v1.Container
-	9,  // 101: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	23, // 102: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	23, // 103: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	23, // 104: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	35, // 105: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	37, // 106: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	39, // 107: cml.v1.Control.Events:output_type -> cml.v1.Event
-	41, // 108: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	43, // 109: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	31, // 110: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	45, // 111: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	44, // 112: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	44, // 113: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	49, // 114: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	51, // 115: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	50, // 116: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	54, // 117: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	56, // 118: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	54, // 119: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	54, // 120: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	60, // 121: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	62, // 122: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
-	31, // 123: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
-	23, // 124: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
-	68, // 125: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
-	70, // 126: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
-	72, // 127: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
-	73, // 128: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
-	74, // 129: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
-	75, // 130: cml.v1.Control.Whoami:output_type -> cml.v1.AccountInfo
-	75, // 131: cml.v1.Control.UserAdd:output_type -> cml.v1.AccountInfo
-	31, // 132: cml.v1.Control.UserRemove:output_type -> cml.v1.Empty
-	77, // 133: cml.v1.Control.UserList:output_type -> cml.v1.AccountList
-	75, // 134: cml.v1.Control.UserSet:output_type -> cml.v1.AccountInfo
-	31, // 135: cml.v1.Control.UserPasswd:output_type -> cml.v1.Empty
-	79, // 136: cml.v1.Control.Login:output_type -> cml.v1.LoginResponse
-	82, // 137: cml.v1.Control.SessionList:output_type -> cml.v1.SessionListResponse
-	80, // 138: cml.v1.Control.SessionEnd:output_type -> cml.v1.SessionInfo
-	80, // 139: cml.v1.Control.SessionLock:output_type -> cml.v1.SessionInfo
-	85, // 140: cml.v1.Control.PolicyGet:output_type -> cml.v1.AccessPolicy
-	85, // 141: cml.v1.Control.PolicySet:output_type -> cml.v1.AccessPolicy
-	94, // [94:142] is the sub-list for method output_type
-	46, // [46:94] is the sub-list for method input_type
+	31, // 82: cml.v1.Control.AuditExport:input_type -> cml.v1.Empty
+	74, // 83: cml.v1.Control.AuditArchive:input_type -> cml.v1.AuditArchiveRequest
+	31, // 84: cml.v1.Control.Whoami:input_type -> cml.v1.Empty
+	78, // 85: cml.v1.Control.UserAdd:input_type -> cml.v1.AccountInfo
+	79, // 86: cml.v1.Control.UserRemove:input_type -> cml.v1.AccountRef
+	31, // 87: cml.v1.Control.UserList:input_type -> cml.v1.Empty
+	89, // 88: cml.v1.Control.UserSet:input_type -> cml.v1.UserSetRequest
+	87, // 89: cml.v1.Control.UserPasswd:input_type -> cml.v1.PasswdRequest
+	81, // 90: cml.v1.Control.Login:input_type -> cml.v1.LoginRequest
+	84, // 91: cml.v1.Control.SessionList:input_type -> cml.v1.SessionListRequest
+	86, // 92: cml.v1.Control.SessionEnd:input_type -> cml.v1.SessionRef
+	31, // 93: cml.v1.Control.SessionLock:input_type -> cml.v1.Empty
+	31, // 94: cml.v1.Control.PolicyGet:input_type -> cml.v1.Empty
+	88, // 95: cml.v1.Control.PolicySet:input_type -> cml.v1.AccessPolicy
+	26, // 96: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	23, // 97: cml.v1.Control.Create:output_type -> cml.v1.Container
+	31, // 98: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	23, // 99: cml.v1.Control.Start:output_type -> cml.v1.Container
+	23, // 100: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	31, // 101: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	23, // 102: cml.v1.Control.State:output_type -> cml.v1.Container
+	9,  // 103: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	23, // 104: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	23, // 105: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	23, // 106: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	35, // 107: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	37, // 108: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	39, // 109: cml.v1.Control.Events:output_type -> cml.v1.Event
+	41, // 110: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	43, // 111: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	31, // 112: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	45, // 113: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	44, // 114: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	44, // 115: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	49, // 116: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	51, // 117: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	50, // 118: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	54, // 119: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	56, // 120: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	54, // 121: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	54, // 122: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	60, // 123: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	62, // 124: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	31, // 125: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
+	23, // 126: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
+	68, // 127: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
+	70, // 128: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
+	72, // 129: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
+	76, // 130: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
+	77, // 131: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
+	73, // 132: cml.v1.Control.AuditExport:output_type -> cml.v1.AuditExportChunk
+	75, // 133: cml.v1.Control.AuditArchive:output_type -> cml.v1.AuditArchiveResponse
+	78, // 134: cml.v1.Control.Whoami:output_type -> cml.v1.AccountInfo
+	78, // 135: cml.v1.Control.UserAdd:output_type -> cml.v1.AccountInfo
+	31, // 136: cml.v1.Control.UserRemove:output_type -> cml.v1.Empty
+	80, // 137: cml.v1.Control.UserList:output_type -> cml.v1.AccountList
+	78, // 138: cml.v1.Control.UserSet:output_type -> cml.v1.AccountInfo
+	31, // 139: cml.v1.Control.UserPasswd:output_type -> cml.v1.Empty
+	82, // 140: cml.v1.Control.Login:output_type -> cml.v1.LoginResponse
+	85, // 141: cml.v1.Control.SessionList:output_type -> cml.v1.SessionListResponse
+	83, // 142: cml.v1.Control.SessionEnd:output_type -> cml.v1.SessionInfo
+	83, // 143: cml.v1.Control.SessionLock:output_type -> cml.v1.SessionInfo
+	88, // 144: cml.v1.Control.PolicyGet:output_type -> cml.v1.AccessPolicy
+	88, // 145: cml.v1.Control.PolicySet:output_type -> cml.v1.AccessPolicy
+	96, // [96:146] is the sub-list for method output_type
+	46, // [46:96] is the sub-list for method input_type
 	46, // [46:46] is the sub-list for extension type_name
 	46, // [46:46] is the sub-list for extension extendee
 	0,  // [0:46] is the sub-list for field type_name
@@ -7305,7 +7484,7 @@ func file_api_cml_v1_cml_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   78,
+			NumMessages:   81,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

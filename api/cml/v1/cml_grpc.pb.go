@@ -66,6 +66,8 @@ const (
 	Control_AuditShow_FullMethodName         = "/cml.v1.Control/AuditShow"
 	Control_AuditVerify_FullMethodName       = "/cml.v1.Control/AuditVerify"
 	Control_AuditStatus_FullMethodName       = "/cml.v1.Control/AuditStatus"
+	Control_AuditExport_FullMethodName       = "/cml.v1.Control/AuditExport"
+	Control_AuditArchive_FullMethodName      = "/cml.v1.Control/AuditArchive"
 	Control_Whoami_FullMethodName            = "/cml.v1.Control/Whoami"
 	Control_UserAdd_FullMethodName           = "/cml.v1.Control/UserAdd"
 	Control_UserRemove_FullMethodName        = "/cml.v1.Control/UserRemove"
@@ -122,6 +124,8 @@ type ControlClient interface {
 	AuditShow(ctx context.Context, in *AuditQuery, opts ...grpc.CallOption) (grpc.ServerStreamingClient[AuditRecord], error)
 	AuditVerify(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditVerifyResponse, error)
 	AuditStatus(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditStatusResponse, error)
+	AuditExport(ctx context.Context, in *Empty, opts ...grpc.CallOption) (grpc.ServerStreamingClient[AuditExportChunk], error)
+	AuditArchive(ctx context.Context, in *AuditArchiveRequest, opts ...grpc.CallOption) (*AuditArchiveResponse, error)
 	Whoami(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountInfo, error)
 	UserAdd(ctx context.Context, in *AccountInfo, opts ...grpc.CallOption) (*AccountInfo, error)
 	UserRemove(ctx context.Context, in *AccountRef, opts ...grpc.CallOption) (*Empty, error)
@@ -543,6 +547,35 @@ func (c *controlClient) AuditStatus(ctx context.Context, in *Empty, opts ...grpc
 	return out, nil
 }
 
+func (c *controlClient) AuditExport(ctx context.Context, in *Empty, opts ...grpc.CallOption) (grpc.ServerStreamingClient[AuditExportChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[5], Control_AuditExport_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[Empty, AuditExportChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_AuditExportClient = grpc.ServerStreamingClient[AuditExportChunk]
+
+func (c *controlClient) AuditArchive(ctx context.Context, in *AuditArchiveRequest, opts ...grpc.CallOption) (*AuditArchiveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AuditArchiveResponse)
+	err := c.cc.Invoke(ctx, Control_AuditArchive_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *controlClient) Whoami(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountInfo, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AccountInfo)
@@ -705,6 +738,8 @@ type ControlServer interface {
 	AuditShow(*AuditQuery, grpc.ServerStreamingServer[AuditRecord]) error
 	AuditVerify(context.Context, *Empty) (*AuditVerifyResponse, error)
 	AuditStatus(context.Context, *Empty) (*AuditStatusResponse, error)
+	AuditExport(*Empty, grpc.ServerStreamingServer[AuditExportChunk]) error
+	AuditArchive(context.Context, *AuditArchiveRequest) (*AuditArchiveResponse, error)
 	Whoami(context.Context, *Empty) (*AccountInfo, error)
 	UserAdd(context.Context, *AccountInfo) (*AccountInfo, error)
 	UserRemove(context.Context, *AccountRef) (*Empty, error)
@@ -834,6 +869,12 @@ func (UnimplementedControlServer) AuditVerify(context.Context, *Empty) (*AuditVe
 }
 func (UnimplementedControlServer) AuditStatus(context.Context, *Empty) (*AuditStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AuditStatus not implemented")
+}
+func (UnimplementedControlServer) AuditExport(*Empty, grpc.ServerStreamingServer[AuditExportChunk]) error {
+	return status.Errorf(codes.Unimplemented, "method AuditExport not implemented")
+}
+func (UnimplementedControlServer) AuditArchive(context.Context, *AuditArchiveRequest) (*AuditArchiveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AuditArchive not implemented")
 }
 func (UnimplementedControlServer) Whoami(context.Context, *Empty) (*AccountInfo, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Whoami not implemented")
@@ -1501,6 +1542,35 @@ func _Control_AuditStatus_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_AuditExport_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(Empty)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ControlServer).AuditExport(m, &grpc.GenericServerStream[Empty, AuditExportChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_AuditExportServer = grpc.ServerStreamingServer[AuditExportChunk]
+
+func _Control_AuditArchive_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AuditArchiveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).AuditArchive(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_AuditArchive_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).AuditArchive(ctx, req.(*AuditArchiveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Control_Whoami_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(Empty)
 	if err := dec(in); err != nil {
@@ -1849,6 +1919,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Control_AuditStatus_Handler,
 		},
 		{
+			MethodName: "AuditArchive",
+			Handler:    _Control_AuditArchive_Handler,
+		},
+		{
 			MethodName: "Whoami",
 			Handler:    _Control_Whoami_Handler,
 		},
@@ -1922,6 +1996,11 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "AuditShow",
 			Handler:       _Control_AuditShow_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "AuditExport",
+			Handler:       _Control_AuditExport_Handler,
 			ServerStreams: true,
 		},
 	},
