@@ -256,7 +256,8 @@ func (s *Server) AuditExport(_ *cmlv1.Empty, stream cmlv1.Control_AuditExportSer
 
 // AuditArchive rotates away the records an auditor confirms to hold: the
 // trail's first size bytes, whose SHA-256 must match, must be the whole
-// trail (records that came in since the export are exported first). The
+// trail (records that came in since the export are exported first), and
+// a collector, when there is one, must have received it too. The
 // rotation record names the auditor; the trail goes on from the rotated
 // state and verifies. It works while the trail is full: it frees it.
 func (s *Server) AuditArchive(ctx context.Context, r *cmlv1.AuditArchiveRequest) (*cmlv1.AuditArchiveResponse, error) {
@@ -290,6 +291,11 @@ func (s *Server) AuditArchive(ctx context.Context, r *cmlv1.AuditArchiveRequest)
 		}
 		if !bytes.Equal(h.Sum(nil), want) {
 			mismatch = "the archive's SHA-256 does not match the trail: export again"
+			return false
+		}
+		// With a collector, its copy stays whole too.
+		if s.Forwarder != nil && !s.Forwarder.Confirmed(n) {
+			mismatch = fmt.Sprintf("the collector has not received the whole trail yet (it lags %d bytes): try again shortly", s.Forwarder.Lag())
 			return false
 		}
 		return true
