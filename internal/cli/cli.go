@@ -181,6 +181,13 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 	root.PersistentFlags().StringVar(&a.p11PINFile, "pkcs11-pin-file", "", "read the token's PIN from this file (else asked on the terminal)")
 	root.PersistentFlags().StringVar(&a.sessionFile, "session-file", os.Getenv("CML_SESSION_FILE"), "where cmlctl login keeps the session token ($CML_SESSION_FILE; default: per device under $XDG_RUNTIME_DIR)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", "text", "output format for list, state, config: text or json")
+	var confFile string
+	root.PersistentFlags().StringVar(&confFile, "config", "", "settings file (name = value: remote, cert, key, ca, pkcs11-module, key-label, ...); default $CML_CONFIG or ~/.config/cml/cmlctl.conf")
+	if p, explicit := configPath(args); p != "" {
+		if err := loadConfig(root.PersistentFlags(), p, explicit); err != nil {
+			return 2, err
+		}
+	}
 	root.SetArgs(args)
 	root.SetIn(stdin)
 	root.SetOut(stdout)

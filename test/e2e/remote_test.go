@@ -123,6 +123,17 @@ func TestRemoteAPI(t *testing.T) {
 	if out, code := remote(alice, aliceKey, "whoami"); code != 0 || !strings.Contains(out, "alice roles=administrator") {
 		t.Fatalf("remote whoami as alice: %d %s", code, out)
 	}
+	// The same from a config file (paths relative to it); a misspelt
+	// setting is a one-line error.
+	conf := filepath.Join(d.root, "cmlctl.conf")
+	os.WriteFile(conf, []byte("# alice's device\nremote = "+addr+"\ncert = alice.pem\nkey = alice.key\nca = fleet/root-ca.pem\n"), 0o600)
+	if out, err := exec.Command(filepath.Join(binDir, "cmlctl"), "--config", conf, "whoami").CombinedOutput(); err != nil || !strings.Contains(string(out), "alice roles=administrator") {
+		t.Errorf("remote whoami from a config file: %v %s", err, out)
+	}
+	os.WriteFile(conf, []byte("remtoe = "+addr+"\n"), 0o600)
+	if out, err := exec.Command(filepath.Join(binDir, "cmlctl"), "--config", conf, "whoami").CombinedOutput(); err == nil || !strings.Contains(string(out), `"remtoe" is not a setting`) || strings.Count(strings.TrimSpace(string(out)), "\n") != 0 {
+		t.Errorf("a misspelt setting: %v %s", err, out)
+	}
 	d.installGuestOS()
 	d.create("r", "")
 	if out, code := remote(alice, aliceKey, "start", "r"); code != 0 {
