@@ -3,6 +3,7 @@ package cli
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -58,7 +59,9 @@ func loadConfig(fs *pflag.FlagSet, path string, explicit bool) error {
 	}
 	b, err := safefile.ReadFile(path, 64<<10)
 	if err != nil {
-		if !explicit && os.IsNotExist(err) {
+		// The default file is the caller's own: one that is not there,
+		// or not readable (another user's home under sudo), is none.
+		if !explicit && (errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrPermission)) {
 			return nil
 		}
 		return fmt.Errorf("config %s: %w", path, err)

@@ -48,4 +48,13 @@ func TestConfigFile(t *testing.T) {
 	if err := loadConfig(fs, filepath.Join(dir, "none"), true); err == nil {
 		t.Error("a missing --config file was accepted")
 	}
+	// A default file that is not readable (another user's home, as
+	// under sudo) is no file.
+	if os.Geteuid() != 0 {
+		locked := filepath.Join(dir, "locked.conf")
+		os.WriteFile(locked, []byte("remote = x:1\n"), 0o000)
+		if err := loadConfig(fs, locked, false); err != nil {
+			t.Errorf("an unreadable default file: %v", err)
+		}
+	}
 }

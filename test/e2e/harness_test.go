@@ -42,6 +42,13 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
+	// cmlctl's settings come from the tests only, never from a config
+	// file or session of the user running them.
+	os.Setenv("XDG_CONFIG_HOME", filepath.Join(tmp, "config"))
+	os.Setenv("XDG_RUNTIME_DIR", filepath.Join(tmp, "runtime"))
+	for _, v := range []string{"CML_CONFIG", "CML_REMOTE", "CML_CERT", "CML_KEY", "CML_CA", "CML_SESSION_FILE", "CML_PKCS11_MODULE", "CML_KEY_LABEL", "CML_TOKEN_LABEL"} {
+		os.Unsetenv(v)
+	}
 	// The VM lane (scripts/vm-test.sh) has no Go toolchain inside: it
 	// hands over binaries, PKI and guest OS built on the host.
 	if dir := os.Getenv("CML_E2E_PREBUILT"); dir != "" {

@@ -36,7 +36,7 @@ func secretFiles(t *testing.T, dir string, uid int, secrets ...string) map[strin
 // max_failures with the same answer as an unknown account (timing
 // measured and logged); a session locks when idle and after a self-lock,
 // and only a login unlocks it; an administrator ending a session ends
-// the exec stream running under it; no password reaches the log or the
+// the exec and logs -f streams running under it; no password reaches the log or the
 // trail, and accounts.json holds Argon2id hashes only (CR 1.7, 1.10, 1.11, 2.5, 2.6, FIA_AFL.1, FTA_SSL).
 func TestPasswordsLockoutAndSessions(t *testing.T) {
 	d := startDaemon(t)
@@ -189,6 +189,13 @@ func TestPasswordsLockoutAndSessions(t *testing.T) {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- ex.Wait() }()
+	lf := exec.Command(ctl, "--socket", d.socket, "--session-file", sess, "logs", "-f", "mine")
+	lf.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	if err := lf.Start(); err != nil {
+		t.Fatal(err)
+	}
+	followed := make(chan error, 1)
+	go func() { followed <- lf.Wait() }()
 	time.Sleep(2 * time.Second)
 	var list struct {
 		Sessions []struct{ ID, Account string }
@@ -214,6 +221,12 @@ func TestPasswordsLockoutAndSessions(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		ex.Process.Kill()
 		t.Error("the exec stream outlived its ended session")
+	}
+	select {
+	case <-followed:
+	case <-time.After(20 * time.Second):
+		lf.Process.Kill()
+		t.Error("the logs -f stream outlived its ended session")
 	}
 	if out, code := op("list"); code == 0 || !strings.Contains(out, "no such session") {
 		t.Errorf("after the session was ended: %d %s", code, out)
