@@ -527,9 +527,60 @@ func (st *Stage) rebuild(pols []Policy) error {
 	return nil
 }
 
-// removeRules deletes container id's rules, chains and link from cmld's
-// table in one transaction; what is not there is not an error.
+// remove deletes container id's rules, chains and link from cmld's
+// table; what is not there is not an error. A netlink dump that a
+// concurrent change (another container's start or stop) interrupts can
+// come back short without saying so, so the removal checks what is left
+// and goes again (it was seen leaving a stopped container's chains when
+// six stopped at once).
 func (f *firewall) remove(id string) error {
+	var err error
+	for try := 0; try < 5; try++ {
+		if err = f.removeOnce(id); err == nil && !f.leftover(id) {
+			return nil
+		}
+	}
+	if err == nil {
+		err = fmt.Errorf("nftables: the rules of %s are still there after five removals", id)
+	}
+	return err
+}
+
+// leftover reports whether container id still has chains or rules in
+// cmld's table.
+func (f *firewall) leftover(id string) bool {
+	c, err := nftables.New()
+	if err != nil {
+		return false
+	}
+	if t, _ := c.ListTableOfFamily(f.table.Name, nftables.TableFamilyINet); t == nil {
+		return false
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return true
+	}
+	for _, ch := range chains {
+		if ch.Table.Name == f.table.Name && (ch.Name == egressChain(id) || ch.Name == ingressChain(id)) {
+			return true
+		}
+	}
+	for _, name := range []string{chClassify, chAllow, chDeny} {
+		rules, err := c.GetRules(f.table, f.chain(name))
+		if err != nil {
+			return true
+		}
+		for _, r := range rules {
+			if t, ok := commentOf(r.UserData); ok && strings.HasPrefix(t, "cml "+id+" ") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// removeOnce is one removal transaction.
+func (f *firewall) removeOnce(id string) error {
 	table, chain := f.table, f.chain
 	c, err := nftables.New()
 	if err != nil {
