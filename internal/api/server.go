@@ -87,14 +87,10 @@ var queries = map[string]bool{
 // objectOf names what a request acts on, for the audit record.
 func objectOf(req any) string {
 	switch r := req.(type) {
-	case *cmlv1.ContainerRef:
-		return r.GetNameOrUuid()
-	case *cmlv1.StopRequest:
-		return r.GetNameOrUuid()
+	case *cmlv1.ContainerRef, *cmlv1.StopRequest, *cmlv1.UpdateConfigRequest, *cmlv1.LogsRequest, *cmlv1.ChangePinRequest:
+		return containerOf(req) // never a PIN
 	case *cmlv1.KillRequest:
 		return fmt.Sprintf("%s signal %d", r.GetNameOrUuid(), r.GetSignal())
-	case *cmlv1.UpdateConfigRequest:
-		return r.GetNameOrUuid()
 	case *cmlv1.CreateRequest:
 		if cfg, err := config.ParseContainer("", r.GetConfigText()); err == nil && len(r.GetConfigText()) > 0 {
 			return cfg.GetName()
@@ -103,10 +99,6 @@ func objectOf(req any) string {
 			return r.GetConfig().GetName()
 		}
 		return r.GetSource()
-	case *cmlv1.LogsRequest:
-		return r.GetNameOrUuid()
-	case *cmlv1.ChangePinRequest:
-		return r.GetNameOrUuid() // never the PINs
 	case *cmlv1.AccountInfo:
 		return "account " + r.GetName()
 	case *cmlv1.AccountRef:

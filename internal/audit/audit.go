@@ -585,12 +585,17 @@ func (s *FileSink) Checkpoint() error {
 	// Only what is durable: a checkpoint never covers a record a crash
 	// could still take away.
 	s.mu.Lock()
-	c := auditlog.Checkpoint{Origin: s.origin, Size: s.durable.tree.Size(), Root: s.durable.tree.Root(), Time: s.now().Unix()}
+	c := s.checkpointOf(&s.durable.tree)
 	s.mu.Unlock()
 	if c.Size == s.signedAt {
 		return nil
 	}
 	return s.appendCheckpoint(c)
+}
+
+// checkpointOf is the (unsigned) checkpoint of tree, now.
+func (s *FileSink) checkpointOf(t *auditlog.Tree) auditlog.Checkpoint {
+	return auditlog.Checkpoint{Origin: s.origin, Size: t.Size(), Root: t.Root(), Time: s.now().Unix()}
 }
 
 // appendCheckpoint signs c and appends it, durable, to the checkpoints
@@ -731,7 +736,7 @@ func (s *FileSink) RotateAfter(confirmed func(n int64) bool, after string) error
 		if s.signer == nil || s.signedAt == s.tree.Size() || try == 3 {
 			break // with mu held
 		}
-		c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
+		c := s.checkpointOf(&s.tree)
 		s.mu.Unlock()
 		if err := s.appendCheckpoint(c); err != nil {
 			return fmt.Errorf("checkpoint before rotation: %w", err)
@@ -739,7 +744,7 @@ func (s *FileSink) RotateAfter(confirmed func(n int64) bool, after string) error
 	}
 	defer s.mu.Unlock()
 	if s.signer != nil && s.signedAt != s.tree.Size() {
-		c := auditlog.Checkpoint{Origin: s.origin, Size: s.tree.Size(), Root: s.tree.Root(), Time: s.now().Unix()}
+		c := s.checkpointOf(&s.tree)
 		if err := s.appendCheckpoint(c); err != nil {
 			return fmt.Errorf("checkpoint before rotation: %w", err)
 		}

@@ -74,11 +74,7 @@ func auditThroughput(w io.Writer, tmp string) error {
 		}
 		group, single = append(group, g), append(single, one)
 	}
-	var ratios []float64
-	for i := range group {
-		ratios = append(ratios, group[i]/single[i])
-	}
 	fmt.Fprintf(w, "audit: durable records per second, %d concurrent writers, 3 interleaved rounds: the trail (hash chain, Merkle tree, group commit) median %.0f/s (goal >= 50000); one fsync per record, same disk, median %.0f/s; median of per-round ratios %.1f\n",
-		writers, medianF(group), medianF(single), medianF(ratios))
+		writers, medianF(group), medianF(single), medianPairRatio(group, single))
 	return nil
 }

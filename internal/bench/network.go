@@ -200,13 +200,23 @@ func networkFigures(w io.Writer, tmp string, ctl func(...string) error, conf fun
 		}
 		rules, bare = append(rules, a), append(bare, b)
 	}
-	var ratios []float64
-	for i := range rules {
-		ratios = append(ratios, rules[i]/bare[i])
-	}
 	fmt.Fprintf(w, "  throughput container -> outside namespace (iperf3, 2 s, %d interleaved pairs): with the rule set median %.2f Gbit/s, same path without rules %.2f Gbit/s; median of per-pair ratios %.3f   goal >= 0.9\n",
-		rounds, medianF(rules)/1e9, medianF(bare)/1e9, medianF(ratios))
+		rounds, medianF(rules)/1e9, medianF(bare)/1e9, medianPairRatio(rules, bare))
 	return nil
+}
+
+// medianPairRatio is the median of a[i]/b[i] over interleaved pairs.
+func medianPairRatio(a, b []float64) float64 {
+	var r []float64
+	for i := range a {
+		if i < len(b) && b[i] != 0 {
+			r = append(r, a[i]/b[i])
+		}
+	}
+	if len(r) == 0 {
+		return 0
+	}
+	return medianF(r)
 }
 
 func medianF(v []float64) float64 {

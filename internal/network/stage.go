@@ -546,75 +546,70 @@ func (f *firewall) remove(id string) error {
 	return err
 }
 
+// owned lists container id's rules (in the shared chains) and its own
+// chains in cmld's table; no table is nothing owned.
+func (f *firewall) owned(c *nftables.Conn, id string) ([]*nftables.Rule, []*nftables.Chain, error) {
+	if t, _ := c.ListTableOfFamily(f.table.Name, nftables.TableFamilyINet); t == nil {
+		return nil, nil, nil
+	}
+	var rules []*nftables.Rule
+	for _, ch := range []string{chClassify, chAllow, chDeny} {
+		rs, err := c.GetRules(f.table, f.chain(ch))
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, r := range rs {
+			if t, ok := commentOf(r.UserData); ok && strings.HasPrefix(t, "cml "+id+" ") {
+				rules = append(rules, r)
+			}
+		}
+	}
+	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return nil, nil, err
+	}
+	var chains []*nftables.Chain
+	for _, ch := range all {
+		if ch.Table.Name == f.table.Name && (ch.Name == egressChain(id) || ch.Name == ingressChain(id)) {
+			chains = append(chains, ch)
+		}
+	}
+	return rules, chains, nil
+}
+
 // leftover reports whether container id still has chains or rules in
-// cmld's table.
+// cmld's table (or they cannot be listed).
 func (f *firewall) leftover(id string) bool {
 	c, err := nftables.New()
 	if err != nil {
 		return false
 	}
-	if t, _ := c.ListTableOfFamily(f.table.Name, nftables.TableFamilyINet); t == nil {
-		return false
-	}
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
-	if err != nil {
-		return true
-	}
-	for _, ch := range chains {
-		if ch.Table.Name == f.table.Name && (ch.Name == egressChain(id) || ch.Name == ingressChain(id)) {
-			return true
-		}
-	}
-	for _, name := range []string{chClassify, chAllow, chDeny} {
-		rules, err := c.GetRules(f.table, f.chain(name))
-		if err != nil {
-			return true
-		}
-		for _, r := range rules {
-			if t, ok := commentOf(r.UserData); ok && strings.HasPrefix(t, "cml "+id+" ") {
-				return true
-			}
-		}
-	}
-	return false
+	rules, chains, err := f.owned(c, id)
+	return err != nil || len(rules) > 0 || len(chains) > 0
 }
 
 // removeOnce is one removal transaction.
 func (f *firewall) removeOnce(id string) error {
-	table, chain := f.table, f.chain
 	c, err := nftables.New()
 	if err != nil {
 		return err
 	}
-	if t, _ := c.ListTableOfFamily(table.Name, nftables.TableFamilyINet); t == nil {
-		return nil
-	}
-	var link []byte
-	for _, ch := range []string{chClassify, chAllow, chDeny} {
-		rules, err := c.GetRules(table, chain(ch))
-		if err != nil {
-			return err
-		}
-		for _, r := range rules {
-			if t, ok := commentOf(r.UserData); ok && strings.HasPrefix(t, "cml "+id+" ") {
-				if err := c.DelRule(r); err != nil {
-					return err
-				}
-				if link == nil {
-					link = linkOf(r)
-				}
-			}
-		}
-	}
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	rules, chains, err := f.owned(c, id)
 	if err != nil {
 		return err
 	}
-	for _, ch := range chains {
-		if ch.Table.Name == table.Name && (ch.Name == egressChain(id) || ch.Name == ingressChain(id)) {
-			c.FlushChain(ch)
-			c.DelChain(ch)
+	var link []byte
+	for _, r := range rules {
+		if err := c.DelRule(r); err != nil {
+			return err
 		}
+		if link == nil {
+			link = linkOf(r)
+		}
+	}
+	for _, ch := range chains {
+		c.FlushChain(ch)
+		c.DelChain(ch)
 	}
 	if link != nil {
 		c.SetDeleteElements(f.links, []nftables.SetElement{{Key: link}})
