@@ -156,10 +156,10 @@ func openDM(ctx context.Context, cipher, run, id string, key []byte, sizeMiB uin
 
 // closeDM unmounts, closes the mapping and frees the loop device.
 func closeDM(v *volume) error {
-	var errs []error
-	if err := unix.Unmount(v.Data, 0); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		errs = append(errs, fmt.Errorf("unmount volume: %w", err))
+	if err := unmountVolume(v.Data); err != nil {
+		return err
 	}
+	var errs []error
 	if v.Mapper != "" {
 		if _, err := os.Stat("/dev/mapper/" + v.Mapper); err == nil {
 			if out, err := exec.Command("cryptsetup", "close", v.Mapper).CombinedOutput(); err != nil {

@@ -195,9 +195,8 @@ func closeVolume(v *volume, runDir string) error {
 			detachAll(v.Pid, runDir)
 		}
 	}
-	var errs []error
-	if err := unix.Unmount(v.Data, 0); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		errs = append(errs, fmt.Errorf("unmount volume: %w", err))
+	if err := unmountVolume(v.Data); err != nil {
+		return err
 	}
 	if v.Loop != "" {
 		exec.Command("losetup", "-d", v.Loop).Run()
@@ -206,7 +205,32 @@ func closeVolume(v *volume, runDir string) error {
 		unix.Unmount(v.Plain, unix.MNT_DETACH)
 	}
 	stopGocryptfs(v.Pid, v.Plain, v.FuseConn)
-	return errors.Join(errs...)
+	return nil
+}
+
+// busyWait bounds how long unmountVolume retries a busy volume.
+var busyWait = 3 * time.Second
+
+// unmountVolume unmounts a container's decrypted ext4 volume. A mount is
+// busy for a moment whenever cmld forks (runc, losetup, gocryptfs for
+// another container) while one of its goroutines has a file open in it:
+// the child holds a copy of every descriptor until it execs. So EBUSY is
+// retried for up to busyWait. A volume still busy after that stays
+// mounted, with the layers under it: pulling the loop device or gocryptfs
+// from under a mounted ext4 loses its unwritten data and leaves a mount
+// that answers EIO. The caller keeps the volume to close it later.
+func unmountVolume(dir string) error {
+	deadline := time.Now().Add(busyWait)
+	for delay := time.Millisecond; ; delay = min(2*delay, 50*time.Millisecond) {
+		err := unix.Unmount(dir, 0)
+		if err == nil || errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) {
+			return nil
+		}
+		if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+			return fmt.Errorf("unmount volume: %w", err)
+		}
+		time.Sleep(delay)
+	}
 }
 
 // stopGocryptfs ends gocryptfs pid if it still serves plain (the pid may

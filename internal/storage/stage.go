@@ -25,6 +25,7 @@ import (
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/errdefs"
+	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/token"
 )
 
@@ -170,7 +171,10 @@ func (st *Stage) Prepare(ctx context.Context, s *container.Start) (any, error) {
 		return nil, err
 	}
 	run := filepath.Join(st.Runs, s.ID)
-	os.RemoveAll(run) // nothing mounted there: cmld's namespace is new or it was released
+	if err := st.closeLeftover(s.ID, run); err != nil {
+		return nil, errdefs.FailedPrecondition("storage: container %s: the volume of its last run is still in use: %v", s.Name, err)
+	}
+	os.RemoveAll(run) // nothing is mounted there (checked above)
 	var v *volume
 	if backend == backendDM {
 		v, err = openDM(ctx, cipherDir(s.Dir), run, s.ID, key, st.Settings.GetVolumeSizeMib())
@@ -197,6 +201,30 @@ func (st *Stage) Prepare(ctx context.Context, s *container.Start) (any, error) {
 		go st.watchIntegrity(wctx, s.ID, s.Name, v.Log)
 	}
 	return v, nil
+}
+
+// closeLeftover closes what a release that found the volume busy left
+// mounted under a container's run directory; it fails while anything is
+// still mounted there (the run directory is never removed across a
+// mounted volume).
+func (st *Stage) closeLeftover(id, run string) error {
+	st.mu.Lock()
+	v := st.running[id]
+	st.mu.Unlock()
+	if v != nil {
+		if err := closeVolume(v, filepath.Dir(st.Runs)); err != nil {
+			return err
+		}
+		st.mu.Lock()
+		if st.running[id] == v {
+			delete(st.running, id)
+		}
+		st.mu.Unlock()
+	}
+	if mps, _ := rootfs.MountsUnder(run); len(mps) > 0 {
+		return fmt.Errorf("%s is mounted", mps[0])
+	}
+	return nil
 }
 
 // watchIntegrity reports authentication failures gocryptfs logs while
@@ -257,7 +285,15 @@ func (st *Stage) Release(_ context.Context, id string, raw json.RawMessage) erro
 		}
 	}
 	if v != nil {
-		return closeVolume(v, filepath.Dir(st.Runs))
+		if err := closeVolume(v, filepath.Dir(st.Runs)); err != nil {
+			// Still mounted: kept, so that the next start or stop of
+			// the container closes it before anything else.
+			st.mu.Lock()
+			st.running[id] = v
+			st.mu.Unlock()
+			return err
+		}
+		return nil
 	}
 	// No record: a start the daemon did not finish recording.
 	CleanupUnder(filepath.Join(st.Runs, id), filepath.Dir(st.Runs), nil)

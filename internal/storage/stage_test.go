@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/cmlproject/cml/internal/audittest"
 	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/errdefs"
+	"github.com/cmlproject/cml/internal/rootfs"
 	"github.com/cmlproject/cml/internal/testutil"
 )
 
@@ -124,6 +126,93 @@ func TestConcurrentEncryptedStarts(t *testing.T) {
 	}
 	if out, _ := exec.Command("losetup", "-a").Output(); strings.Contains(string(out), root) {
 		t.Errorf("loop devices left:\n%s", out)
+	}
+	if out, _ := exec.Command("pgrep", "-af", "gocryptfs.*"+root).Output(); len(out) > 0 {
+		t.Errorf("gocryptfs left:\n%s", out)
+	}
+}
+
+// TestBusyVolumeStaysWhole: a release that finds the decrypted volume
+// busy waits a moment for it (cmld's own forks hold it briefly: CI saw
+// TestConcurrentEncryptedStarts fail so), and if it stays busy leaves the
+// volume mounted and whole instead of pulling gocryptfs from under it;
+// the next start closes it first, and refuses while it is still in use.
+func TestBusyVolumeStaysWhole(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireTool(t, "gocryptfs", "mkfs.ext4", "losetup")
+	root := t.TempDir()
+	runs := filepath.Join(root, "run", "storage")
+	st := New(&cmlv1.StorageSettings{VolumeSizeMib: proto.Uint32(64)}, runs, &audittest.Recorder{}, slog.New(slog.NewTextHandler(&bytes.Buffer{}, nil)), nil)
+	st.Backend = backendGocryptfs
+	id := "6f1c2d3e-0000-4000-8000-00000000000b"
+	dir := filepath.Join(root, "state", id)
+	os.MkdirAll(dir, 0o700)
+	start := &container.Start{ID: id, Name: "busy", Dir: dir, Config: &cmlv1.ContainerConfig{TokenType: cmlv1.ContainerTokenType_SOFT.Enum()}, Secret: []byte("pin")}
+	ctx := context.Background()
+	prepare := func() string {
+		t.Helper()
+		s := *start
+		if _, err := st.Prepare(ctx, &s); err != nil {
+			t.Fatalf("prepare: %v", err)
+		}
+		return s.DataDir
+	}
+	// hold keeps the volume busy for d: a process whose working
+	// directory is in it.
+	hold := func(dataDir, d string) *exec.Cmd {
+		t.Helper()
+		cmd := exec.Command("sleep", d)
+		cmd.Dir = filepath.Join(dataDir, "volumes")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return cmd
+	}
+	data := prepare()
+	mark := filepath.Join(data, "volumes", "mark")
+	if err := os.WriteFile(mark, []byte("kept"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Busy for a moment: the release waits it out.
+	h := hold(data, "0.3")
+	if err := st.Release(ctx, id, nil); err != nil {
+		t.Errorf("a volume busy for 0.3 s: %v", err)
+	}
+	h.Wait()
+
+	// Busy for longer than the release waits.
+	data = prepare()
+	h = hold(data, "30")
+	defer h.Process.Kill()
+	old := busyWait
+	busyWait = 200 * time.Millisecond
+	defer func() { busyWait = old }()
+	if err := st.Release(ctx, id, nil); err == nil || !strings.Contains(err.Error(), "busy") {
+		t.Errorf("release of a volume kept busy: %v", err)
+	}
+	if b, err := os.ReadFile(mark); err != nil || string(b) != "kept" {
+		t.Fatalf("the busy volume after a release: %q %v (the layers under it were pulled)", b, err)
+	}
+	s := *start
+	if _, err := st.Prepare(ctx, &s); !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "still in use") {
+		t.Errorf("a start while the last run's volume is busy: %v", err)
+	}
+	if b, err := os.ReadFile(mark); err != nil || string(b) != "kept" {
+		t.Fatalf("the busy volume after a refused start: %q %v", b, err)
+	}
+	h.Process.Kill()
+	h.Wait()
+	busyWait = old
+	// Free now: the next start closes the old volume and opens it again.
+	data = prepare()
+	if b, err := os.ReadFile(filepath.Join(data, "volumes", "mark")); err != nil || string(b) != "kept" {
+		t.Errorf("data after the busy run: %q %v", b, err)
+	}
+	if err := st.Release(ctx, id, nil); err != nil {
+		t.Error(err)
+	}
+	if mps, _ := rootfs.MountsUnder(runs); len(mps) > 0 {
+		t.Errorf("left mounted: %v", mps)
 	}
 	if out, _ := exec.Command("pgrep", "-af", "gocryptfs.*"+root).Output(); len(out) > 0 {
 		t.Errorf("gocryptfs left:\n%s", out)
