@@ -13,7 +13,7 @@ for pair in runc:runc busybox:busybox-static mkfs.erofs:erofs-utils mksquashfs:s
 	swtpm:swtpm swtpm_setup:swtpm-tools tpm2_checkquote:tpm2-tools \
 	qemu-system-x86_64:qemu-system-x86 nft:nftables ip:iproute2 iperf3:iperf3 \
 	pkg-config:pkg-config gocryptfs:gocryptfs debugfs:e2fsprogs nsenter:util-linux \
-	rsyslogd:rsyslog; do
+	rsyslogd:rsyslog age:age; do
 	bin=${pair%%:*}
 	pkg=${pair#*:}
 	command -v "$bin" >/dev/null 2>&1 || need="$need $pkg"
