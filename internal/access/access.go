@@ -68,6 +68,7 @@ var Table = map[string]Rule{
 	"DeviceInfo": r(Administrator, Auditor, User), "DeviceCSR": r(Administrator), "DeviceCert": r(Administrator),
 	"DeviceProvisioned": r(Administrator), "DeviceWipe": r(Administrator), "Attest": r(Administrator, Auditor),
 	"AuditShow": r(Auditor), "AuditVerify": r(Auditor), "AuditStatus": r(Auditor), "AuditExport": r(Auditor), "AuditArchive": r(Auditor),
+	"Backup": r(Administrator), "Restore": r(Administrator),
 	"Whoami":  {Any: true},
 	"UserAdd": r(Administrator), "UserRemove": r(Administrator), "UserList": r(Administrator, Auditor), "UserSet": r(Administrator),
 	// Every account changes its own password and sees, locks and ends
@@ -223,17 +224,94 @@ func (s *Store) update(fn func(*snapshot) error) error {
 	if err := fn(next); err != nil {
 		return err
 	}
-	f := storeFile{Policy: &next.policy}
-	for _, a := range next.accs {
-		f.Accounts = append(f.Accounts, a)
-	}
-	sort.Slice(f.Accounts, func(i, j int) bool { return f.Accounts[i].Name < f.Accounts[j].Name })
-	b, _ := json.MarshalIndent(f, "", "  ")
-	if err := atomicfile.Write(s.path, b, 0o600); err != nil {
+	if err := atomicfile.Write(s.path, next.encode(), 0o600); err != nil {
 		return fmt.Errorf("accounts: %w", err)
 	}
 	s.cur.Store(next)
 	return nil
+}
+
+// encode is the accounts file of snap.
+func (snap *snapshot) encode() []byte {
+	f := storeFile{Policy: &snap.policy}
+	for _, a := range snap.accs {
+		f.Accounts = append(f.Accounts, a)
+	}
+	sort.Slice(f.Accounts, func(i, j int) bool { return f.Accounts[i].Name < f.Accounts[j].Name })
+	b, _ := json.MarshalIndent(f, "", "  ")
+	return b
+}
+
+// Export returns the accounts and the policy as the accounts file holds
+// them (password hashes included), for a backup.
+func (s *Store) Export() []byte { return s.cur.Load().encode() }
+
+// Restore adds the accounts of an exported file (Export) that this device
+// does not have, with their roles, containers, mappings and password
+// hashes (CR 7.4: the same credentials work on a replacement device).
+// Failure counts and locks start afresh. An account whose name exists
+// here, or whose uid or certificate name another account here holds, is
+// skipped with the reason; built-in accounts and the policy are not
+// touched. Nothing is written when nothing is added.
+func (s *Store) Restore(b []byte) (added []string, skipped map[string]string, err error) {
+	var f storeFile
+	if err := json.Unmarshal(b, &f); err != nil {
+		return nil, nil, fmt.Errorf("accounts: %w", err)
+	}
+	skipped = map[string]string{}
+	err = s.update(func(snap *snapshot) error {
+		for _, a := range f.Accounts {
+			if a == nil {
+				continue
+			}
+			switch {
+			case a.BuiltIn:
+				continue
+			case !config.ValidName(a.Name) || validRoles(a.Roles) != nil:
+				skipped[a.Name] = "not a valid account"
+				continue
+			case snap.accs[a.Name] != nil:
+				skipped[a.Name] = "exists here"
+				continue
+			}
+			if clash := snap.mapped(a); clash != "" {
+				skipped[a.Name] = clash
+				continue
+			}
+			a.Locked, a.LockReason, a.Failures = false, "", 0
+			snap.accs[a.Name] = a.clone()
+			added = append(added, a.Name)
+		}
+		if len(added) == 0 {
+			return errNothing
+		}
+		return nil
+	})
+	if errors.Is(err, errNothing) {
+		err = nil
+	}
+	sort.Strings(added)
+	return added, skipped, err
+}
+
+var errNothing = errors.New("nothing to change")
+
+// mapped names the account here that already holds one of a's local
+// uids or certificate names ("" if none).
+func (snap *snapshot) mapped(a *Account) string {
+	for _, o := range snap.accs {
+		for _, u := range a.LocalUIDs {
+			if slices.Contains(o.LocalUIDs, u) {
+				return fmt.Sprintf("local uid %d is mapped to account %s already", u, o.Name)
+			}
+		}
+		for _, n := range a.CertNames {
+			if slices.Contains(o.CertNames, n) {
+				return fmt.Sprintf("certificate name %q is mapped to account %s already", n, o.Name)
+			}
+		}
+	}
+	return ""
 }
 
 // Get returns a copy of one account.
@@ -319,17 +397,8 @@ func (s *Store) Add(a Account, password []byte) error {
 		if snap.accs[a.Name] != nil {
 			return fmt.Errorf("account %s exists already", a.Name)
 		}
-		for _, o := range snap.accs {
-			for _, u := range a.LocalUIDs {
-				if slices.Contains(o.LocalUIDs, u) {
-					return fmt.Errorf("local uid %d is mapped to account %s already", u, o.Name)
-				}
-			}
-			for _, n := range a.CertNames {
-				if slices.Contains(o.CertNames, n) {
-					return fmt.Errorf("certificate name %q is mapped to account %s already", n, o.Name)
-				}
-			}
+		if clash := snap.mapped(&a); clash != "" {
+			return errors.New(clash)
 		}
 		snap.accs[a.Name] = &a
 		return nil

@@ -3,6 +3,7 @@ package access
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -258,5 +259,59 @@ func TestDecoyHasTheParameters(t *testing.T) {
 	}
 	if verifyPassword(decoy, []byte("")) {
 		t.Error("the decoy verifies the empty password")
+	}
+}
+
+// TestRestoreAccounts: accounts exported from one device come back on
+// another with their password hashes (the same password logs in); an
+// account that exists there, or whose uid another account holds, is
+// skipped and unchanged; a locked account comes back unlocked with no
+// failures; built-in accounts and the policy are not touched.
+func TestRestoreAccounts(t *testing.T) {
+	a, _ := Open(t.TempDir())
+	own := []byte("Own-Passw0rd-1")
+	a.Add(Account{Name: "op", Roles: []Role{User}, LocalUIDs: []int{1000}}, []byte("Initial-Passw0rd"))
+	if _, err := a.Authenticate(local1000, "op", []byte("Initial-Passw0rd"), own); err != nil {
+		t.Fatal(err)
+	}
+	a.Add(Account{Name: "bob", Roles: []Role{Auditor}}, nil)
+	a.Add(Account{Name: "eve", Roles: []Role{User}, LocalUIDs: []int{2000}}, nil)
+	locked := true
+	a.Set("bob", nil, nil, &locked)
+	exported := a.Export()
+
+	dir := t.TempDir()
+	b, _ := Open(dir)
+	b.Add(Account{Name: "mallory", Roles: []Role{Administrator}, LocalUIDs: []int{2000}}, nil)
+	pol := DefaultPolicy()
+	pol.MinLength = 20
+	if err := b.SetPolicy(pol); err != nil {
+		t.Fatal(err)
+	}
+	added, skipped, err := b.Restore(exported)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(added, ",") != "bob,op" || !strings.Contains(skipped["eve"], "uid 2000 is mapped to account mallory") {
+		t.Errorf("added %v, skipped %v", added, skipped)
+	}
+	if _, err := b.Authenticate(local1000, "op", own, nil); err != nil {
+		t.Errorf("the restored account with its password: %v", err)
+	}
+	if acc, _ := b.Get("bob"); acc.Locked || acc.Failures != 0 {
+		t.Errorf("bob restored locked: %+v", acc)
+	}
+	if acc, _ := b.Get("mallory"); !slices.Contains(acc.LocalUIDs, 2000) {
+		t.Error("a skipped account changed the one that holds its uid")
+	}
+	if b.Policy().MinLength != 20 {
+		t.Error("a restore changed the policy")
+	}
+	// Again: nothing to add, nothing written.
+	if added, _, err := b.Restore(exported); err != nil || len(added) != 0 {
+		t.Errorf("a second restore: %v %v", added, err)
+	}
+	if _, _, err := b.Restore([]byte("not json")); err == nil {
+		t.Error("a malformed accounts file restored")
 	}
 }

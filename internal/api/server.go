@@ -60,7 +60,9 @@ type Server struct {
 	Audit    audit.Recorder
 	// Trail is the audit trail auditors read and verify; Forwarder, when
 	// set, sends it to a collector.
-	Trail     *audit.FileSink
+	Trail *audit.FileSink
+	// Backups makes and takes back configuration backups; nil: none.
+	Backups   *Backups
 	Forwarder *audit.Forwarder
 	// Accounts and their roles authorize every call (access.Table); nil
 	// allows everything (tests of other parts).

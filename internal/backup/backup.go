@@ -350,3 +350,20 @@ func ParseIdentities(r io.Reader) ([]age.Identity, error) {
 	}
 	return ids, nil
 }
+
+// SignedUnder checks that the backup's signer is one of anchors or was
+// issued under one of them (the backup's chain serving as intermediates).
+func (b *Backup) SignedUnder(anchors []*x509.Certificate) error {
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	for _, c := range anchors {
+		if b.Chain[0].Equal(c) {
+			return nil
+		}
+		roots.AddCert(c)
+	}
+	for _, c := range b.Chain[1:] {
+		inter.AddCert(c)
+	}
+	_, err := b.Chain[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	return err
+}

@@ -225,3 +225,44 @@ func TestBackupOpensWithStandardTools(t *testing.T) {
 		t.Error("sha256sum -c accepted a changed file")
 	}
 }
+
+// TestSignedUnder: a backup is accepted from its own signer or a device
+// the given issuer certified (a replacement device of the same owner),
+// not from a device of another issuer.
+func TestSignedUnder(t *testing.T) {
+	newCA := func(cn string) (*x509.Certificate, *ecdsa.PrivateKey) {
+		k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: cn}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+		der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+		c, _ := x509.ParseCertificate(der)
+		return c, k
+	}
+	ca, caKey := newCA("owner device CA")
+	other, _ := newCA("another CA")
+	dev, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(8), Subject: pkix.Name{CommonName: "CML device 1"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, ca, &dev.PublicKey, caKey)
+	chain := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	plain, err := Build(Info{Device: "d-1", Created: time.Now()}, testFiles, dev, chain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Parse(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SignedUnder([]*x509.Certificate{ca}); err != nil {
+		t.Errorf("a device of the same issuer: %v", err)
+	}
+	if err := b.SignedUnder([]*x509.Certificate{b.Chain[0]}); err != nil {
+		t.Errorf("the signer itself: %v", err)
+	}
+	if err := b.SignedUnder([]*x509.Certificate{other}); err == nil {
+		t.Error("a device of another issuer accepted")
+	}
+	if err := b.SignedUnder(nil); err == nil {
+		t.Error("accepted with no anchor")
+	}
+}

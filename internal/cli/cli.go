@@ -196,7 +196,7 @@ func Run(args []string, stdin io.Reader, stdout, stderr io.Writer) (int, error) 
 		a.startCmd(), a.stopCmd(), a.killCmd(), a.refCmd("state", "Show a container's state"),
 		a.refCmd("config", "Show a container's config"), a.updateConfigCmd(), a.refCmd("freeze", "Freeze a container"),
 		a.refCmd("unfreeze", "Thaw a frozen container"), a.execCmd(), a.logsCmd(), a.eventsCmd(), a.guestOSCmd(), a.caCmd(), a.deviceCmd(), a.networkCmd(),
-		a.wipeCmd(), a.changePinCmd(), a.tokenCmd(), a.auditCmd(), a.whoamiCmd(), a.userCmd(), a.loginCmd(), a.logoutCmd(), a.sessionCmd(), a.clientCmd())
+		a.wipeCmd(), a.changePinCmd(), a.tokenCmd(), a.auditCmd(), a.whoamiCmd(), a.userCmd(), a.loginCmd(), a.logoutCmd(), a.sessionCmd(), a.clientCmd(), a.backupCmd())
 	err := root.Execute()
 	if a.conn != nil {
 		a.conn.Close()

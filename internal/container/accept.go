@@ -66,14 +66,10 @@ func (a Acceptor) Accept(f ConfigFile, at time.Time) (*cmlv1.ContainerConfig, tr
 // bytes. accepted is when the config was first accepted, so that only
 // revocation, not expiry, stops a config that was valid then.
 func (a Acceptor) Recheck(dir, name string, want *cmlv1.ContainerConfig, level cmlv1.TrustLevel, accepted time.Time) ([]byte, error) {
-	f := ConfigFile{Source: "config of " + name}
-	var err error
-	dir = storedConfigDir(dir)
-	if f.Text, err = os.ReadFile(filepath.Join(dir, "config.conf")); err != nil {
-		return nil, errdefs.Integrity("%s: %v", f.Source, err)
+	f, err := StoredConfig(dir, "config of "+name)
+	if err != nil {
+		return nil, errdefs.Integrity("%v", err)
 	}
-	f.Sig, _ = os.ReadFile(filepath.Join(dir, "config.conf"+sign.SigSuffix))
-	f.Pem, _ = os.ReadFile(filepath.Join(dir, "config.conf"+sign.CertSuffix))
 	cfg, res, err := a.Accept(f, accepted)
 	if err != nil {
 		return nil, err
@@ -82,4 +78,19 @@ func (a Acceptor) Recheck(dir, name string, want *cmlv1.ContainerConfig, level c
 		return nil, errdefs.Integrity("%s: stored config changed since it was accepted", f.Source)
 	}
 	return f.Text, nil
+}
+
+// StoredConfig reads the config stored for the container in dir as it
+// was accepted: its exact bytes, signature and signer chain (what a
+// backup holds and Create takes back).
+func StoredConfig(dir, source string) (ConfigFile, error) {
+	f := ConfigFile{Source: source}
+	var err error
+	dir = storedConfigDir(dir)
+	if f.Text, err = os.ReadFile(filepath.Join(dir, configFile)); err != nil {
+		return ConfigFile{}, fmt.Errorf("%s: %w", source, err)
+	}
+	f.Sig, _ = os.ReadFile(filepath.Join(dir, configFile+sign.SigSuffix))
+	f.Pem, _ = os.ReadFile(filepath.Join(dir, configFile+sign.CertSuffix))
+	return f, nil
 }

@@ -19,6 +19,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/net/netutil"
@@ -32,6 +33,7 @@ import (
 	"github.com/cmlproject/cml/internal/api"
 	"github.com/cmlproject/cml/internal/atomicfile"
 	"github.com/cmlproject/cml/internal/audit"
+	"github.com/cmlproject/cml/internal/backup"
 	"github.com/cmlproject/cml/internal/config"
 	"github.com/cmlproject/cml/internal/container"
 	"github.com/cmlproject/cml/internal/device"
@@ -331,7 +333,11 @@ func Run(ctx context.Context, c Config) error {
 	if err != nil {
 		return err
 	}
-	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Trail: sink, Forwarder: fw, Accounts: accounts, Sessions: sessions, Log: c.Log}
+	backups, err := backupSettings(c, dev, keys)
+	if err != nil {
+		return err
+	}
+	srv := &api.Server{Containers: mgr, GuestOS: store, Trust: ts, Downloads: downloads, Device: ident, Networks: netStage, Storage: storageStage, Audit: sink, Trail: sink, Forwarder: fw, Accounts: accounts, Sessions: sessions, Backups: backups, Log: c.Log}
 	gs := grpc.NewServer(
 		grpc.Creds(api.PeerCredentials()),
 		grpc.ChainUnaryInterceptor(srv.UnaryInterceptor),
@@ -408,6 +414,24 @@ func remeasure(ctx context.Context, m *tpm.Measurer, mgr *container.MeasureStage
 			}
 		}
 	}
+}
+
+// backupSettings are the owner's backup recipients (device.conf backup)
+// and the device key that signs backups.
+func backupSettings(c Config, dev *cmlv1.DeviceConfig, keys *tpm.Keys) (*api.Backups, error) {
+	rs, err := backup.ParseRecipients(strings.Join(dev.GetBackup().GetRecipients(), "\n"))
+	if err != nil {
+		return nil, fmt.Errorf("device config: %w", err)
+	}
+	signer, err := keys.TLS.GetSigner()
+	if err != nil {
+		return nil, fmt.Errorf("backup signing key: %w", err)
+	}
+	path := c.DeviceConfig
+	if path == "" {
+		path = filepath.Join(c.StateDir, "device.conf")
+	}
+	return &api.Backups{Recipients: rs, Signer: signer, DeviceConf: path}, nil
 }
 
 // loadDevice reads the device settings; a missing default file means the

@@ -591,3 +591,24 @@ func (s *Store) VerifyClient(chain []*x509.Certificate) error {
 	}
 	return nil
 }
+
+// Export returns, for a backup, the owner CAs (PEM by fingerprint) and the
+// stored CRLs (PEM by fingerprint, with the issuer chain kept for an
+// intermediate's CRL, nil for a root's), as CARegister and CRLLoad take
+// them back.
+func (s *Store) Export() (owner map[string][]byte, crls map[string][2][]byte) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	owner, crls = map[string][]byte{}, map[string][2][]byte{}
+	for fp, c := range s.owner {
+		owner[fp] = sign.EncodeCertificates(c)
+	}
+	for _, c := range s.crls {
+		var chain []byte
+		for _, ic := range c.chain {
+			chain = append(chain, sign.EncodeCertificates(ic)...)
+		}
+		crls[c.info().Fingerprint] = [2][]byte{pemCRL(c.crl), chain}
+	}
+	return owner, crls
+}

@@ -541,7 +541,7 @@ func (x *AuditSettings_FullAction) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use AuditSettings_FullAction.Descriptor instead.
 func (AuditSettings_FullAction) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11, 0}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12, 0}
 }
 
 type DeviceCSRRequest_Key int32
@@ -597,7 +597,7 @@ func (x *DeviceCSRRequest_Key) UnmarshalJSON(b []byte) error {
 
 // Deprecated: Use DeviceCSRRequest_Key.Descriptor instead.
 func (DeviceCSRRequest_Key) EnumDescriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46, 0}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{47, 0}
 }
 
 // ContainerConfig is a container's configuration file (protobuf text format).
@@ -1437,6 +1437,7 @@ type DeviceConfig struct {
 	Audit         *AuditSettings   `protobuf:"bytes,103,opt,name=audit" json:"audit,omitempty"`
 	Remote        *RemoteSettings  `protobuf:"bytes,104,opt,name=remote" json:"remote,omitempty"`
 	Access        *AccessSettings  `protobuf:"bytes,105,opt,name=access" json:"access,omitempty"`
+	Backup        *BackupSettings  `protobuf:"bytes,106,opt,name=backup" json:"backup,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1563,6 +1564,60 @@ func (x *DeviceConfig) GetAccess() *AccessSettings {
 	return nil
 }
 
+func (x *DeviceConfig) GetBackup() *BackupSettings {
+	if x != nil {
+		return x.Backup
+	}
+	return nil
+}
+
+// BackupSettings configure configuration backups (docs/backup.md).
+type BackupSettings struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// recipients are the owner's age public keys ("age1..."); a backup is
+	// encrypted to all of them. None: the device makes no backups.
+	Recipients    []string `protobuf:"bytes,1,rep,name=recipients" json:"recipients,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupSettings) Reset() {
+	*x = BackupSettings{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupSettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupSettings) ProtoMessage() {}
+
+func (x *BackupSettings) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupSettings.ProtoReflect.Descriptor instead.
+func (*BackupSettings) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *BackupSettings) GetRecipients() []string {
+	if x != nil {
+		return x.Recipients
+	}
+	return nil
+}
+
 // StorageSettings configure encrypted container storage and tokens.
 type StorageSettings struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1594,7 +1649,7 @@ const (
 
 func (x *StorageSettings) Reset() {
 	*x = StorageSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1606,7 +1661,7 @@ func (x *StorageSettings) String() string {
 func (*StorageSettings) ProtoMessage() {}
 
 func (x *StorageSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[8]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1619,7 +1674,7 @@ func (x *StorageSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StorageSettings.ProtoReflect.Descriptor instead.
 func (*StorageSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{8}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StorageSettings) GetRequireEncryption() bool {
@@ -1705,7 +1760,7 @@ const (
 
 func (x *NetworkSettings) Reset() {
 	*x = NetworkSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1717,7 +1772,7 @@ func (x *NetworkSettings) String() string {
 func (*NetworkSettings) ProtoMessage() {}
 
 func (x *NetworkSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[9]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1730,7 +1785,7 @@ func (x *NetworkSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkSettings.ProtoReflect.Descriptor instead.
 func (*NetworkSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{9}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *NetworkSettings) GetUplink() string {
@@ -1806,7 +1861,7 @@ const (
 
 func (x *NetworkEndpoint) Reset() {
 	*x = NetworkEndpoint{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1818,7 +1873,7 @@ func (x *NetworkEndpoint) String() string {
 func (*NetworkEndpoint) ProtoMessage() {}
 
 func (x *NetworkEndpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[10]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1831,7 +1886,7 @@ func (x *NetworkEndpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkEndpoint.ProtoReflect.Descriptor instead.
 func (*NetworkEndpoint) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{10}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *NetworkEndpoint) GetAddress() string {
@@ -1895,7 +1950,7 @@ const (
 
 func (x *AuditSettings) Reset() {
 	*x = AuditSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1907,7 +1962,7 @@ func (x *AuditSettings) String() string {
 func (*AuditSettings) ProtoMessage() {}
 
 func (x *AuditSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[11]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1920,7 +1975,7 @@ func (x *AuditSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditSettings.ProtoReflect.Descriptor instead.
 func (*AuditSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{11}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AuditSettings) GetCheckpointEvery() uint32 {
@@ -2008,7 +2063,7 @@ const (
 
 func (x *AccessSettings) Reset() {
 	*x = AccessSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2020,7 +2075,7 @@ func (x *AccessSettings) String() string {
 func (*AccessSettings) ProtoMessage() {}
 
 func (x *AccessSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[12]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2033,7 +2088,7 @@ func (x *AccessSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccessSettings.ProtoReflect.Descriptor instead.
 func (*AccessSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{12}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AccessSettings) GetLimitedRootTrust() bool {
@@ -2068,7 +2123,7 @@ const (
 
 func (x *RemoteSettings) Reset() {
 	*x = RemoteSettings{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2080,7 +2135,7 @@ func (x *RemoteSettings) String() string {
 func (*RemoteSettings) ProtoMessage() {}
 
 func (x *RemoteSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[13]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2093,7 +2148,7 @@ func (x *RemoteSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoteSettings.ProtoReflect.Descriptor instead.
 func (*RemoteSettings) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{13}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RemoteSettings) GetListen() string {
@@ -2163,7 +2218,7 @@ type Container struct {
 
 func (x *Container) Reset() {
 	*x = Container{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2175,7 +2230,7 @@ func (x *Container) String() string {
 func (*Container) ProtoMessage() {}
 
 func (x *Container) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[14]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2188,7 +2243,7 @@ func (x *Container) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Container.ProtoReflect.Descriptor instead.
 func (*Container) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{14}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Container) GetUuid() string {
@@ -2330,7 +2385,7 @@ type ContainerRef struct {
 
 func (x *ContainerRef) Reset() {
 	*x = ContainerRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2342,7 +2397,7 @@ func (x *ContainerRef) String() string {
 func (*ContainerRef) ProtoMessage() {}
 
 func (x *ContainerRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[15]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2355,7 +2410,7 @@ func (x *ContainerRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerRef.ProtoReflect.Descriptor instead.
 func (*ContainerRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{15}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ContainerRef) GetNameOrUuid() string {
@@ -2380,7 +2435,7 @@ type ListRequest struct {
 
 func (x *ListRequest) Reset() {
 	*x = ListRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2392,7 +2447,7 @@ func (x *ListRequest) String() string {
 func (*ListRequest) ProtoMessage() {}
 
 func (x *ListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[16]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2405,7 +2460,7 @@ func (x *ListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRequest.ProtoReflect.Descriptor instead.
 func (*ListRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{16}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
 }
 
 type ListResponse struct {
@@ -2417,7 +2472,7 @@ type ListResponse struct {
 
 func (x *ListResponse) Reset() {
 	*x = ListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2429,7 +2484,7 @@ func (x *ListResponse) String() string {
 func (*ListResponse) ProtoMessage() {}
 
 func (x *ListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[17]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2442,7 +2497,7 @@ func (x *ListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListResponse.ProtoReflect.Descriptor instead.
 func (*ListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{17}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListResponse) GetContainers() []*Container {
@@ -2469,7 +2524,7 @@ type CreateRequest struct {
 
 func (x *CreateRequest) Reset() {
 	*x = CreateRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2481,7 +2536,7 @@ func (x *CreateRequest) String() string {
 func (*CreateRequest) ProtoMessage() {}
 
 func (x *CreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[18]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2494,7 +2549,7 @@ func (x *CreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRequest.ProtoReflect.Descriptor instead.
 func (*CreateRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{18}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CreateRequest) GetConfig() *ContainerConfig {
@@ -2543,7 +2598,7 @@ type StopRequest struct {
 
 func (x *StopRequest) Reset() {
 	*x = StopRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2555,7 +2610,7 @@ func (x *StopRequest) String() string {
 func (*StopRequest) ProtoMessage() {}
 
 func (x *StopRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[19]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2568,7 +2623,7 @@ func (x *StopRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopRequest.ProtoReflect.Descriptor instead.
 func (*StopRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{19}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StopRequest) GetNameOrUuid() string {
@@ -2596,7 +2651,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2608,7 +2663,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[20]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2621,7 +2676,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{20}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *KillRequest) GetNameOrUuid() string {
@@ -2653,7 +2708,7 @@ type UpdateConfigRequest struct {
 
 func (x *UpdateConfigRequest) Reset() {
 	*x = UpdateConfigRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2665,7 +2720,7 @@ func (x *UpdateConfigRequest) String() string {
 func (*UpdateConfigRequest) ProtoMessage() {}
 
 func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[21]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2678,7 +2733,7 @@ func (x *UpdateConfigRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConfigRequest.ProtoReflect.Descriptor instead.
 func (*UpdateConfigRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{21}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *UpdateConfigRequest) GetNameOrUuid() string {
@@ -2731,7 +2786,7 @@ type Empty struct {
 
 func (x *Empty) Reset() {
 	*x = Empty{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2743,7 +2798,7 @@ func (x *Empty) String() string {
 func (*Empty) ProtoMessage() {}
 
 func (x *Empty) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[22]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2756,7 +2811,7 @@ func (x *Empty) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Empty.ProtoReflect.Descriptor instead.
 func (*Empty) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{22}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
 }
 
 // ExecStart is the first message of an exec stream.
@@ -2774,7 +2829,7 @@ type ExecStart struct {
 
 func (x *ExecStart) Reset() {
 	*x = ExecStart{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2786,7 +2841,7 @@ func (x *ExecStart) String() string {
 func (*ExecStart) ProtoMessage() {}
 
 func (x *ExecStart) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[23]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2799,7 +2854,7 @@ func (x *ExecStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
 func (*ExecStart) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{23}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ExecStart) GetNameOrUuid() string {
@@ -2859,7 +2914,7 @@ type ExecRequest struct {
 
 func (x *ExecRequest) Reset() {
 	*x = ExecRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2871,7 +2926,7 @@ func (x *ExecRequest) String() string {
 func (*ExecRequest) ProtoMessage() {}
 
 func (x *ExecRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[24]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2884,7 +2939,7 @@ func (x *ExecRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
 func (*ExecRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{24}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ExecRequest) GetMsg() isExecRequest_Msg {
@@ -2969,7 +3024,7 @@ type Resize struct {
 
 func (x *Resize) Reset() {
 	*x = Resize{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2981,7 +3036,7 @@ func (x *Resize) String() string {
 func (*Resize) ProtoMessage() {}
 
 func (x *Resize) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[25]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2994,7 +3049,7 @@ func (x *Resize) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resize.ProtoReflect.Descriptor instead.
 func (*Resize) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{25}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Resize) GetRows() uint32 {
@@ -3025,7 +3080,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3037,7 +3092,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[26]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3050,7 +3105,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{26}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -3120,7 +3175,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3132,7 +3187,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[27]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3145,7 +3200,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{27}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *LogsRequest) GetNameOrUuid() string {
@@ -3171,7 +3226,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3183,7 +3238,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[28]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3196,7 +3251,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{28}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *LogsResponse) GetData() []byte {
@@ -3216,7 +3271,7 @@ type EventsRequest struct {
 
 func (x *EventsRequest) Reset() {
 	*x = EventsRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3228,7 +3283,7 @@ func (x *EventsRequest) String() string {
 func (*EventsRequest) ProtoMessage() {}
 
 func (x *EventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[29]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3241,7 +3296,7 @@ func (x *EventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsRequest.ProtoReflect.Descriptor instead.
 func (*EventsRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{29}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *EventsRequest) GetNameOrUuid() string {
@@ -3265,7 +3320,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3277,7 +3332,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[30]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3290,7 +3345,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{30}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Event) GetTimeUnixNano() int64 {
@@ -3333,7 +3388,7 @@ type GuestOS struct {
 
 func (x *GuestOS) Reset() {
 	*x = GuestOS{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3345,7 +3400,7 @@ func (x *GuestOS) String() string {
 func (*GuestOS) ProtoMessage() {}
 
 func (x *GuestOS) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[31]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3358,7 +3413,7 @@ func (x *GuestOS) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOS.ProtoReflect.Descriptor instead.
 func (*GuestOS) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{31}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *GuestOS) GetName() string {
@@ -3426,7 +3481,7 @@ type GuestOSListResponse struct {
 
 func (x *GuestOSListResponse) Reset() {
 	*x = GuestOSListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3438,7 +3493,7 @@ func (x *GuestOSListResponse) String() string {
 func (*GuestOSListResponse) ProtoMessage() {}
 
 func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[32]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3451,7 +3506,7 @@ func (x *GuestOSListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSListResponse.ProtoReflect.Descriptor instead.
 func (*GuestOSListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{32}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GuestOSListResponse) GetGuestos() []*GuestOS {
@@ -3473,7 +3528,7 @@ type GuestOSInstallRequest struct {
 
 func (x *GuestOSInstallRequest) Reset() {
 	*x = GuestOSInstallRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3485,7 +3540,7 @@ func (x *GuestOSInstallRequest) String() string {
 func (*GuestOSInstallRequest) ProtoMessage() {}
 
 func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[33]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3498,7 +3553,7 @@ func (x *GuestOSInstallRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{33}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *GuestOSInstallRequest) GetDir() string {
@@ -3529,7 +3584,7 @@ type GuestOSInstallProgress struct {
 
 func (x *GuestOSInstallProgress) Reset() {
 	*x = GuestOSInstallProgress{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3541,7 +3596,7 @@ func (x *GuestOSInstallProgress) String() string {
 func (*GuestOSInstallProgress) ProtoMessage() {}
 
 func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[34]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3554,7 +3609,7 @@ func (x *GuestOSInstallProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSInstallProgress.ProtoReflect.Descriptor instead.
 func (*GuestOSInstallProgress) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{34}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GuestOSInstallProgress) GetPhase() string {
@@ -3599,7 +3654,7 @@ type CA struct {
 
 func (x *CA) Reset() {
 	*x = CA{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3611,7 +3666,7 @@ func (x *CA) String() string {
 func (*CA) ProtoMessage() {}
 
 func (x *CA) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[35]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3624,7 +3679,7 @@ func (x *CA) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CA.ProtoReflect.Descriptor instead.
 func (*CA) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{35}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CA) GetFingerprint() string {
@@ -3664,7 +3719,7 @@ type CAListResponse struct {
 
 func (x *CAListResponse) Reset() {
 	*x = CAListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3676,7 +3731,7 @@ func (x *CAListResponse) String() string {
 func (*CAListResponse) ProtoMessage() {}
 
 func (x *CAListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[36]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3689,7 +3744,7 @@ func (x *CAListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CAListResponse.ProtoReflect.Descriptor instead.
 func (*CAListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{36}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CAListResponse) GetCas() []*CA {
@@ -3708,7 +3763,7 @@ type CARegisterRequest struct {
 
 func (x *CARegisterRequest) Reset() {
 	*x = CARegisterRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3720,7 +3775,7 @@ func (x *CARegisterRequest) String() string {
 func (*CARegisterRequest) ProtoMessage() {}
 
 func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[37]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3733,7 +3788,7 @@ func (x *CARegisterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARegisterRequest.ProtoReflect.Descriptor instead.
 func (*CARegisterRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{37}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CARegisterRequest) GetPem() []byte {
@@ -3752,7 +3807,7 @@ type CARemoveRequest struct {
 
 func (x *CARemoveRequest) Reset() {
 	*x = CARemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3764,7 +3819,7 @@ func (x *CARemoveRequest) String() string {
 func (*CARemoveRequest) ProtoMessage() {}
 
 func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[38]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3777,7 +3832,7 @@ func (x *CARemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARemoveRequest.ProtoReflect.Descriptor instead.
 func (*CARemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{38}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CARemoveRequest) GetFingerprint() string {
@@ -3799,7 +3854,7 @@ type CRLLoadRequest struct {
 
 func (x *CRLLoadRequest) Reset() {
 	*x = CRLLoadRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3811,7 +3866,7 @@ func (x *CRLLoadRequest) String() string {
 func (*CRLLoadRequest) ProtoMessage() {}
 
 func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[39]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3824,7 +3879,7 @@ func (x *CRLLoadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLLoadRequest.ProtoReflect.Descriptor instead.
 func (*CRLLoadRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{39}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *CRLLoadRequest) GetPem() []byte {
@@ -3851,7 +3906,7 @@ type CRLLoadResponse struct {
 
 func (x *CRLLoadResponse) Reset() {
 	*x = CRLLoadResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3863,7 +3918,7 @@ func (x *CRLLoadResponse) String() string {
 func (*CRLLoadResponse) ProtoMessage() {}
 
 func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[40]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3876,7 +3931,7 @@ func (x *CRLLoadResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLLoadResponse.ProtoReflect.Descriptor instead.
 func (*CRLLoadResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{40}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CRLLoadResponse) GetIssuer() string {
@@ -3911,7 +3966,7 @@ type CRL struct {
 
 func (x *CRL) Reset() {
 	*x = CRL{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3923,7 +3978,7 @@ func (x *CRL) String() string {
 func (*CRL) ProtoMessage() {}
 
 func (x *CRL) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[41]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3936,7 +3991,7 @@ func (x *CRL) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRL.ProtoReflect.Descriptor instead.
 func (*CRL) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{41}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CRL) GetIssuer() string {
@@ -3990,7 +4045,7 @@ type CRLListResponse struct {
 
 func (x *CRLListResponse) Reset() {
 	*x = CRLListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4002,7 +4057,7 @@ func (x *CRLListResponse) String() string {
 func (*CRLListResponse) ProtoMessage() {}
 
 func (x *CRLListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[42]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4015,7 +4070,7 @@ func (x *CRLListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLListResponse.ProtoReflect.Descriptor instead.
 func (*CRLListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{42}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CRLListResponse) GetCrls() []*CRL {
@@ -4036,7 +4091,7 @@ type CRLRemoveRequest struct {
 
 func (x *CRLRemoveRequest) Reset() {
 	*x = CRLRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4048,7 +4103,7 @@ func (x *CRLRemoveRequest) String() string {
 func (*CRLRemoveRequest) ProtoMessage() {}
 
 func (x *CRLRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[43]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4061,7 +4116,7 @@ func (x *CRLRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CRLRemoveRequest.ProtoReflect.Descriptor instead.
 func (*CRLRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{43}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *CRLRemoveRequest) GetRef() string {
@@ -4081,7 +4136,7 @@ type GuestOSRemoveRequest struct {
 
 func (x *GuestOSRemoveRequest) Reset() {
 	*x = GuestOSRemoveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4093,7 +4148,7 @@ func (x *GuestOSRemoveRequest) String() string {
 func (*GuestOSRemoveRequest) ProtoMessage() {}
 
 func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[44]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4106,7 +4161,7 @@ func (x *GuestOSRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GuestOSRemoveRequest.ProtoReflect.Descriptor instead.
 func (*GuestOSRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{44}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *GuestOSRemoveRequest) GetName() string {
@@ -4148,7 +4203,7 @@ type DeviceIdentity struct {
 
 func (x *DeviceIdentity) Reset() {
 	*x = DeviceIdentity{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4160,7 +4215,7 @@ func (x *DeviceIdentity) String() string {
 func (*DeviceIdentity) ProtoMessage() {}
 
 func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[45]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4173,7 +4228,7 @@ func (x *DeviceIdentity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceIdentity.ProtoReflect.Descriptor instead.
 func (*DeviceIdentity) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{45}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *DeviceIdentity) GetDeviceUuid() string {
@@ -4246,7 +4301,7 @@ const (
 
 func (x *DeviceCSRRequest) Reset() {
 	*x = DeviceCSRRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4258,7 +4313,7 @@ func (x *DeviceCSRRequest) String() string {
 func (*DeviceCSRRequest) ProtoMessage() {}
 
 func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[46]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4271,7 +4326,7 @@ func (x *DeviceCSRRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCSRRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{46}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *DeviceCSRRequest) GetKey() DeviceCSRRequest_Key {
@@ -4290,7 +4345,7 @@ type DeviceCSRResponse struct {
 
 func (x *DeviceCSRResponse) Reset() {
 	*x = DeviceCSRResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4302,7 +4357,7 @@ func (x *DeviceCSRResponse) String() string {
 func (*DeviceCSRResponse) ProtoMessage() {}
 
 func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[47]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4315,7 +4370,7 @@ func (x *DeviceCSRResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCSRResponse.ProtoReflect.Descriptor instead.
 func (*DeviceCSRResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{47}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *DeviceCSRResponse) GetPem() []byte {
@@ -4338,7 +4393,7 @@ type DeviceCertRequest struct {
 
 func (x *DeviceCertRequest) Reset() {
 	*x = DeviceCertRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4350,7 +4405,7 @@ func (x *DeviceCertRequest) String() string {
 func (*DeviceCertRequest) ProtoMessage() {}
 
 func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[48]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4363,7 +4418,7 @@ func (x *DeviceCertRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceCertRequest.ProtoReflect.Descriptor instead.
 func (*DeviceCertRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{48}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *DeviceCertRequest) GetPem() []byte {
@@ -4392,7 +4447,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4404,7 +4459,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[49]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4417,7 +4472,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{49}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *AttestRequest) GetNonce() []byte {
@@ -4444,7 +4499,7 @@ type PCRValue struct {
 
 func (x *PCRValue) Reset() {
 	*x = PCRValue{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4456,7 +4511,7 @@ func (x *PCRValue) String() string {
 func (*PCRValue) ProtoMessage() {}
 
 func (x *PCRValue) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[50]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4469,7 +4524,7 @@ func (x *PCRValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PCRValue.ProtoReflect.Descriptor instead.
 func (*PCRValue) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{50}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *PCRValue) GetIndex() uint32 {
@@ -4510,7 +4565,7 @@ type Attestation struct {
 
 func (x *Attestation) Reset() {
 	*x = Attestation{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4522,7 +4577,7 @@ func (x *Attestation) String() string {
 func (*Attestation) ProtoMessage() {}
 
 func (x *Attestation) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[51]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4535,7 +4590,7 @@ func (x *Attestation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attestation.ProtoReflect.Descriptor instead.
 func (*Attestation) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{51}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *Attestation) GetQuote() []byte {
@@ -4605,7 +4660,7 @@ type NetworkRequest struct {
 
 func (x *NetworkRequest) Reset() {
 	*x = NetworkRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4617,7 +4672,7 @@ func (x *NetworkRequest) String() string {
 func (*NetworkRequest) ProtoMessage() {}
 
 func (x *NetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[52]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4630,7 +4685,7 @@ func (x *NetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkRequest.ProtoReflect.Descriptor instead.
 func (*NetworkRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{52}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *NetworkRequest) GetContainer() string {
@@ -4654,7 +4709,7 @@ type NetworkReport struct {
 
 func (x *NetworkReport) Reset() {
 	*x = NetworkReport{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4666,7 +4721,7 @@ func (x *NetworkReport) String() string {
 func (*NetworkReport) ProtoMessage() {}
 
 func (x *NetworkReport) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[53]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4679,7 +4734,7 @@ func (x *NetworkReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkReport.ProtoReflect.Descriptor instead.
 func (*NetworkReport) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{53}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *NetworkReport) GetContainers() []*ContainerNetwork {
@@ -4721,7 +4776,7 @@ type ContainerNetwork struct {
 
 func (x *ContainerNetwork) Reset() {
 	*x = ContainerNetwork{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4733,7 +4788,7 @@ func (x *ContainerNetwork) String() string {
 func (*ContainerNetwork) ProtoMessage() {}
 
 func (x *ContainerNetwork) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[54]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4746,7 +4801,7 @@ func (x *ContainerNetwork) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerNetwork.ProtoReflect.Descriptor instead.
 func (*ContainerNetwork) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{54}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ContainerNetwork) GetUuid() string {
@@ -4848,7 +4903,7 @@ type NetworkInterface struct {
 
 func (x *NetworkInterface) Reset() {
 	*x = NetworkInterface{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4860,7 +4915,7 @@ func (x *NetworkInterface) String() string {
 func (*NetworkInterface) ProtoMessage() {}
 
 func (x *NetworkInterface) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[55]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4873,7 +4928,7 @@ func (x *NetworkInterface) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkInterface.ProtoReflect.Descriptor instead.
 func (*NetworkInterface) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{55}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *NetworkInterface) GetName() string {
@@ -4923,7 +4978,7 @@ type NetworkRoute struct {
 
 func (x *NetworkRoute) Reset() {
 	*x = NetworkRoute{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4935,7 +4990,7 @@ func (x *NetworkRoute) String() string {
 func (*NetworkRoute) ProtoMessage() {}
 
 func (x *NetworkRoute) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[56]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4948,7 +5003,7 @@ func (x *NetworkRoute) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkRoute.ProtoReflect.Descriptor instead.
 func (*NetworkRoute) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{56}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *NetworkRoute) GetDestination() string {
@@ -4989,7 +5044,7 @@ type EffectiveFlow struct {
 
 func (x *EffectiveFlow) Reset() {
 	*x = EffectiveFlow{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5001,7 +5056,7 @@ func (x *EffectiveFlow) String() string {
 func (*EffectiveFlow) ProtoMessage() {}
 
 func (x *EffectiveFlow) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[57]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5014,7 +5069,7 @@ func (x *EffectiveFlow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EffectiveFlow.ProtoReflect.Descriptor instead.
 func (*EffectiveFlow) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{57}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *EffectiveFlow) GetDirection() NetworkFlow_Direction {
@@ -5071,7 +5126,7 @@ type ChangePinRequest struct {
 
 func (x *ChangePinRequest) Reset() {
 	*x = ChangePinRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5083,7 +5138,7 @@ func (x *ChangePinRequest) String() string {
 func (*ChangePinRequest) ProtoMessage() {}
 
 func (x *ChangePinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[58]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5096,7 +5151,7 @@ func (x *ChangePinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ChangePinRequest.ProtoReflect.Descriptor instead.
 func (*ChangePinRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{58}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ChangePinRequest) GetNameOrUuid() string {
@@ -5133,7 +5188,7 @@ type WipeResponse struct {
 
 func (x *WipeResponse) Reset() {
 	*x = WipeResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5145,7 +5200,7 @@ func (x *WipeResponse) String() string {
 func (*WipeResponse) ProtoMessage() {}
 
 func (x *WipeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[59]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5158,7 +5213,7 @@ func (x *WipeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WipeResponse.ProtoReflect.Descriptor instead.
 func (*WipeResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{59}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *WipeResponse) GetContainer() *Container {
@@ -5186,7 +5241,7 @@ type DeviceWipeRequest struct {
 
 func (x *DeviceWipeRequest) Reset() {
 	*x = DeviceWipeRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5198,7 +5253,7 @@ func (x *DeviceWipeRequest) String() string {
 func (*DeviceWipeRequest) ProtoMessage() {}
 
 func (x *DeviceWipeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[60]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5211,7 +5266,7 @@ func (x *DeviceWipeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceWipeRequest.ProtoReflect.Descriptor instead.
 func (*DeviceWipeRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{60}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *DeviceWipeRequest) GetPin() []byte {
@@ -5232,7 +5287,7 @@ type DeviceWipeResponse struct {
 
 func (x *DeviceWipeResponse) Reset() {
 	*x = DeviceWipeResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5244,7 +5299,7 @@ func (x *DeviceWipeResponse) String() string {
 func (*DeviceWipeResponse) ProtoMessage() {}
 
 func (x *DeviceWipeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[61]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5257,7 +5312,7 @@ func (x *DeviceWipeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceWipeResponse.ProtoReflect.Descriptor instead.
 func (*DeviceWipeResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{61}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *DeviceWipeResponse) GetRemoved() []string {
@@ -5295,7 +5350,7 @@ type AuditQuery struct {
 
 func (x *AuditQuery) Reset() {
 	*x = AuditQuery{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5307,7 +5362,7 @@ func (x *AuditQuery) String() string {
 func (*AuditQuery) ProtoMessage() {}
 
 func (x *AuditQuery) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[62]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5320,7 +5375,7 @@ func (x *AuditQuery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditQuery.ProtoReflect.Descriptor instead.
 func (*AuditQuery) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{62}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *AuditQuery) GetType() string {
@@ -5389,7 +5444,7 @@ type AuditRecord struct {
 
 func (x *AuditRecord) Reset() {
 	*x = AuditRecord{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5401,7 +5456,7 @@ func (x *AuditRecord) String() string {
 func (*AuditRecord) ProtoMessage() {}
 
 func (x *AuditRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[63]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5414,7 +5469,7 @@ func (x *AuditRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditRecord.ProtoReflect.Descriptor instead.
 func (*AuditRecord) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{63}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *AuditRecord) GetJson() []byte {
@@ -5436,7 +5491,7 @@ type AuditExportChunk struct {
 
 func (x *AuditExportChunk) Reset() {
 	*x = AuditExportChunk{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5448,7 +5503,7 @@ func (x *AuditExportChunk) String() string {
 func (*AuditExportChunk) ProtoMessage() {}
 
 func (x *AuditExportChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[64]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5461,7 +5516,7 @@ func (x *AuditExportChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditExportChunk.ProtoReflect.Descriptor instead.
 func (*AuditExportChunk) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{64}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *AuditExportChunk) GetTrail() []byte {
@@ -5490,7 +5545,7 @@ type AuditArchiveRequest struct {
 
 func (x *AuditArchiveRequest) Reset() {
 	*x = AuditArchiveRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5502,7 +5557,7 @@ func (x *AuditArchiveRequest) String() string {
 func (*AuditArchiveRequest) ProtoMessage() {}
 
 func (x *AuditArchiveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[65]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5515,7 +5570,7 @@ func (x *AuditArchiveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditArchiveRequest.ProtoReflect.Descriptor instead.
 func (*AuditArchiveRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{65}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *AuditArchiveRequest) GetSize() uint64 {
@@ -5532,6 +5587,238 @@ func (x *AuditArchiveRequest) GetSha256() string {
 	return ""
 }
 
+// BackupChunk is a part of an encrypted backup file.
+type BackupChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BackupChunk) Reset() {
+	*x = BackupChunk{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BackupChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BackupChunk) ProtoMessage() {}
+
+func (x *BackupChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BackupChunk.ProtoReflect.Descriptor instead.
+func (*BackupChunk) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *BackupChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+// RestoreChunk is a part of a decrypted backup (its signed tar); dry_run
+// in the first chunk checks and reports without changing anything.
+type RestoreChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data" json:"data,omitempty"`
+	DryRun        *bool                  `protobuf:"varint,2,opt,name=dry_run,json=dryRun" json:"dry_run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreChunk) Reset() {
+	*x = RestoreChunk{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreChunk) ProtoMessage() {}
+
+func (x *RestoreChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreChunk.ProtoReflect.Descriptor instead.
+func (*RestoreChunk) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *RestoreChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *RestoreChunk) GetDryRun() bool {
+	if x != nil && x.DryRun != nil {
+		return *x.DryRun
+	}
+	return false
+}
+
+// RestoreItem is what a restore did with one part of a backup.
+type RestoreItem struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// item: "container NAME", "owner CA FP", "CRL FP", "account NAME",
+	// "device.conf", "guest OS NAME VERSION".
+	Item *string `protobuf:"bytes,1,opt,name=item" json:"item,omitempty"`
+	// outcome: restored, present, refused, skipped, manual.
+	Outcome       *string `protobuf:"bytes,2,opt,name=outcome" json:"outcome,omitempty"`
+	Detail        *string `protobuf:"bytes,3,opt,name=detail" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreItem) Reset() {
+	*x = RestoreItem{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreItem) ProtoMessage() {}
+
+func (x *RestoreItem) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreItem.ProtoReflect.Descriptor instead.
+func (*RestoreItem) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *RestoreItem) GetItem() string {
+	if x != nil && x.Item != nil {
+		return *x.Item
+	}
+	return ""
+}
+
+func (x *RestoreItem) GetOutcome() string {
+	if x != nil && x.Outcome != nil {
+		return *x.Outcome
+	}
+	return ""
+}
+
+func (x *RestoreItem) GetDetail() string {
+	if x != nil && x.Detail != nil {
+		return *x.Detail
+	}
+	return ""
+}
+
+// RestoreReport is a restore's result, one item per part of the backup.
+type RestoreReport struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Device        *string                `protobuf:"bytes,1,opt,name=device" json:"device,omitempty"`
+	CreatedUnix   *int64                 `protobuf:"varint,2,opt,name=created_unix,json=createdUnix" json:"created_unix,omitempty"`
+	By            *string                `protobuf:"bytes,3,opt,name=by" json:"by,omitempty"`
+	Items         []*RestoreItem         `protobuf:"bytes,4,rep,name=items" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreReport) Reset() {
+	*x = RestoreReport{}
+	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreReport) ProtoMessage() {}
+
+func (x *RestoreReport) ProtoReflect() protoreflect.Message {
+	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreReport.ProtoReflect.Descriptor instead.
+func (*RestoreReport) Descriptor() ([]byte, []int) {
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *RestoreReport) GetDevice() string {
+	if x != nil && x.Device != nil {
+		return *x.Device
+	}
+	return ""
+}
+
+func (x *RestoreReport) GetCreatedUnix() int64 {
+	if x != nil && x.CreatedUnix != nil {
+		return *x.CreatedUnix
+	}
+	return 0
+}
+
+func (x *RestoreReport) GetBy() string {
+	if x != nil && x.By != nil {
+		return *x.By
+	}
+	return ""
+}
+
+func (x *RestoreReport) GetItems() []*RestoreItem {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
 type AuditArchiveResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// records rotated away; bytes freed.
@@ -5543,7 +5830,7 @@ type AuditArchiveResponse struct {
 
 func (x *AuditArchiveResponse) Reset() {
 	*x = AuditArchiveResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5555,7 +5842,7 @@ func (x *AuditArchiveResponse) String() string {
 func (*AuditArchiveResponse) ProtoMessage() {}
 
 func (x *AuditArchiveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[66]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5568,7 +5855,7 @@ func (x *AuditArchiveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditArchiveResponse.ProtoReflect.Descriptor instead.
 func (*AuditArchiveResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{66}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *AuditArchiveResponse) GetRecords() uint64 {
@@ -5599,7 +5886,7 @@ type AuditVerifyResponse struct {
 
 func (x *AuditVerifyResponse) Reset() {
 	*x = AuditVerifyResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5611,7 +5898,7 @@ func (x *AuditVerifyResponse) String() string {
 func (*AuditVerifyResponse) ProtoMessage() {}
 
 func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[67]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5624,7 +5911,7 @@ func (x *AuditVerifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditVerifyResponse.ProtoReflect.Descriptor instead.
 func (*AuditVerifyResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{67}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *AuditVerifyResponse) GetOk() bool {
@@ -5680,7 +5967,7 @@ type AuditStatusResponse struct {
 
 func (x *AuditStatusResponse) Reset() {
 	*x = AuditStatusResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5692,7 +5979,7 @@ func (x *AuditStatusResponse) String() string {
 func (*AuditStatusResponse) ProtoMessage() {}
 
 func (x *AuditStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[68]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5705,7 +5992,7 @@ func (x *AuditStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuditStatusResponse.ProtoReflect.Descriptor instead.
 func (*AuditStatusResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{68}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *AuditStatusResponse) GetRecords() uint64 {
@@ -5793,7 +6080,7 @@ type AccountInfo struct {
 
 func (x *AccountInfo) Reset() {
 	*x = AccountInfo{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5805,7 +6092,7 @@ func (x *AccountInfo) String() string {
 func (*AccountInfo) ProtoMessage() {}
 
 func (x *AccountInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[69]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5818,7 +6105,7 @@ func (x *AccountInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountInfo.ProtoReflect.Descriptor instead.
 func (*AccountInfo) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{69}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *AccountInfo) GetName() string {
@@ -5914,7 +6201,7 @@ type AccountRef struct {
 
 func (x *AccountRef) Reset() {
 	*x = AccountRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5926,7 +6213,7 @@ func (x *AccountRef) String() string {
 func (*AccountRef) ProtoMessage() {}
 
 func (x *AccountRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[70]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5939,7 +6226,7 @@ func (x *AccountRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountRef.ProtoReflect.Descriptor instead.
 func (*AccountRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{70}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *AccountRef) GetName() string {
@@ -5958,7 +6245,7 @@ type AccountList struct {
 
 func (x *AccountList) Reset() {
 	*x = AccountList{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5970,7 +6257,7 @@ func (x *AccountList) String() string {
 func (*AccountList) ProtoMessage() {}
 
 func (x *AccountList) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[71]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5983,7 +6270,7 @@ func (x *AccountList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccountList.ProtoReflect.Descriptor instead.
 func (*AccountList) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{71}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *AccountList) GetAccounts() []*AccountInfo {
@@ -6010,7 +6297,7 @@ type LoginRequest struct {
 
 func (x *LoginRequest) Reset() {
 	*x = LoginRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6022,7 +6309,7 @@ func (x *LoginRequest) String() string {
 func (*LoginRequest) ProtoMessage() {}
 
 func (x *LoginRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[72]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6035,7 +6322,7 @@ func (x *LoginRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoginRequest.ProtoReflect.Descriptor instead.
 func (*LoginRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{72}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{77}
 }
 
 func (x *LoginRequest) GetName() string {
@@ -6072,7 +6359,7 @@ type LoginResponse struct {
 
 func (x *LoginResponse) Reset() {
 	*x = LoginResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[78]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6084,7 +6371,7 @@ func (x *LoginResponse) String() string {
 func (*LoginResponse) ProtoMessage() {}
 
 func (x *LoginResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[73]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[78]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6097,7 +6384,7 @@ func (x *LoginResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoginResponse.ProtoReflect.Descriptor instead.
 func (*LoginResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{73}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{78}
 }
 
 func (x *LoginResponse) GetToken() string {
@@ -6137,7 +6424,7 @@ type SessionInfo struct {
 
 func (x *SessionInfo) Reset() {
 	*x = SessionInfo{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[79]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6149,7 +6436,7 @@ func (x *SessionInfo) String() string {
 func (*SessionInfo) ProtoMessage() {}
 
 func (x *SessionInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[74]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[79]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6162,7 +6449,7 @@ func (x *SessionInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionInfo.ProtoReflect.Descriptor instead.
 func (*SessionInfo) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{74}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{79}
 }
 
 func (x *SessionInfo) GetId() string {
@@ -6224,7 +6511,7 @@ type SessionListRequest struct {
 
 func (x *SessionListRequest) Reset() {
 	*x = SessionListRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[80]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6236,7 +6523,7 @@ func (x *SessionListRequest) String() string {
 func (*SessionListRequest) ProtoMessage() {}
 
 func (x *SessionListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[75]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[80]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6249,7 +6536,7 @@ func (x *SessionListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionListRequest.ProtoReflect.Descriptor instead.
 func (*SessionListRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{75}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{80}
 }
 
 func (x *SessionListRequest) GetAll() bool {
@@ -6268,7 +6555,7 @@ type SessionListResponse struct {
 
 func (x *SessionListResponse) Reset() {
 	*x = SessionListResponse{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[81]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6280,7 +6567,7 @@ func (x *SessionListResponse) String() string {
 func (*SessionListResponse) ProtoMessage() {}
 
 func (x *SessionListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[76]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[81]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6293,7 +6580,7 @@ func (x *SessionListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionListResponse.ProtoReflect.Descriptor instead.
 func (*SessionListResponse) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{76}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{81}
 }
 
 func (x *SessionListResponse) GetSessions() []*SessionInfo {
@@ -6313,7 +6600,7 @@ type SessionRef struct {
 
 func (x *SessionRef) Reset() {
 	*x = SessionRef{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[82]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6325,7 +6612,7 @@ func (x *SessionRef) String() string {
 func (*SessionRef) ProtoMessage() {}
 
 func (x *SessionRef) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[77]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[82]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6338,7 +6625,7 @@ func (x *SessionRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionRef.ProtoReflect.Descriptor instead.
 func (*SessionRef) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{77}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{82}
 }
 
 func (x *SessionRef) GetId() string {
@@ -6362,7 +6649,7 @@ type PasswdRequest struct {
 
 func (x *PasswdRequest) Reset() {
 	*x = PasswdRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[78]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[83]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6374,7 +6661,7 @@ func (x *PasswdRequest) String() string {
 func (*PasswdRequest) ProtoMessage() {}
 
 func (x *PasswdRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[78]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[83]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6387,7 +6674,7 @@ func (x *PasswdRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PasswdRequest.ProtoReflect.Descriptor instead.
 func (*PasswdRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{78}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{83}
 }
 
 func (x *PasswdRequest) GetName() string {
@@ -6429,7 +6716,7 @@ type AccessPolicy struct {
 
 func (x *AccessPolicy) Reset() {
 	*x = AccessPolicy{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[79]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[84]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6441,7 +6728,7 @@ func (x *AccessPolicy) String() string {
 func (*AccessPolicy) ProtoMessage() {}
 
 func (x *AccessPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[79]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[84]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6454,7 +6741,7 @@ func (x *AccessPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AccessPolicy.ProtoReflect.Descriptor instead.
 func (*AccessPolicy) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{79}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{84}
 }
 
 func (x *AccessPolicy) GetMinLength() uint32 {
@@ -6527,7 +6814,7 @@ type UserSetRequest struct {
 
 func (x *UserSetRequest) Reset() {
 	*x = UserSetRequest{}
-	mi := &file_api_cml_v1_cml_proto_msgTypes[80]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[85]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6539,7 +6826,7 @@ func (x *UserSetRequest) String() string {
 func (*UserSetRequest) ProtoMessage() {}
 
 func (x *UserSetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_cml_v1_cml_proto_msgTypes[80]
+	mi := &file_api_cml_v1_cml_proto_msgTypes[85]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6552,7 +6839,7 @@ func (x *UserSetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UserSetRequest.ProtoReflect.Descriptor instead.
 func (*UserSetRequest) Descriptor() ([]byte, []int) {
-	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{80}
+	return file_api_cml_v1_cml_proto_rawDescGZIP(), []int{85}
 }
 
 func (x *UserSetRequest) GetName() string {
@@ -6692,7 +6979,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"init_param\x18\x15 \x03(\tR\tinitParam\x12\x19\n" +
 	"\binit_env\x18\x16 \x03(\tR\ainitEnv\x12\"\n" +
 	"\rmin_ram_limit\x18d \x01(\rR\vminRamLimit\x12 \n" +
-	"\vdescription\x18e \x01(\tR\vdescription\"\x9d\x04\n" +
+	"\vdescription\x18e \x01(\tR\vdescription\"\xcd\x04\n" +
 	"\fDeviceConfig\x129\n" +
 	"\x15locally_signed_images\x18\x01 \x01(\b:\x05falseR\x13locallySignedImages\x12+\n" +
 	"\x0esigned_configs\x18\x02 \x01(\b:\x04trueR\rsignedConfigs\x12$\n" +
@@ -6706,7 +6993,12 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\anetwork\x18f \x01(\v2\x17.cml.v1.NetworkSettingsR\anetwork\x12+\n" +
 	"\x05audit\x18g \x01(\v2\x15.cml.v1.AuditSettingsR\x05audit\x12.\n" +
 	"\x06remote\x18h \x01(\v2\x16.cml.v1.RemoteSettingsR\x06remote\x12.\n" +
-	"\x06access\x18i \x01(\v2\x16.cml.v1.AccessSettingsR\x06access\"\x90\x02\n" +
+	"\x06access\x18i \x01(\v2\x16.cml.v1.AccessSettingsR\x06access\x12.\n" +
+	"\x06backup\x18j \x01(\v2\x16.cml.v1.BackupSettingsR\x06backup\"0\n" +
+	"\x0eBackupSettings\x12\x1e\n" +
+	"\n" +
+	"recipients\x18\x01 \x03(\tR\n" +
+	"recipients\"\x90\x02\n" +
 	"\x0fStorageSettings\x124\n" +
 	"\x12require_encryption\x18\x01 \x01(\b:\x05falseR\x11requireEncryption\x12#\n" +
 	"\rpkcs11_module\x18\x02 \x01(\tR\fpkcs11Module\x12,\n" +
@@ -7014,7 +7306,21 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\vcheckpoints\x18\x02 \x01(\fR\vcheckpoints\"A\n" +
 	"\x13AuditArchiveRequest\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x04R\x04size\x12\x16\n" +
-	"\x06sha256\x18\x02 \x01(\tR\x06sha256\"F\n" +
+	"\x06sha256\x18\x02 \x01(\tR\x06sha256\"!\n" +
+	"\vBackupChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\";\n" +
+	"\fRestoreChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\"S\n" +
+	"\vRestoreItem\x12\x12\n" +
+	"\x04item\x18\x01 \x01(\tR\x04item\x12\x18\n" +
+	"\aoutcome\x18\x02 \x01(\tR\aoutcome\x12\x16\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\x85\x01\n" +
+	"\rRestoreReport\x12\x16\n" +
+	"\x06device\x18\x01 \x01(\tR\x06device\x12!\n" +
+	"\fcreated_unix\x18\x02 \x01(\x03R\vcreatedUnix\x12\x0e\n" +
+	"\x02by\x18\x03 \x01(\tR\x02by\x12)\n" +
+	"\x05items\x18\x04 \x03(\v2\x13.cml.v1.RestoreItemR\x05items\"F\n" +
 	"\x14AuditArchiveResponse\x12\x18\n" +
 	"\arecords\x18\x01 \x01(\x04R\arecords\x12\x14\n" +
 	"\x05bytes\x18\x02 \x01(\x04R\x05bytes\"\x9e\x01\n" +
@@ -7139,7 +7445,7 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\x06FROZEN\x10\x05\x12\f\n" +
 	"\bSTOPPING\x10\x06\x12\n" +
 	"\n" +
-	"\x06FAILED\x10\a2\xe4\x15\n" +
+	"\x06FAILED\x10\a2\xce\x16\n" +
 	"\aControl\x121\n" +
 	"\x04List\x12\x13.cml.v1.ListRequest\x1a\x14.cml.v1.ListResponse\x122\n" +
 	"\x06Create\x12\x15.cml.v1.CreateRequest\x1a\x11.cml.v1.Container\x12-\n" +
@@ -7185,7 +7491,9 @@ const file_api_cml_v1_cml_proto_rawDesc = "" +
 	"\vAuditVerify\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditVerifyResponse\x129\n" +
 	"\vAuditStatus\x12\r.cml.v1.Empty\x1a\x1b.cml.v1.AuditStatusResponse\x128\n" +
 	"\vAuditExport\x12\r.cml.v1.Empty\x1a\x18.cml.v1.AuditExportChunk0\x01\x12I\n" +
-	"\fAuditArchive\x12\x1b.cml.v1.AuditArchiveRequest\x1a\x1c.cml.v1.AuditArchiveResponse\x12,\n" +
+	"\fAuditArchive\x12\x1b.cml.v1.AuditArchiveRequest\x1a\x1c.cml.v1.AuditArchiveResponse\x12.\n" +
+	"\x06Backup\x12\r.cml.v1.Empty\x1a\x13.cml.v1.BackupChunk0\x01\x128\n" +
+	"\aRestore\x12\x14.cml.v1.RestoreChunk\x1a\x15.cml.v1.RestoreReport(\x01\x12,\n" +
 	"\x06Whoami\x12\r.cml.v1.Empty\x1a\x13.cml.v1.AccountInfo\x123\n" +
 	"\aUserAdd\x12\x13.cml.v1.AccountInfo\x1a\x13.cml.v1.AccountInfo\x12/\n" +
 	"\n" +
@@ -7215,7 +7523,7 @@ func file_api_cml_v1_cml_proto_rawDescGZIP() []byte {
 }
 
 var file_api_cml_v1_cml_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 81)
+var file_api_cml_v1_cml_proto_msgTypes = make([]protoimpl.MessageInfo, 86)
 var file_api_cml_v1_cml_proto_goTypes = []any{
 	(ContainerType)(0),             // 0: cml.v1.ContainerType
 	(ContainerTokenType)(0),        // 1: cml.v1.ContainerTokenType
@@ -7234,232 +7542,243 @@ var file_api_cml_v1_cml_proto_goTypes = []any{
 	(*GuestOSMount)(nil),           // 14: cml.v1.GuestOSMount
 	(*GuestOSConfig)(nil),          // 15: cml.v1.GuestOSConfig
 	(*DeviceConfig)(nil),           // 16: cml.v1.DeviceConfig
-	(*StorageSettings)(nil),        // 17: cml.v1.StorageSettings
-	(*NetworkSettings)(nil),        // 18: cml.v1.NetworkSettings
-	(*NetworkEndpoint)(nil),        // 19: cml.v1.NetworkEndpoint
-	(*AuditSettings)(nil),          // 20: cml.v1.AuditSettings
-	(*AccessSettings)(nil),         // 21: cml.v1.AccessSettings
-	(*RemoteSettings)(nil),         // 22: cml.v1.RemoteSettings
-	(*Container)(nil),              // 23: cml.v1.Container
-	(*ContainerRef)(nil),           // 24: cml.v1.ContainerRef
-	(*ListRequest)(nil),            // 25: cml.v1.ListRequest
-	(*ListResponse)(nil),           // 26: cml.v1.ListResponse
-	(*CreateRequest)(nil),          // 27: cml.v1.CreateRequest
-	(*StopRequest)(nil),            // 28: cml.v1.StopRequest
-	(*KillRequest)(nil),            // 29: cml.v1.KillRequest
-	(*UpdateConfigRequest)(nil),    // 30: cml.v1.UpdateConfigRequest
-	(*Empty)(nil),                  // 31: cml.v1.Empty
-	(*ExecStart)(nil),              // 32: cml.v1.ExecStart
-	(*ExecRequest)(nil),            // 33: cml.v1.ExecRequest
-	(*Resize)(nil),                 // 34: cml.v1.Resize
-	(*ExecResponse)(nil),           // 35: cml.v1.ExecResponse
-	(*LogsRequest)(nil),            // 36: cml.v1.LogsRequest
-	(*LogsResponse)(nil),           // 37: cml.v1.LogsResponse
-	(*EventsRequest)(nil),          // 38: cml.v1.EventsRequest
-	(*Event)(nil),                  // 39: cml.v1.Event
-	(*GuestOS)(nil),                // 40: cml.v1.GuestOS
-	(*GuestOSListResponse)(nil),    // 41: cml.v1.GuestOSListResponse
-	(*GuestOSInstallRequest)(nil),  // 42: cml.v1.GuestOSInstallRequest
-	(*GuestOSInstallProgress)(nil), // 43: cml.v1.GuestOSInstallProgress
-	(*CA)(nil),                     // 44: cml.v1.CA
-	(*CAListResponse)(nil),         // 45: cml.v1.CAListResponse
-	(*CARegisterRequest)(nil),      // 46: cml.v1.CARegisterRequest
-	(*CARemoveRequest)(nil),        // 47: cml.v1.CARemoveRequest
-	(*CRLLoadRequest)(nil),         // 48: cml.v1.CRLLoadRequest
-	(*CRLLoadResponse)(nil),        // 49: cml.v1.CRLLoadResponse
-	(*CRL)(nil),                    // 50: cml.v1.CRL
-	(*CRLListResponse)(nil),        // 51: cml.v1.CRLListResponse
-	(*CRLRemoveRequest)(nil),       // 52: cml.v1.CRLRemoveRequest
-	(*GuestOSRemoveRequest)(nil),   // 53: cml.v1.GuestOSRemoveRequest
-	(*DeviceIdentity)(nil),         // 54: cml.v1.DeviceIdentity
-	(*DeviceCSRRequest)(nil),       // 55: cml.v1.DeviceCSRRequest
-	(*DeviceCSRResponse)(nil),      // 56: cml.v1.DeviceCSRResponse
-	(*DeviceCertRequest)(nil),      // 57: cml.v1.DeviceCertRequest
-	(*AttestRequest)(nil),          // 58: cml.v1.AttestRequest
-	(*PCRValue)(nil),               // 59: cml.v1.PCRValue
-	(*Attestation)(nil),            // 60: cml.v1.Attestation
-	(*NetworkRequest)(nil),         // 61: cml.v1.NetworkRequest
-	(*NetworkReport)(nil),          // 62: cml.v1.NetworkReport
-	(*ContainerNetwork)(nil),       // 63: cml.v1.ContainerNetwork
-	(*NetworkInterface)(nil),       // 64: cml.v1.NetworkInterface
-	(*NetworkRoute)(nil),           // 65: cml.v1.NetworkRoute
-	(*EffectiveFlow)(nil),          // 66: cml.v1.EffectiveFlow
-	(*ChangePinRequest)(nil),       // 67: cml.v1.ChangePinRequest
-	(*WipeResponse)(nil),           // 68: cml.v1.WipeResponse
-	(*DeviceWipeRequest)(nil),      // 69: cml.v1.DeviceWipeRequest
-	(*DeviceWipeResponse)(nil),     // 70: cml.v1.DeviceWipeResponse
-	(*AuditQuery)(nil),             // 71: cml.v1.AuditQuery
-	(*AuditRecord)(nil),            // 72: cml.v1.AuditRecord
-	(*AuditExportChunk)(nil),       // 73: cml.v1.AuditExportChunk
-	(*AuditArchiveRequest)(nil),    // 74: cml.v1.AuditArchiveRequest
-	(*AuditArchiveResponse)(nil),   // 75: cml.v1.AuditArchiveResponse
-	(*AuditVerifyResponse)(nil),    // 76: cml.v1.AuditVerifyResponse
-	(*AuditStatusResponse)(nil),    // 77: cml.v1.AuditStatusResponse
-	(*AccountInfo)(nil),            // 78: cml.v1.AccountInfo
-	(*AccountRef)(nil),             // 79: cml.v1.AccountRef
-	(*AccountList)(nil),            // 80: cml.v1.AccountList
-	(*LoginRequest)(nil),           // 81: cml.v1.LoginRequest
-	(*LoginResponse)(nil),          // 82: cml.v1.LoginResponse
-	(*SessionInfo)(nil),            // 83: cml.v1.SessionInfo
-	(*SessionListRequest)(nil),     // 84: cml.v1.SessionListRequest
-	(*SessionListResponse)(nil),    // 85: cml.v1.SessionListResponse
-	(*SessionRef)(nil),             // 86: cml.v1.SessionRef
-	(*PasswdRequest)(nil),          // 87: cml.v1.PasswdRequest
-	(*AccessPolicy)(nil),           // 88: cml.v1.AccessPolicy
-	(*UserSetRequest)(nil),         // 89: cml.v1.UserSetRequest
+	(*BackupSettings)(nil),         // 17: cml.v1.BackupSettings
+	(*StorageSettings)(nil),        // 18: cml.v1.StorageSettings
+	(*NetworkSettings)(nil),        // 19: cml.v1.NetworkSettings
+	(*NetworkEndpoint)(nil),        // 20: cml.v1.NetworkEndpoint
+	(*AuditSettings)(nil),          // 21: cml.v1.AuditSettings
+	(*AccessSettings)(nil),         // 22: cml.v1.AccessSettings
+	(*RemoteSettings)(nil),         // 23: cml.v1.RemoteSettings
+	(*Container)(nil),              // 24: cml.v1.Container
+	(*ContainerRef)(nil),           // 25: cml.v1.ContainerRef
+	(*ListRequest)(nil),            // 26: cml.v1.ListRequest
+	(*ListResponse)(nil),           // 27: cml.v1.ListResponse
+	(*CreateRequest)(nil),          // 28: cml.v1.CreateRequest
+	(*StopRequest)(nil),            // 29: cml.v1.StopRequest
+	(*KillRequest)(nil),            // 30: cml.v1.KillRequest
+	(*UpdateConfigRequest)(nil),    // 31: cml.v1.UpdateConfigRequest
+	(*Empty)(nil),                  // 32: cml.v1.Empty
+	(*ExecStart)(nil),              // 33: cml.v1.ExecStart
+	(*ExecRequest)(nil),            // 34: cml.v1.ExecRequest
+	(*Resize)(nil),                 // 35: cml.v1.Resize
+	(*ExecResponse)(nil),           // 36: cml.v1.ExecResponse
+	(*LogsRequest)(nil),            // 37: cml.v1.LogsRequest
+	(*LogsResponse)(nil),           // 38: cml.v1.LogsResponse
+	(*EventsRequest)(nil),          // 39: cml.v1.EventsRequest
+	(*Event)(nil),                  // 40: cml.v1.Event
+	(*GuestOS)(nil),                // 41: cml.v1.GuestOS
+	(*GuestOSListResponse)(nil),    // 42: cml.v1.GuestOSListResponse
+	(*GuestOSInstallRequest)(nil),  // 43: cml.v1.GuestOSInstallRequest
+	(*GuestOSInstallProgress)(nil), // 44: cml.v1.GuestOSInstallProgress
+	(*CA)(nil),                     // 45: cml.v1.CA
+	(*CAListResponse)(nil),         // 46: cml.v1.CAListResponse
+	(*CARegisterRequest)(nil),      // 47: cml.v1.CARegisterRequest
+	(*CARemoveRequest)(nil),        // 48: cml.v1.CARemoveRequest
+	(*CRLLoadRequest)(nil),         // 49: cml.v1.CRLLoadRequest
+	(*CRLLoadResponse)(nil),        // 50: cml.v1.CRLLoadResponse
+	(*CRL)(nil),                    // 51: cml.v1.CRL
+	(*CRLListResponse)(nil),        // 52: cml.v1.CRLListResponse
+	(*CRLRemoveRequest)(nil),       // 53: cml.v1.CRLRemoveRequest
+	(*GuestOSRemoveRequest)(nil),   // 54: cml.v1.GuestOSRemoveRequest
+	(*DeviceIdentity)(nil),         // 55: cml.v1.DeviceIdentity
+	(*DeviceCSRRequest)(nil),       // 56: cml.v1.DeviceCSRRequest
+	(*DeviceCSRResponse)(nil),      // 57: cml.v1.DeviceCSRResponse
+	(*DeviceCertRequest)(nil),      // 58: cml.v1.DeviceCertRequest
+	(*AttestRequest)(nil),          // 59: cml.v1.AttestRequest
+	(*PCRValue)(nil),               // 60: cml.v1.PCRValue
+	(*Attestation)(nil),            // 61: cml.v1.Attestation
+	(*NetworkRequest)(nil),         // 62: cml.v1.NetworkRequest
+	(*NetworkReport)(nil),          // 63: cml.v1.NetworkReport
+	(*ContainerNetwork)(nil),       // 64: cml.v1.ContainerNetwork
+	(*NetworkInterface)(nil),       // 65: cml.v1.NetworkInterface
+	(*NetworkRoute)(nil),           // 66: cml.v1.NetworkRoute
+	(*EffectiveFlow)(nil),          // 67: cml.v1.EffectiveFlow
+	(*ChangePinRequest)(nil),       // 68: cml.v1.ChangePinRequest
+	(*WipeResponse)(nil),           // 69: cml.v1.WipeResponse
+	(*DeviceWipeRequest)(nil),      // 70: cml.v1.DeviceWipeRequest
+	(*DeviceWipeResponse)(nil),     // 71: cml.v1.DeviceWipeResponse
+	(*AuditQuery)(nil),             // 72: cml.v1.AuditQuery
+	(*AuditRecord)(nil),            // 73: cml.v1.AuditRecord
+	(*AuditExportChunk)(nil),       // 74: cml.v1.AuditExportChunk
+	(*AuditArchiveRequest)(nil),    // 75: cml.v1.AuditArchiveRequest
+	(*BackupChunk)(nil),            // 76: cml.v1.BackupChunk
+	(*RestoreChunk)(nil),           // 77: cml.v1.RestoreChunk
+	(*RestoreItem)(nil),            // 78: cml.v1.RestoreItem
+	(*RestoreReport)(nil),          // 79: cml.v1.RestoreReport
+	(*AuditArchiveResponse)(nil),   // 80: cml.v1.AuditArchiveResponse
+	(*AuditVerifyResponse)(nil),    // 81: cml.v1.AuditVerifyResponse
+	(*AuditStatusResponse)(nil),    // 82: cml.v1.AuditStatusResponse
+	(*AccountInfo)(nil),            // 83: cml.v1.AccountInfo
+	(*AccountRef)(nil),             // 84: cml.v1.AccountRef
+	(*AccountList)(nil),            // 85: cml.v1.AccountList
+	(*LoginRequest)(nil),           // 86: cml.v1.LoginRequest
+	(*LoginResponse)(nil),          // 87: cml.v1.LoginResponse
+	(*SessionInfo)(nil),            // 88: cml.v1.SessionInfo
+	(*SessionListRequest)(nil),     // 89: cml.v1.SessionListRequest
+	(*SessionListResponse)(nil),    // 90: cml.v1.SessionListResponse
+	(*SessionRef)(nil),             // 91: cml.v1.SessionRef
+	(*PasswdRequest)(nil),          // 92: cml.v1.PasswdRequest
+	(*AccessPolicy)(nil),           // 93: cml.v1.AccessPolicy
+	(*UserSetRequest)(nil),         // 94: cml.v1.UserSetRequest
 }
 var file_api_cml_v1_cml_proto_depIdxs = []int32{
-	0,  // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
-	11, // 1: cml.v1.ContainerConfig.net_ifaces:type_name -> cml.v1.ContainerPnetConfig
-	10, // 2: cml.v1.ContainerConfig.vnet_configs:type_name -> cml.v1.ContainerVnetConfig
-	1,  // 3: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
-	13, // 4: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
-	12, // 5: cml.v1.ContainerConfig.network_flows:type_name -> cml.v1.NetworkFlow
-	5,  // 6: cml.v1.NetworkFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
-	6,  // 7: cml.v1.NetworkFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	14, // 8: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
-	17, // 9: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
-	18, // 10: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
-	20, // 11: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
-	22, // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
-	21, // 13: cml.v1.DeviceConfig.access:type_name -> cml.v1.AccessSettings
-	19, // 14: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
-	6,  // 15: cml.v1.NetworkEndpoint.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	7,  // 16: cml.v1.AuditSettings.when_full:type_name -> cml.v1.AuditSettings.FullAction
-	4,  // 17: cml.v1.Container.state:type_name -> cml.v1.ContainerState
-	3,  // 18: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
-	1,  // 19: cml.v1.Container.token_type:type_name -> cml.v1.ContainerTokenType
-	2,  // 20: cml.v1.Container.cryptfs_mode:type_name -> cml.v1.CryptfsMode
-	23, // 21: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
-	9,  // 22: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
-	9,  // 23: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
-	32, // 24: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
-	34, // 25: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
-	23, // 26: cml.v1.Event.container:type_name -> cml.v1.Container
-	3,  // 27: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
-	40, // 28: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
-	40, // 29: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
-	44, // 30: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
-	50, // 31: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
-	8,  // 32: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
-	59, // 33: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
-	63, // 34: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
-	18, // 35: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
-	64, // 36: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
-	65, // 37: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
-	66, // 38: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
-	5,  // 39: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
-	6,  // 40: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
-	23, // 41: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
-	78, // 42: cml.v1.AccountList.accounts:type_name -> cml.v1.AccountInfo
-	83, // 43: cml.v1.LoginResponse.session:type_name -> cml.v1.SessionInfo
-	78, // 44: cml.v1.LoginResponse.account:type_name -> cml.v1.AccountInfo
-	83, // 45: cml.v1.SessionListResponse.sessions:type_name -> cml.v1.SessionInfo
-	25, // 46: cml.v1.Control.List:input_type -> cml.v1.ListRequest
-	27, // 47: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
-	24, // 48: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
-	24, // 49: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
-	28, // 50: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
-	29, // 51: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
-	24, // 52: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
-	24, // 53: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
-	30, // 54: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
-	24, // 55: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
-	24, // 56: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
-	33, // 57: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
-	36, // 58: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
-	38, // 59: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
-	31, // 60: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
-	42, // 61: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
-	53, // 62: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
-	31, // 63: cml.v1.Control.CAList:input_type -> cml.v1.Empty
-	46, // 64: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
-	47, // 65: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
-	48, // 66: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
-	31, // 67: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
-	52, // 68: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
-	31, // 69: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
-	55, // 70: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
-	57, // 71: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
-	31, // 72: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
-	58, // 73: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
-	61, // 74: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
-	67, // 75: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
-	24, // 76: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
-	24, // 77: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
-	69, // 78: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
-	71, // 79: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
-	31, // 80: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
-	31, // 81: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
-	31, // 82: cml.v1.Control.AuditExport:input_type -> cml.v1.Empty
-	74, // 83: cml.v1.Control.AuditArchive:input_type -> cml.v1.AuditArchiveRequest
-	31, // 84: cml.v1.Control.Whoami:input_type -> cml.v1.Empty
-	78, // 85: cml.v1.Control.UserAdd:input_type -> cml.v1.AccountInfo
-	79, // 86: cml.v1.Control.UserRemove:input_type -> cml.v1.AccountRef
-	31, // 87: cml.v1.Control.UserList:input_type -> cml.v1.Empty
-	89, // 88: cml.v1.Control.UserSet:input_type -> cml.v1.UserSetRequest
-	87, // 89: cml.v1.Control.UserPasswd:input_type -> cml.v1.PasswdRequest
-	81, // 90: cml.v1.Control.Login:input_type -> cml.v1.LoginRequest
-	84, // 91: cml.v1.Control.SessionList:input_type -> cml.v1.SessionListRequest
-	86, // 92: cml.v1.Control.SessionEnd:input_type -> cml.v1.SessionRef
-	31, // 93: cml.v1.Control.SessionLock:input_type -> cml.v1.Empty
-	31, // 94: cml.v1.Control.PolicyGet:input_type -> cml.v1.Empty
-	88, // 95: cml.v1.Control.PolicySet:input_type -> cml.v1.AccessPolicy
-	26, // 96: cml.v1.Control.List:output_type -> cml.v1.ListResponse
-	23, // 97: cml.v1.Control.Create:output_type -> cml.v1.Container
-	31, // 98: cml.v1.Control.Remove:output_type -> cml.v1.Empty
-	23, // 99: cml.v1.Control.Start:output_type -> cml.v1.Container
-	23, // 100: cml.v1.Control.Stop:output_type -> cml.v1.Container
-	31, // 101: cml.v1.Control.Kill:output_type -> cml.v1.Empty
-	23, // 102: cml.v1.Control.State:output_type -> cml.v1.Container
-	9,  // 103: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
-	23, // 104: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
-	23, // 105: cml.v1.Control.Freeze:output_type -> cml.v1.Container
-	23, // 106: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
-	35, // 107: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
-	37, // 108: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
-	39, // 109: cml.v1.Control.Events:output_type -> cml.v1.Event
-	41, // 110: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
-	43, // 111: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
-	31, // 112: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
-	45, // 113: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
-	44, // 114: cml.v1.Control.CARegister:output_type -> cml.v1.CA
-	44, // 115: cml.v1.Control.CARemove:output_type -> cml.v1.CA
-	49, // 116: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
-	51, // 117: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
-	50, // 118: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
-	54, // 119: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
-	56, // 120: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
-	54, // 121: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
-	54, // 122: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
-	60, // 123: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
-	62, // 124: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
-	31, // 125: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
-	23, // 126: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
-	68, // 127: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
-	70, // 128: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
-	72, // 129: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
-	76, // 130: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
-	77, // 131: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
-	73, // 132: cml.v1.Control.AuditExport:output_type -> cml.v1.AuditExportChunk
-	75, // 133: cml.v1.Control.AuditArchive:output_type -> cml.v1.AuditArchiveResponse
-	78, // 134: cml.v1.Control.Whoami:output_type -> cml.v1.AccountInfo
-	78, // 135: cml.v1.Control.UserAdd:output_type -> cml.v1.AccountInfo
-	31, // 136: cml.v1.Control.UserRemove:output_type -> cml.v1.Empty
-	80, // 137: cml.v1.Control.UserList:output_type -> cml.v1.AccountList
-	78, // 138: cml.v1.Control.UserSet:output_type -> cml.v1.AccountInfo
-	31, // 139: cml.v1.Control.UserPasswd:output_type -> cml.v1.Empty
-	82, // 140: cml.v1.Control.Login:output_type -> cml.v1.LoginResponse
-	85, // 141: cml.v1.Control.SessionList:output_type -> cml.v1.SessionListResponse
-	83, // 142: cml.v1.Control.SessionEnd:output_type -> cml.v1.SessionInfo
-	83, // 143: cml.v1.Control.SessionLock:output_type -> cml.v1.SessionInfo
-	88, // 144: cml.v1.Control.PolicyGet:output_type -> cml.v1.AccessPolicy
-	88, // 145: cml.v1.Control.PolicySet:output_type -> cml.v1.AccessPolicy
-	96, // [96:146] is the sub-list for method output_type
-	46, // [46:96] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	0,   // 0: cml.v1.ContainerConfig.type:type_name -> cml.v1.ContainerType
+	11,  // 1: cml.v1.ContainerConfig.net_ifaces:type_name -> cml.v1.ContainerPnetConfig
+	10,  // 2: cml.v1.ContainerConfig.vnet_configs:type_name -> cml.v1.ContainerVnetConfig
+	1,   // 3: cml.v1.ContainerConfig.token_type:type_name -> cml.v1.ContainerTokenType
+	13,  // 4: cml.v1.ContainerConfig.volumes:type_name -> cml.v1.Volume
+	12,  // 5: cml.v1.ContainerConfig.network_flows:type_name -> cml.v1.NetworkFlow
+	5,   // 6: cml.v1.NetworkFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
+	6,   // 7: cml.v1.NetworkFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	14,  // 8: cml.v1.GuestOSConfig.mounts:type_name -> cml.v1.GuestOSMount
+	18,  // 9: cml.v1.DeviceConfig.storage:type_name -> cml.v1.StorageSettings
+	19,  // 10: cml.v1.DeviceConfig.network:type_name -> cml.v1.NetworkSettings
+	21,  // 11: cml.v1.DeviceConfig.audit:type_name -> cml.v1.AuditSettings
+	23,  // 12: cml.v1.DeviceConfig.remote:type_name -> cml.v1.RemoteSettings
+	22,  // 13: cml.v1.DeviceConfig.access:type_name -> cml.v1.AccessSettings
+	17,  // 14: cml.v1.DeviceConfig.backup:type_name -> cml.v1.BackupSettings
+	20,  // 15: cml.v1.NetworkSettings.uplink_only_via:type_name -> cml.v1.NetworkEndpoint
+	6,   // 16: cml.v1.NetworkEndpoint.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	7,   // 17: cml.v1.AuditSettings.when_full:type_name -> cml.v1.AuditSettings.FullAction
+	4,   // 18: cml.v1.Container.state:type_name -> cml.v1.ContainerState
+	3,   // 19: cml.v1.Container.trust_level:type_name -> cml.v1.TrustLevel
+	1,   // 20: cml.v1.Container.token_type:type_name -> cml.v1.ContainerTokenType
+	2,   // 21: cml.v1.Container.cryptfs_mode:type_name -> cml.v1.CryptfsMode
+	24,  // 22: cml.v1.ListResponse.containers:type_name -> cml.v1.Container
+	9,   // 23: cml.v1.CreateRequest.config:type_name -> cml.v1.ContainerConfig
+	9,   // 24: cml.v1.UpdateConfigRequest.config:type_name -> cml.v1.ContainerConfig
+	33,  // 25: cml.v1.ExecRequest.start:type_name -> cml.v1.ExecStart
+	35,  // 26: cml.v1.ExecRequest.resize:type_name -> cml.v1.Resize
+	24,  // 27: cml.v1.Event.container:type_name -> cml.v1.Container
+	3,   // 28: cml.v1.GuestOS.trust_level:type_name -> cml.v1.TrustLevel
+	41,  // 29: cml.v1.GuestOSListResponse.guestos:type_name -> cml.v1.GuestOS
+	41,  // 30: cml.v1.GuestOSInstallProgress.guestos:type_name -> cml.v1.GuestOS
+	45,  // 31: cml.v1.CAListResponse.cas:type_name -> cml.v1.CA
+	51,  // 32: cml.v1.CRLListResponse.crls:type_name -> cml.v1.CRL
+	8,   // 33: cml.v1.DeviceCSRRequest.key:type_name -> cml.v1.DeviceCSRRequest.Key
+	60,  // 34: cml.v1.Attestation.pcrs:type_name -> cml.v1.PCRValue
+	64,  // 35: cml.v1.NetworkReport.containers:type_name -> cml.v1.ContainerNetwork
+	19,  // 36: cml.v1.NetworkReport.settings:type_name -> cml.v1.NetworkSettings
+	65,  // 37: cml.v1.ContainerNetwork.interfaces:type_name -> cml.v1.NetworkInterface
+	66,  // 38: cml.v1.ContainerNetwork.routes:type_name -> cml.v1.NetworkRoute
+	67,  // 39: cml.v1.ContainerNetwork.flows:type_name -> cml.v1.EffectiveFlow
+	5,   // 40: cml.v1.EffectiveFlow.direction:type_name -> cml.v1.NetworkFlow.Direction
+	6,   // 41: cml.v1.EffectiveFlow.protocol:type_name -> cml.v1.NetworkFlow.Protocol
+	24,  // 42: cml.v1.WipeResponse.container:type_name -> cml.v1.Container
+	78,  // 43: cml.v1.RestoreReport.items:type_name -> cml.v1.RestoreItem
+	83,  // 44: cml.v1.AccountList.accounts:type_name -> cml.v1.AccountInfo
+	88,  // 45: cml.v1.LoginResponse.session:type_name -> cml.v1.SessionInfo
+	83,  // 46: cml.v1.LoginResponse.account:type_name -> cml.v1.AccountInfo
+	88,  // 47: cml.v1.SessionListResponse.sessions:type_name -> cml.v1.SessionInfo
+	26,  // 48: cml.v1.Control.List:input_type -> cml.v1.ListRequest
+	28,  // 49: cml.v1.Control.Create:input_type -> cml.v1.CreateRequest
+	25,  // 50: cml.v1.Control.Remove:input_type -> cml.v1.ContainerRef
+	25,  // 51: cml.v1.Control.Start:input_type -> cml.v1.ContainerRef
+	29,  // 52: cml.v1.Control.Stop:input_type -> cml.v1.StopRequest
+	30,  // 53: cml.v1.Control.Kill:input_type -> cml.v1.KillRequest
+	25,  // 54: cml.v1.Control.State:input_type -> cml.v1.ContainerRef
+	25,  // 55: cml.v1.Control.Config:input_type -> cml.v1.ContainerRef
+	31,  // 56: cml.v1.Control.UpdateConfig:input_type -> cml.v1.UpdateConfigRequest
+	25,  // 57: cml.v1.Control.Freeze:input_type -> cml.v1.ContainerRef
+	25,  // 58: cml.v1.Control.Unfreeze:input_type -> cml.v1.ContainerRef
+	34,  // 59: cml.v1.Control.Exec:input_type -> cml.v1.ExecRequest
+	37,  // 60: cml.v1.Control.Logs:input_type -> cml.v1.LogsRequest
+	39,  // 61: cml.v1.Control.Events:input_type -> cml.v1.EventsRequest
+	32,  // 62: cml.v1.Control.GuestOSList:input_type -> cml.v1.Empty
+	43,  // 63: cml.v1.Control.GuestOSInstall:input_type -> cml.v1.GuestOSInstallRequest
+	54,  // 64: cml.v1.Control.GuestOSRemove:input_type -> cml.v1.GuestOSRemoveRequest
+	32,  // 65: cml.v1.Control.CAList:input_type -> cml.v1.Empty
+	47,  // 66: cml.v1.Control.CARegister:input_type -> cml.v1.CARegisterRequest
+	48,  // 67: cml.v1.Control.CARemove:input_type -> cml.v1.CARemoveRequest
+	49,  // 68: cml.v1.Control.CRLLoad:input_type -> cml.v1.CRLLoadRequest
+	32,  // 69: cml.v1.Control.CRLList:input_type -> cml.v1.Empty
+	53,  // 70: cml.v1.Control.CRLRemove:input_type -> cml.v1.CRLRemoveRequest
+	32,  // 71: cml.v1.Control.DeviceInfo:input_type -> cml.v1.Empty
+	56,  // 72: cml.v1.Control.DeviceCSR:input_type -> cml.v1.DeviceCSRRequest
+	58,  // 73: cml.v1.Control.DeviceCert:input_type -> cml.v1.DeviceCertRequest
+	32,  // 74: cml.v1.Control.DeviceProvisioned:input_type -> cml.v1.Empty
+	59,  // 75: cml.v1.Control.Attest:input_type -> cml.v1.AttestRequest
+	62,  // 76: cml.v1.Control.Network:input_type -> cml.v1.NetworkRequest
+	68,  // 77: cml.v1.Control.ChangePin:input_type -> cml.v1.ChangePinRequest
+	25,  // 78: cml.v1.Control.TokenReset:input_type -> cml.v1.ContainerRef
+	25,  // 79: cml.v1.Control.Wipe:input_type -> cml.v1.ContainerRef
+	70,  // 80: cml.v1.Control.DeviceWipe:input_type -> cml.v1.DeviceWipeRequest
+	72,  // 81: cml.v1.Control.AuditShow:input_type -> cml.v1.AuditQuery
+	32,  // 82: cml.v1.Control.AuditVerify:input_type -> cml.v1.Empty
+	32,  // 83: cml.v1.Control.AuditStatus:input_type -> cml.v1.Empty
+	32,  // 84: cml.v1.Control.AuditExport:input_type -> cml.v1.Empty
+	75,  // 85: cml.v1.Control.AuditArchive:input_type -> cml.v1.AuditArchiveRequest
+	32,  // 86: cml.v1.Control.Backup:input_type -> cml.v1.Empty
+	77,  // 87: cml.v1.Control.Restore:input_type -> cml.v1.RestoreChunk
+	32,  // 88: cml.v1.Control.Whoami:input_type -> cml.v1.Empty
+	83,  // 89: cml.v1.Control.UserAdd:input_type -> cml.v1.AccountInfo
+	84,  // 90: cml.v1.Control.UserRemove:input_type -> cml.v1.AccountRef
+	32,  // 91: cml.v1.Control.UserList:input_type -> cml.v1.Empty
+	94,  // 92: cml.v1.Control.UserSet:input_type -> cml.v1.UserSetRequest
+	92,  // 93: cml.v1.Control.UserPasswd:input_type -> cml.v1.PasswdRequest
+	86,  // 94: cml.v1.Control.Login:input_type -> cml.v1.LoginRequest
+	89,  // 95: cml.v1.Control.SessionList:input_type -> cml.v1.SessionListRequest
+	91,  // 96: cml.v1.Control.SessionEnd:input_type -> cml.v1.SessionRef
+	32,  // 97: cml.v1.Control.SessionLock:input_type -> cml.v1.Empty
+	32,  // 98: cml.v1.Control.PolicyGet:input_type -> cml.v1.Empty
+	93,  // 99: cml.v1.Control.PolicySet:input_type -> cml.v1.AccessPolicy
+	27,  // 100: cml.v1.Control.List:output_type -> cml.v1.ListResponse
+	24,  // 101: cml.v1.Control.Create:output_type -> cml.v1.Container
+	32,  // 102: cml.v1.Control.Remove:output_type -> cml.v1.Empty
+	24,  // 103: cml.v1.Control.Start:output_type -> cml.v1.Container
+	24,  // 104: cml.v1.Control.Stop:output_type -> cml.v1.Container
+	32,  // 105: cml.v1.Control.Kill:output_type -> cml.v1.Empty
+	24,  // 106: cml.v1.Control.State:output_type -> cml.v1.Container
+	9,   // 107: cml.v1.Control.Config:output_type -> cml.v1.ContainerConfig
+	24,  // 108: cml.v1.Control.UpdateConfig:output_type -> cml.v1.Container
+	24,  // 109: cml.v1.Control.Freeze:output_type -> cml.v1.Container
+	24,  // 110: cml.v1.Control.Unfreeze:output_type -> cml.v1.Container
+	36,  // 111: cml.v1.Control.Exec:output_type -> cml.v1.ExecResponse
+	38,  // 112: cml.v1.Control.Logs:output_type -> cml.v1.LogsResponse
+	40,  // 113: cml.v1.Control.Events:output_type -> cml.v1.Event
+	42,  // 114: cml.v1.Control.GuestOSList:output_type -> cml.v1.GuestOSListResponse
+	44,  // 115: cml.v1.Control.GuestOSInstall:output_type -> cml.v1.GuestOSInstallProgress
+	32,  // 116: cml.v1.Control.GuestOSRemove:output_type -> cml.v1.Empty
+	46,  // 117: cml.v1.Control.CAList:output_type -> cml.v1.CAListResponse
+	45,  // 118: cml.v1.Control.CARegister:output_type -> cml.v1.CA
+	45,  // 119: cml.v1.Control.CARemove:output_type -> cml.v1.CA
+	50,  // 120: cml.v1.Control.CRLLoad:output_type -> cml.v1.CRLLoadResponse
+	52,  // 121: cml.v1.Control.CRLList:output_type -> cml.v1.CRLListResponse
+	51,  // 122: cml.v1.Control.CRLRemove:output_type -> cml.v1.CRL
+	55,  // 123: cml.v1.Control.DeviceInfo:output_type -> cml.v1.DeviceIdentity
+	57,  // 124: cml.v1.Control.DeviceCSR:output_type -> cml.v1.DeviceCSRResponse
+	55,  // 125: cml.v1.Control.DeviceCert:output_type -> cml.v1.DeviceIdentity
+	55,  // 126: cml.v1.Control.DeviceProvisioned:output_type -> cml.v1.DeviceIdentity
+	61,  // 127: cml.v1.Control.Attest:output_type -> cml.v1.Attestation
+	63,  // 128: cml.v1.Control.Network:output_type -> cml.v1.NetworkReport
+	32,  // 129: cml.v1.Control.ChangePin:output_type -> cml.v1.Empty
+	24,  // 130: cml.v1.Control.TokenReset:output_type -> cml.v1.Container
+	69,  // 131: cml.v1.Control.Wipe:output_type -> cml.v1.WipeResponse
+	71,  // 132: cml.v1.Control.DeviceWipe:output_type -> cml.v1.DeviceWipeResponse
+	73,  // 133: cml.v1.Control.AuditShow:output_type -> cml.v1.AuditRecord
+	81,  // 134: cml.v1.Control.AuditVerify:output_type -> cml.v1.AuditVerifyResponse
+	82,  // 135: cml.v1.Control.AuditStatus:output_type -> cml.v1.AuditStatusResponse
+	74,  // 136: cml.v1.Control.AuditExport:output_type -> cml.v1.AuditExportChunk
+	80,  // 137: cml.v1.Control.AuditArchive:output_type -> cml.v1.AuditArchiveResponse
+	76,  // 138: cml.v1.Control.Backup:output_type -> cml.v1.BackupChunk
+	79,  // 139: cml.v1.Control.Restore:output_type -> cml.v1.RestoreReport
+	83,  // 140: cml.v1.Control.Whoami:output_type -> cml.v1.AccountInfo
+	83,  // 141: cml.v1.Control.UserAdd:output_type -> cml.v1.AccountInfo
+	32,  // 142: cml.v1.Control.UserRemove:output_type -> cml.v1.Empty
+	85,  // 143: cml.v1.Control.UserList:output_type -> cml.v1.AccountList
+	83,  // 144: cml.v1.Control.UserSet:output_type -> cml.v1.AccountInfo
+	32,  // 145: cml.v1.Control.UserPasswd:output_type -> cml.v1.Empty
+	87,  // 146: cml.v1.Control.Login:output_type -> cml.v1.LoginResponse
+	90,  // 147: cml.v1.Control.SessionList:output_type -> cml.v1.SessionListResponse
+	88,  // 148: cml.v1.Control.SessionEnd:output_type -> cml.v1.SessionInfo
+	88,  // 149: cml.v1.Control.SessionLock:output_type -> cml.v1.SessionInfo
+	93,  // 150: cml.v1.Control.PolicyGet:output_type -> cml.v1.AccessPolicy
+	93,  // 151: cml.v1.Control.PolicySet:output_type -> cml.v1.AccessPolicy
+	100, // [100:152] is the sub-list for method output_type
+	48,  // [48:100] is the sub-list for method input_type
+	48,  // [48:48] is the sub-list for extension type_name
+	48,  // [48:48] is the sub-list for extension extendee
+	0,   // [0:48] is the sub-list for field type_name
 }
 
 func init() { file_api_cml_v1_cml_proto_init() }
@@ -7467,13 +7786,13 @@ func file_api_cml_v1_cml_proto_init() {
 	if File_api_cml_v1_cml_proto != nil {
 		return
 	}
-	file_api_cml_v1_cml_proto_msgTypes[24].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[25].OneofWrappers = []any{
 		(*ExecRequest_Start)(nil),
 		(*ExecRequest_Stdin)(nil),
 		(*ExecRequest_StdinEof)(nil),
 		(*ExecRequest_Resize)(nil),
 	}
-	file_api_cml_v1_cml_proto_msgTypes[26].OneofWrappers = []any{
+	file_api_cml_v1_cml_proto_msgTypes[27].OneofWrappers = []any{
 		(*ExecResponse_Stdout)(nil),
 		(*ExecResponse_Stderr)(nil),
 		(*ExecResponse_ExitStatus)(nil),
@@ -7484,7 +7803,7 @@ func file_api_cml_v1_cml_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_cml_v1_cml_proto_rawDesc), len(file_api_cml_v1_cml_proto_rawDesc)),
 			NumEnums:      9,
-			NumMessages:   81,
+			NumMessages:   86,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -68,6 +68,8 @@ const (
 	Control_AuditStatus_FullMethodName       = "/cml.v1.Control/AuditStatus"
 	Control_AuditExport_FullMethodName       = "/cml.v1.Control/AuditExport"
 	Control_AuditArchive_FullMethodName      = "/cml.v1.Control/AuditArchive"
+	Control_Backup_FullMethodName            = "/cml.v1.Control/Backup"
+	Control_Restore_FullMethodName           = "/cml.v1.Control/Restore"
 	Control_Whoami_FullMethodName            = "/cml.v1.Control/Whoami"
 	Control_UserAdd_FullMethodName           = "/cml.v1.Control/UserAdd"
 	Control_UserRemove_FullMethodName        = "/cml.v1.Control/UserRemove"
@@ -126,6 +128,8 @@ type ControlClient interface {
 	AuditStatus(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AuditStatusResponse, error)
 	AuditExport(ctx context.Context, in *Empty, opts ...grpc.CallOption) (grpc.ServerStreamingClient[AuditExportChunk], error)
 	AuditArchive(ctx context.Context, in *AuditArchiveRequest, opts ...grpc.CallOption) (*AuditArchiveResponse, error)
+	Backup(ctx context.Context, in *Empty, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupChunk], error)
+	Restore(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[RestoreChunk, RestoreReport], error)
 	Whoami(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountInfo, error)
 	UserAdd(ctx context.Context, in *AccountInfo, opts ...grpc.CallOption) (*AccountInfo, error)
 	UserRemove(ctx context.Context, in *AccountRef, opts ...grpc.CallOption) (*Empty, error)
@@ -576,6 +580,38 @@ func (c *controlClient) AuditArchive(ctx context.Context, in *AuditArchiveReques
 	return out, nil
 }
 
+func (c *controlClient) Backup(ctx context.Context, in *Empty, opts ...grpc.CallOption) (grpc.ServerStreamingClient[BackupChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[6], Control_Backup_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[Empty, BackupChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_BackupClient = grpc.ServerStreamingClient[BackupChunk]
+
+func (c *controlClient) Restore(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[RestoreChunk, RestoreReport], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Control_ServiceDesc.Streams[7], Control_Restore_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[RestoreChunk, RestoreReport]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_RestoreClient = grpc.ClientStreamingClient[RestoreChunk, RestoreReport]
+
 func (c *controlClient) Whoami(ctx context.Context, in *Empty, opts ...grpc.CallOption) (*AccountInfo, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(AccountInfo)
@@ -740,6 +776,8 @@ type ControlServer interface {
 	AuditStatus(context.Context, *Empty) (*AuditStatusResponse, error)
 	AuditExport(*Empty, grpc.ServerStreamingServer[AuditExportChunk]) error
 	AuditArchive(context.Context, *AuditArchiveRequest) (*AuditArchiveResponse, error)
+	Backup(*Empty, grpc.ServerStreamingServer[BackupChunk]) error
+	Restore(grpc.ClientStreamingServer[RestoreChunk, RestoreReport]) error
 	Whoami(context.Context, *Empty) (*AccountInfo, error)
 	UserAdd(context.Context, *AccountInfo) (*AccountInfo, error)
 	UserRemove(context.Context, *AccountRef) (*Empty, error)
@@ -875,6 +913,12 @@ func (UnimplementedControlServer) AuditExport(*Empty, grpc.ServerStreamingServer
 }
 func (UnimplementedControlServer) AuditArchive(context.Context, *AuditArchiveRequest) (*AuditArchiveResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method AuditArchive not implemented")
+}
+func (UnimplementedControlServer) Backup(*Empty, grpc.ServerStreamingServer[BackupChunk]) error {
+	return status.Errorf(codes.Unimplemented, "method Backup not implemented")
+}
+func (UnimplementedControlServer) Restore(grpc.ClientStreamingServer[RestoreChunk, RestoreReport]) error {
+	return status.Errorf(codes.Unimplemented, "method Restore not implemented")
 }
 func (UnimplementedControlServer) Whoami(context.Context, *Empty) (*AccountInfo, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Whoami not implemented")
@@ -1571,6 +1615,24 @@ func _Control_AuditArchive_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_Backup_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(Empty)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ControlServer).Backup(m, &grpc.GenericServerStream[Empty, BackupChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_BackupServer = grpc.ServerStreamingServer[BackupChunk]
+
+func _Control_Restore_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ControlServer).Restore(&grpc.GenericServerStream[RestoreChunk, RestoreReport]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Control_RestoreServer = grpc.ClientStreamingServer[RestoreChunk, RestoreReport]
+
 func _Control_Whoami_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(Empty)
 	if err := dec(in); err != nil {
@@ -2002,6 +2064,16 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "AuditExport",
 			Handler:       _Control_AuditExport_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "Backup",
+			Handler:       _Control_Backup_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Restore",
+			Handler:       _Control_Restore_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "api/cml/v1/cml.proto",
