@@ -3,10 +3,12 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"google.golang.org/grpc"
@@ -141,14 +143,33 @@ func TestBackupAndRestore(t *testing.T) {
 		t.Errorf("a user made a backup: exit %d %s", code, out)
 	}
 
-	out = d.must("backup", "restore", file, "--identity", key)
+	// Two restores and a backup at once: one container, nothing refused.
+	outs := make([]string, 3)
+	var wg sync.WaitGroup
+	for i := range outs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			args := []string{"backup", "restore", file, "--identity", key}
+			if i == 2 {
+				args = []string{"backup", "create", "--out", filepath.Join(d.root, "again.cmlbackup")}
+			}
+			o, e, code := d.ctl(args...)
+			outs[i] = fmt.Sprintf("exit %d %s%s", code, o, e)
+		}()
+	}
+	wg.Wait()
+	out = outs[0] + outs[1]
 	t.Logf("restore:\n%s", out)
+	if strings.Count(d.must("list"), "web") != 1 || !strings.HasPrefix(outs[2], "exit 0") {
+		t.Errorf("after two restores and a backup at once:\n%s\n%s", d.must("list"), outs[2])
+	}
 	for _, want := range []string{"container web", "account op", "owner CA"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("restore does not report %q:\n%s", want, out)
 		}
 	}
-	if strings.Contains(out, "refused") {
+	if strings.Contains(out, "refused") || !strings.HasPrefix(outs[0], "exit 0") || !strings.HasPrefix(outs[1], "exit 0") {
 		t.Errorf("restore refused a part:\n%s", out)
 	}
 	if !strings.Contains(d.must("ca", "list"), "owner-ca") || !strings.Contains(d.must("user", "list"), "op") {
