@@ -361,16 +361,6 @@ func (s *Server) restoreContainers(ctx context.Context, b *backup.Backup, names 
 			continue
 		}
 		c, err := s.Containers.Create(ctx, f)
-		for try := 0; !exists && errors.Is(err, errdefs.ErrAlreadyExists) && try < 40; try++ {
-			// Another create of that name (a concurrent restore) is
-			// under way; once it is done, the same config is success.
-			time.Sleep(25 * time.Millisecond)
-			_, _, _, _, _, lerr = s.Containers.ContainerDir(name)
-			if lerr == nil {
-				exists = true
-			}
-			c, err = s.Containers.Create(ctx, f)
-		}
 		switch {
 		case err != nil && exists:
 			add(item, "refused", "a container of that name with another config exists here")

@@ -6,9 +6,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+	"time"
 
+	"github.com/cmlproject/cml/internal/errdefs"
 	"github.com/cmlproject/cml/internal/testutil"
 )
 
@@ -182,5 +185,58 @@ func TestCreateRetryIsSafe(t *testing.T) {
 	}
 	if _, err := f.m.Create(t.Context(), ConfigFile{Source: "a", Text: []byte("name: \"a\"\nguest_os: \"busybox\"\nstop_timeout: 3\n")}); err == nil {
 		t.Error("a different config under an existing name was accepted")
+	}
+}
+
+// TestCreateRetryWhileTheFirstRuns: while a create is still writing,
+// creates of the identical config (a client's retry, two restores of one
+// backup) wait for it and succeed with the one container; a different
+// config under that name is refused. Before, they were all refused.
+func TestCreateRetryWhileTheFirstRuns(t *testing.T) {
+	f := newFixture(t)
+	text := []byte("name: \"a\"\nguest_os: \"busybox\"\n")
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	configFault = func(step string) error {
+		if step == "mkdir" {
+			once.Do(func() { close(entered); <-release })
+		}
+		return nil
+	}
+	defer func() { configFault = nil }()
+	const n = 8
+	ids := make([]string, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	create := func(i int) {
+		defer wg.Done()
+		c, err := f.m.Create(t.Context(), ConfigFile{Source: "a", Text: text})
+		ids[i], errs[i] = c.GetUuid(), err
+	}
+	wg.Add(1)
+	go create(0)
+	<-entered // the first holds the name, mid-write
+	var other error
+	wg.Add(n)
+	for i := 1; i < n; i++ {
+		go create(i)
+	}
+	go func() {
+		defer wg.Done()
+		_, other = f.m.Create(t.Context(), ConfigFile{Source: "a", Text: []byte("name: \"a\"\nguest_os: \"busybox\"\nstop_timeout: 3\n")})
+	}()
+	time.Sleep(50 * time.Millisecond) // let them reach the name (not asserted)
+	close(release)
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil || ids[i] != ids[0] {
+			t.Errorf("create %d: %s %v (first %s)", i, ids[i], errs[i], ids[0])
+		}
+	}
+	if !errors.Is(other, errdefs.ErrAlreadyExists) {
+		t.Errorf("a different config under a name being created: %v", other)
+	}
+	if got := len(f.m.List()); got != 1 {
+		t.Errorf("%d containers", got)
 	}
 }

@@ -83,7 +83,8 @@ type Manager struct {
 	o          Options
 	mu         sync.Mutex // guards containers, reserved and every container's mutable fields
 	containers map[string]*Container
-	reserved   map[string]bool // names and slots ("#n") of creates and renames in flight
+	reserved   map[string]bool          // names and slots ("#n") of creates and renames in flight
+	creating   map[string]chan struct{} // closed when the create of that name in flight ends
 	events     *broker
 	wg         sync.WaitGroup
 }
@@ -158,7 +159,7 @@ func New(o Options) (*Manager, error) {
 			return nil, err
 		}
 	}
-	return &Manager{o: o, containers: map[string]*Container{}, reserved: map[string]bool{}, events: newBroker()}, nil
+	return &Manager{o: o, containers: map[string]*Container{}, reserved: map[string]bool{}, creating: map[string]chan struct{}{}, events: newBroker()}, nil
 }
 
 func (m *Manager) containerDir(id string) string { return filepath.Join(m.o.StateDir, id) }
@@ -425,14 +426,29 @@ func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, e
 	m.mu.Lock()
 	if err := m.reserveNameLocked(name, nil); err != nil {
 		existing, _ := m.lookupLocked(name)
+		inFlight := m.creating[name]
 		m.mu.Unlock()
-		// A client that lost its connection retries: the identical
-		// config (and signature) already stored is success, not an error.
+		// A client that lost its connection retries (or two restores
+		// of one backup run): the identical config (and signature)
+		// already stored is success, not an error — also when the
+		// other create is still under way.
+		if existing == nil && inFlight != nil {
+			select {
+			case <-inFlight:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			m.mu.Lock()
+			existing, _ = m.lookupLocked(name)
+			m.mu.Unlock()
+		}
 		if existing != nil && m.sameConfig(existing, f) {
 			return m.State(existing.uuid)
 		}
 		return nil, err
 	}
+	done := make(chan struct{})
+	m.creating[name] = done
 	used := map[uint32]bool{}
 	for _, c := range m.containers {
 		used[c.slot] = true
@@ -448,7 +464,9 @@ func (m *Manager) Create(ctx context.Context, f ConfigFile) (*cmlv1.Container, e
 		m.mu.Lock()
 		delete(m.reserved, name)
 		delete(m.reserved, slotKey)
+		delete(m.creating, name)
 		m.mu.Unlock()
+		close(done)
 	}()
 	if uint64(m.o.IDBase)+uint64(slot+1)*uint64(m.o.IDCount) > 1<<32-1 {
 		return nil, errdefs.FailedPrecondition("no subordinate id range left for another container")
