@@ -25,7 +25,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -35,6 +34,8 @@ import (
 	"time"
 
 	"filippo.io/age"
+
+	"github.com/cmlproject/cml/internal/sign"
 )
 
 // Names of the backup's own files.
@@ -230,7 +231,10 @@ func Parse(plain []byte) (*Backup, error) {
 	if manifest == nil || sig == nil || chainPEM == nil {
 		return nil, fmt.Errorf("backup: no %s, %s and %s: not a CML backup", ManifestFile, SignatureFile, ChainFile)
 	}
-	chain, err := parseChain(chainPEM)
+	chain, err := sign.ParseCertificates(chainPEM)
+	if err == nil && len(chain) == 0 {
+		err = errors.New("no certificate")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("backup: %s: %w", ChainFile, err)
 	}
@@ -278,29 +282,6 @@ func sigAlgorithm(c *x509.Certificate) x509.SignatureAlgorithm {
 		return x509.SHA256WithRSA
 	}
 	return x509.ECDSAWithSHA256
-}
-
-func parseChain(b []byte) ([]*x509.Certificate, error) {
-	var out []*x509.Certificate
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			break
-		}
-		if blk.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, c)
-	}
-	if len(out) == 0 {
-		return nil, errors.New("no certificate")
-	}
-	return out, nil
 }
 
 // safeName refuses names that could leave the directory a backup is

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"filippo.io/age"
+
+	"github.com/cmlproject/cml/internal/sign"
 )
 
 func deviceKey(t *testing.T) (*ecdsa.PrivateKey, []byte) {
@@ -174,7 +176,7 @@ func TestBackupRoundTripAndTampering(t *testing.T) {
 
 func mustCert(t *testing.T, p []byte) *x509.Certificate {
 	t.Helper()
-	c, err := parseChain(p)
+	c, err := sign.ParseCertificates(p)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,16 +67,7 @@ func (a *app) auditCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			for {
-				r, err := st.Recv()
-				if errors.Is(err, io.EOF) {
-					return nil
-				}
-				if err != nil {
-					return err
-				}
-				fmt.Fprintln(a.stdout, string(r.GetJson()))
-			}
+			return recvAll(st.Recv, func(r *cmlv1.AuditRecord) { fmt.Fprintln(a.stdout, string(r.GetJson())) })
 		},
 	}
 	f := show.Flags()
@@ -200,15 +191,10 @@ func (a *app) archiveOnce(ctx context.Context, c cmlv1.ControlClient, out string
 		return err
 	}
 	var trail, cps []byte
-	for {
-		m, err := st.Recv()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return err
-		}
+	if err := recvAll(st.Recv, func(m *cmlv1.AuditExportChunk) {
 		trail, cps = append(trail, m.GetTrail()...), append(cps, m.GetCheckpoints()...)
+	}); err != nil {
+		return err
 	}
 	// The copy must hold together before the device drops
 	// its records: consecutive sequence numbers, an intact
@@ -248,4 +234,18 @@ func (a *app) archiveOnce(ctx context.Context, c cmlv1.ControlClient, out string
 	}
 	fmt.Fprintf(a.stdout, "the device rotated away %d records (%d bytes)\n", res.GetRecords(), res.GetBytes())
 	return nil
+}
+
+// recvAll calls fn with each message of a server stream until it ends.
+func recvAll[M any](recv func() (M, error), fn func(M)) error {
+	for {
+		m, err := recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		fn(m)
+	}
 }

@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -35,15 +34,8 @@ func (a *app) backupCmd() *cobra.Command {
 					return err
 				}
 				var data []byte
-				for {
-					m, err := st.Recv()
-					if err == io.EOF {
-						break
-					}
-					if err != nil {
-						return err
-					}
-					data = append(data, m.GetData()...)
+				if err := recvAll(st.Recv, func(m *cmlv1.BackupChunk) { data = append(data, m.GetData()...) }); err != nil {
+					return err
 				}
 				if err := atomicfile.Write(out, data, 0o600); err != nil {
 					return err
